@@ -1,0 +1,210 @@
+"""One typed config tree for every stage.
+
+Precedence, highest first: CLI overrides (``--set section.key=value``), environment variables
+``RAG_HPC_<SECTION>__<KEY>``, the YAML file (``--config`` or ``RAG_HPC_CONFIG``), built-in defaults.
+Unknown keys are errors, and every error names the field it is about, because a typo in a cluster
+config otherwise surfaces hours later inside a job.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names each offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    workdir: Path = Field(Path("rag_hpc_work"), description="root of everything a run writes")
+    cache_dir: Path | None = Field(None, description="window shards and indexes (default: workdir/cache)")
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.workdir / "cache"
+
+
+class DataConfig(_Section):
+    panel_vcf: Path | None = Field(None, description="phased reference panel; None = the simulated demo panel")
+    panel_h5: Path | None = Field(None, description="prepared panel (default: workdir/panel.h5)")
+    populations: Path | None = Field(None, description="TSV 'sample<TAB>population' for per-population AF")
+    targets_vcf: Path | None = Field(None, description="phased targets on array sites")
+    truth_vcf: Path | None = Field(None, description="targets' true genotypes at all sites (evaluation)")
+    demo_preset: Literal["demo", "kgp-like"] = "demo"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of panel samples held out for validation")
+    split_seed: int = 0
+    skip_non_snps: bool = Field(False, description="skip multi-allelic/indel records with a count instead of failing")
+
+
+class WindowConfig(_Section):
+    window_size: int = Field(511, gt=0, description="sites per window (the last window is shorter)")
+    max_seq_len: int = Field(512, gt=1, description="model sequence length: SOS + window_size must fit")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "WindowConfig":
+        if self.window_size + 1 > self.max_seq_len:
+            raise ValueError(
+                f"window_size + 1 > max_seq_len ({self.window_size} + 1 > {self.max_seq_len}): "
+                "the SOS token needs one slot; lower window_size or raise max_seq_len"
+            )
+        return self
+
+
+class MaskConfig(_Section):
+    seed: int = 0
+    af_threshold: float = Field(0.05, ge=0.0, le=0.5, description="sites with AF below this are 'rare'")
+    rare_rate: float = Field(0.7, ge=0.0, le=1.0, description="mask rate floor for rare sites")
+    levels: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        min_length=1,
+        description="curriculum mask rates, one level per epochs_per_level epochs",
+    )
+    epochs_per_level: int = Field(2, gt=0)
+    val_rate: float = Field(0.5, gt=0.0, lt=1.0, description="fixed validation mask rate")
+
+    @model_validator(mode="after")
+    def _rates(self) -> "MaskConfig":
+        bad = [r for r in self.levels if not 0.0 < r < 1.0]
+        if bad:
+            raise ValueError(f"levels must lie in (0, 1); got {bad}")
+        return self
+
+
+class ModelConfig(_Section):
+    dims: int = Field(192, gt=0)
+    layers: int = Field(10, gt=0)
+    heads: int = Field(6, gt=0)
+    k: int = Field(1, gt=0, description="reference haplotypes retrieved per query")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.dims % self.heads:
+            raise ValueError(f"dims ({self.dims}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class IndexConfig(_Section):
+    kind: Literal["flat", "ivf"] = Field("flat", description="FAISS index over compact vectors (ivf for huge panels)")
+    nlist: int = Field(64, gt=0, description="IVF lists")
+    nprobe: int = Field(16, gt=0, description="IVF lists probed per query")
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    windows_per_task: int = Field(16, gt=0, description="windows built by one array task")
+
+
+class ClusterConfig(_Section):
+    kind: Literal["slurm", "local", "debug"] | None = Field(None, description="None: slurm if sbatch exists")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: int = Field(1, ge=0)
+    array_parallelism: int = Field(32, gt=0)
+    container: Path | None = None
+
+
+class RagConfig(BaseSettings):
+    """The whole tree; ``load_config`` is the way to build one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAG_HPC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    windows: WindowConfig = Field(default_factory=WindowConfig)
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    # Set by load_config for the duration of one construction; a class attribute because
+    # pydantic-settings builds sources from the class, not the instance.
+    _yaml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+    @property
+    def panel_h5(self) -> Path:
+        return self.data.panel_h5 if self.data.panel_h5 is not None else self.paths.workdir / "panel.h5"
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["windows.window_size=255", "model.k=4"]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. windows.window_size=255")
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/default.yaml)"
+        lines.append(f"config error: {field}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(config_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> RagConfig:
+    """Build the config from YAML, environment and CLI overrides; raise ConfigError naming the field."""
+    if config_file is None and os.environ.get("RAG_HPC_CONFIG"):
+        config_file = os.environ["RAG_HPC_CONFIG"]
+    path = Path(config_file) if config_file is not None else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config error: config file {path} does not exist")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping of sections, got {type(content).__name__}")
+    RagConfig._yaml_file = path
+    try:
+        return RagConfig(**parse_overrides(overrides))
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    finally:
+        RagConfig._yaml_file = None
