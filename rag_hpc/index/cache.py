@@ -1,0 +1,227 @@
+"""Content-addressed artifact store (DESIGN.md §3).
+
+An artifact is a directory ``<root>/<kind>/<key[:2]>/<key>/`` holding its files and a
+``manifest.json`` (key, the fields the key hashes, each file's size and sha256). The key is the
+sha256 of the canonical JSON of those fields, so an artifact can only be found by the exact inputs
+that made it.
+
+Writes build the whole directory under a temporary name in the same filesystem, fsync every file
+and the directory, then publish it with one ``rename``: a reader sees a complete artifact or none,
+whatever kills the writer and whenever. Concurrent builders of one key serialise on an advisory
+lock; where the filesystem has no locks, both build and the first rename wins, the other's copy is
+discarded — identical bytes, no corruption.
+
+Readers trust nothing: a missing manifest, a manifest for other fields, a wrong size (truncation)
+or, when the bytes are read for use, a wrong checksum makes the artifact invalid and it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+ARTIFACT_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be written (disk full, permissions); the message names the directory."""
+
+
+def artifact_key(fields: Mapping[str, Any]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str
+    fields: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return artifact_key({"kind": self.kind, "format_version": ARTIFACT_FORMAT_VERSION, **self.fields})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, artifact: Artifact) -> Path:
+        key = artifact.key
+        return self.root / artifact.kind / key[:2] / key
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _manifest(self, artifact: Artifact) -> dict[str, Any] | None:
+        try:
+            manifest = json.loads((self.path(artifact) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("key") != artifact.key:
+            return None
+        if manifest.get("fields") != json.loads(json.dumps(artifact.fields, default=str)):
+            return None
+        if not isinstance(manifest.get("files"), dict):
+            return None
+        return manifest
+
+    def problem(self, artifact: Artifact) -> str | None:
+        """Why the artifact cannot be used without reading its bytes (None = looks complete).
+
+        Checks manifest, key, fields and sizes: cheap enough to run over every window of a
+        chromosome before deciding what to rebuild. Checksums are checked on ``read``.
+        """
+        directory = self.path(artifact)
+        if not directory.is_dir():
+            return "missing"
+        manifest = self._manifest(artifact)
+        if manifest is None:
+            return "manifest missing or for other inputs"
+        for name, meta in manifest["files"].items():
+            try:
+                size = (directory / name).stat().st_size
+            except OSError:
+                return f"{name} missing"
+            if size != meta.get("size"):
+                return f"{name} truncated or resized ({size} != {meta.get('size')} bytes)"
+        return None
+
+    def read(self, artifact: Artifact) -> dict[str, bytes] | None:
+        """All files of a valid artifact, checksums verified; None if anything is wrong."""
+        if self.problem(artifact) is not None:
+            return None
+        manifest = self._manifest(artifact)
+        assert manifest is not None
+        out: dict[str, bytes] = {}
+        for name, meta in manifest["files"].items():
+            try:
+                data = (self.path(artifact) / name).read_bytes()
+            except OSError:
+                return None
+            if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                return None
+            out[name] = data
+        return out
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, artifact: Artifact) -> Iterator[None]:
+        """Advisory lock per key so two builders of one window don't both do the work."""
+        lock_dir = self.root / ".locks"
+        self._mkdir(lock_dir)
+        fd = os.open(lock_dir / f"{artifact.key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass  # no locks here (some NFS mounts): rename-publishing alone keeps it safe
+            yield
+        finally:
+            os.close(fd)
+
+    def _mkdir(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create cache directory {path}: {exc.strerror}; set paths.cache_dir") from None
+
+    def sweep_stale(self) -> int:
+        """Remove temporary directories left by killed writers on this host; returns how many."""
+        host = socket.gethostname()
+        removed = 0
+        for tmp in self.root.glob("*/*/.tmp-*"):
+            rest, _, _rand = tmp.name.rpartition("-")
+            owner, _, pid = rest.rpartition("-")
+            if not owner.endswith(f"-{host}") or not pid.isdigit():
+                continue  # another node's writer may still be alive
+            try:
+                os.kill(int(pid), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+        return removed
+
+    def commit(self, artifact: Artifact, files: Mapping[str, bytes]) -> Path:
+        """Publish ``files`` as the artifact, atomically; returns its directory."""
+        final = self.path(artifact)
+        self._mkdir(final.parent)
+        tmp = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        manifest = {
+            "key": artifact.key,
+            "kind": artifact.kind,
+            "format_version": ARTIFACT_FORMAT_VERSION,
+            "fields": artifact.fields,
+            "files": {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        try:
+            os.mkdir(tmp)  # default mode: the user's umask decides who may read the cache
+            for name, data in files.items():
+                _write_file(tmp / name, data)
+            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
+            _fsync_dir(tmp)
+            self._publish(tmp, final, artifact)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                needed = sum(len(d) for d in files.values())
+                free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+                raise CacheError(
+                    f"disk full in cache directory {self.root}: writing {artifact.kind} {artifact.key[:12]} "
+                    f"needs {needed:,} bytes, {free:,} free; free space or set paths.cache_dir elsewhere"
+                ) from None
+            raise CacheError(f"cannot write to cache directory {self.root}: {exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _publish(self, tmp: Path, final: Path, artifact: Artifact) -> None:
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if self.problem(artifact) is None:
+                shutil.rmtree(tmp, ignore_errors=True)  # someone published the same bytes first
+                return
+            # A broken artifact sits at the final path: move it aside, then publish ours.
+            trash = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        _fsync_dir(final.parent)
