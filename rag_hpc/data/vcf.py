@@ -1,0 +1,541 @@
+"""VCF reading and writing shared by every stage: strict phased-biallelic-SNP reading, fast bgzip + tabix writing,
+and matching a target's sites to the panel's.
+
+Reading goes through cyvcf2 and refuses anything the model cannot use (unphased, missing, non-diploid calls,
+indels, multi-allelic records, unsorted or duplicate positions, several contigs) with one ``VcfError`` line that
+names the record and the fix: a panel that is silently "cleaned" here would change which sites exist and so the
+meaning of every window, cache key and imputed VCF downstream.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rag_hpc.data.panel import Panel
+
+# The 28-byte empty block every bgzip writer appends; its absence means the file was cut short.
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+
+FIX_NON_SNPS = "keep biallelic SNPs with `bcftools view -m2 -M2 -v snps in.vcf.gz -Oz -o snps.vcf.gz`"
+FIX_PHASE = "phase it first, e.g. with SHAPEIT5 or `java -jar beagle.jar gt=in.vcf.gz out=phased`"
+FIX_SORT = "sort it with `bcftools sort in.vcf.gz -Oz -o sorted.vcf.gz`"
+
+_BASES = frozenset("ACGT")
+
+
+class VcfError(ValueError):
+    """A VCF this project cannot use; the message names the record (CHROM:POS, sample) and the fix."""
+
+
+@dataclass(frozen=True)
+class SiteBlock:
+    """Consecutive biallelic SNP records; ``gt`` is None when genotypes were not asked for."""
+
+    chrom: str
+    pos: np.ndarray  # int64 [n], 1-based
+    ref: np.ndarray  # S1 [n]
+    alt: np.ndarray  # S1 [n]
+    gt: np.ndarray | None  # int8 [n, n_samples, 2]
+
+
+@dataclass(frozen=True)
+class PhasedVcf:
+    """A whole phased VCF in memory (targets, truth): fine for arrays, not for a 150k-site panel."""
+
+    path: Path
+    contig: str
+    samples: list[str]
+    pos: np.ndarray
+    ref: np.ndarray
+    alt: np.ndarray
+    gt: np.ndarray  # int8 [n_sites, n_samples, 2]
+    n_skipped_non_snps: int = 0
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.pos.shape[0])
+
+    def haplotypes(self) -> np.ndarray:
+        """uint8 [2 * n_samples, n_sites]; haplotype 2*s is sample s's first allele (as ``Panel.haplotypes``)."""
+        return np.ascontiguousarray(self.gt.reshape(self.gt.shape[0], -1).T).astype(np.uint8, copy=False)
+
+
+def check_container(path: str | os.PathLike[str]) -> None:
+    """Refuse missing, empty and truncated files before htslib sees them: htslib's own reaction to a cut-off
+    bgzip file is a multi-line stderr dump or, depending on where the cut falls, a silently shorter panel."""
+    p = Path(path)
+    if not p.exists():
+        raise VcfError(f"{p} does not exist")
+    if p.is_dir():
+        raise VcfError(f"{p} is a directory, expected a VCF file")
+    size = p.stat().st_size
+    if size == 0:
+        raise VcfError(f"{p} is empty (0 bytes): expected a bgzipped VCF")
+    with open(p, "rb") as fh:
+        head = fh.read(18)
+        is_bgzf = head[:4] == b"\x1f\x8b\x08\x04" and head[12:14] == b"BC"
+        if is_bgzf:
+            fh.seek(max(0, size - len(BGZF_EOF)))
+            if fh.read() != BGZF_EOF:
+                raise VcfError(
+                    f"{p} is truncated (the bgzip end-of-file block is missing): the copy or download was cut short; "
+                    "fetch or write it again"
+                )
+
+
+def _open_cyvcf2(path: Path, threads: int):  # -> cyvcf2.VCF
+    import cyvcf2
+
+    try:
+        return cyvcf2.VCF(str(path), lazy=True, threads=threads)
+    except OSError:
+        raise VcfError(f"{path} is not a VCF (htslib cannot parse its header): expected a bgzipped VCF with a #CHROM line") from None
+
+
+def _is_snp(ref: str, alts: Sequence[str]) -> bool:
+    return len(alts) == 1 and len(ref) == 1 and len(alts[0]) == 1 and ref.upper() in _BASES and alts[0].upper() in _BASES
+
+
+def _describe_non_snp(ref: str, alts: Sequence[str]) -> str:
+    if not alts:
+        return f"has no ALT allele (REF {ref}, ALT .)"
+    if len(alts) > 1:
+        return f"is multi-allelic (REF {ref}, ALT {','.join(alts)})"
+    return f"is not a SNP (REF {ref}, ALT {alts[0]})"
+
+
+class VcfReader:
+    """Stream a phased biallelic-SNP VCF in blocks of sites, validating every record on the way.
+
+    Genotype problems are found per block with numpy, so the per-record Python cost is one cyvcf2 call.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        skip_non_snps: bool = False,
+        genotypes: bool = True,
+        block_size: int = 1024,
+        threads: int = 1,
+    ):
+        self.path = Path(path)
+        self.skip_non_snps = skip_non_snps
+        self.genotypes = genotypes
+        self.block_size = block_size
+        check_container(self.path)
+        self._vcf = _open_cyvcf2(self.path, threads)
+        self.samples: list[str] = list(self._vcf.samples)
+        if genotypes and not self.samples:
+            self._vcf.close()
+            raise VcfError(f"{self.path} has no samples (no columns after FORMAT): a panel needs phased haplotypes")
+        self.contig: str | None = None
+        self.n_records = 0
+        self.n_sites = 0
+        self.n_skipped_non_snps = 0
+
+    def close(self) -> None:
+        self._vcf.close()
+
+    def record_count(self) -> int | None:
+        """Records per the tabix/CSI index (for progress bars), None without an index."""
+        if not any(Path(f"{self.path}{ext}").is_file() for ext in (".tbi", ".csi")):
+            return None  # asking cyvcf2 anyway makes htslib print an error line
+        try:
+            return int(self._vcf.num_records)
+        except Exception:
+            return None
+
+    def __enter__(self) -> "VcfReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def blocks(self) -> Iterator[SiteBlock]:
+        """Yield validated blocks; raise VcfError at the first bad record, or if no SNP record exists at all."""
+        n_samples = len(self.samples)
+        size = self.block_size
+        pos = np.empty(size, np.int64)
+        ref = np.empty(size, "S1")
+        alt = np.empty(size, "S1")
+        raw = np.empty((size, n_samples, 3), np.int16) if self.genotypes else None
+        n = 0
+        prev_pos = 0
+        prev_kept = 0
+        it = iter(self._vcf)
+        while True:
+            try:
+                rec = next(it)
+            except StopIteration:
+                break
+            except Exception as exc:  # cyvcf2 raises bare Exception on corrupt data
+                where = f"after {self.contig}:{prev_pos}" if self.contig else "at the first record"
+                raise VcfError(f"{self.path}: cannot read the record {where} ({exc}); the file is corrupt or truncated") from None
+            self.n_records += 1
+            chrom, p = rec.CHROM, rec.POS
+            if self.contig is None:
+                self.contig = chrom
+            elif chrom != self.contig:
+                self._check_genotypes(n, pos, raw)
+                raise VcfError(
+                    f"{chrom}:{p}: a second contig after {self.contig}; the panel must hold one chromosome: "
+                    f"split it with `bcftools view -r {self.contig} in.vcf.gz -Oz -o {self.contig}.vcf.gz`"
+                )
+            if p < prev_pos:
+                self._check_genotypes(n, pos, raw)
+                raise VcfError(f"{chrom}:{p} comes after {chrom}:{prev_pos}: positions are not sorted; {FIX_SORT}")
+            prev_pos = p
+            r, alts = rec.REF, rec.ALT
+            if not _is_snp(r, alts):
+                if self.skip_non_snps:
+                    self.n_skipped_non_snps += 1
+                    continue
+                self._check_genotypes(n, pos, raw)
+                raise VcfError(
+                    f"{chrom}:{p} {_describe_non_snp(r, alts)}; only biallelic SNPs are supported: {FIX_NON_SNPS} "
+                    "(or pass --skip-non-snps to skip such records)"
+                )
+            if p == prev_kept:
+                self._check_genotypes(n, pos, raw)
+                raise VcfError(
+                    f"{chrom}:{p}: duplicate position (two SNP records); keep one record per position: "
+                    "merge split multi-allelics with `bcftools norm -m+` then drop them, or `bcftools norm -d all`"
+                )
+            prev_kept = p
+            if raw is not None:
+                raw[n] = self._record_genotypes(rec, chrom, p)
+            pos[n] = p
+            ref[n] = r.upper()
+            alt[n] = alts[0].upper()
+            n += 1
+            if n == size:
+                yield self._block(n, pos, ref, alt, raw)
+                n = 0
+        if n:
+            yield self._block(n, pos, ref, alt, raw)
+        if self.n_sites == 0:
+            if self.n_records == 0:
+                raise VcfError(f"{self.path} holds no variant records (header only)")
+            raise VcfError(
+                f"{self.path} holds no biallelic SNP record ({self.n_skipped_non_snps} non-SNP records skipped)"
+            )
+
+    def _record_genotypes(self, rec, chrom: str, p: int) -> np.ndarray:  # noqa: ANN001 (cyvcf2.Variant)
+        try:
+            g = rec.genotype
+        except Exception:
+            g = None
+        if g is None:
+            raise VcfError(f"{chrom}:{p}: no GT field in this record; every record needs phased GT calls")
+        arr = g.array()
+        if arr.shape[1] != 3:
+            # cyvcf2 sizes the array by the record's largest ploidy: 2 columns = all haploid, >3 = polyploid.
+            alleles = arr[:, :-1]
+            missing = np.flatnonzero((alleles == -1).any(axis=1))
+            if missing.size:
+                raise VcfError(self._missing_message(chrom, p, int(missing[0])))
+            if arr.shape[1] == 2:
+                raise self._ploidy_error(chrom, p, 0, "haploid")
+            s = int(np.flatnonzero((alleles[:, 2:] >= 0).any(axis=1))[0])
+            raise self._ploidy_error(chrom, p, s, f"{arr.shape[1] - 1}-ploid")
+        return arr
+
+    def _missing_message(self, chrom: str, p: int, s: int) -> str:
+        return (
+            f"{chrom}:{p} sample {self.samples[s]}: missing genotype ('.'); the panel must have no missing calls: "
+            "impute them first (e.g. with beagle) or drop such sites with `bcftools view -g ^miss`"
+        )
+
+    def _ploidy_error(self, chrom: str, p: int, s: int, what: str) -> VcfError:
+        return VcfError(
+            f"{chrom}:{p} sample {self.samples[s]}: {what} genotype; every call must be diploid "
+            "(use an autosome, or code haploid chrX/chrY calls as diploid homozygotes)"
+        )
+
+    def _check_genotypes(self, n: int, pos: np.ndarray, raw: np.ndarray | None) -> None:
+        """Raise for the first bad genotype (record-major) among the n buffered records."""
+        if raw is None or n == 0:
+            return
+        a = raw[:n]
+        alleles = a[:, :, :2]
+        # Fast path: min/max are single vectorised passes; the detailed search below only runs on failure.
+        # (on the contiguous block: the phase column is 0/1 too, and strided reductions are ~50x slower).
+        if a.min() >= 0 and a.max() <= 1 and a[:, :, 2].min() >= 1:
+            return
+        missing = (alleles == -1).any(axis=2)
+        haploid = (alleles == -2).any(axis=2) & ~missing
+        bad_index = (alleles > 1).any(axis=2)
+        unphased = a[:, :, 2] == 0
+        bad = missing | haploid | bad_index | unphased
+        if not bad.any():
+            return
+        r, s = np.unravel_index(int(np.flatnonzero(bad.ravel())[0]), bad.shape)
+        chrom, p = self.contig, int(pos[r])
+        if missing[r, s]:
+            raise VcfError(self._missing_message(chrom, p, s))
+        if haploid[r, s]:
+            raise self._ploidy_error(chrom, p, s, "haploid")
+        g = alleles[r, s]
+        if bad_index[r, s]:
+            raise VcfError(
+                f"{chrom}:{p} sample {self.samples[s]}: allele index {int(g.max())} in GT but the record has one ALT; "
+                "the file is malformed: re-export it"
+            )
+        raise VcfError(f"{chrom}:{p} sample {self.samples[s]}: unphased genotype {g[0]}/{g[1]}; the VCF must be phased: {FIX_PHASE}")
+
+    def _block(self, n: int, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, raw: np.ndarray | None) -> SiteBlock:
+        self._check_genotypes(n, pos, raw)
+        self.n_sites += n
+        gt = raw[:n, :, :2].astype(np.int8) if raw is not None else None
+        return SiteBlock(self.contig or "", pos[:n].copy(), ref[:n].copy(), alt[:n].copy(), gt)
+
+
+def read_phased_vcf(path: str | os.PathLike[str], *, skip_non_snps: bool = False) -> PhasedVcf:
+    """Read a whole target/array (or truth) VCF: sites, REF/ALT and phased haplotypes, validated as a panel is."""
+    with VcfReader(path, skip_non_snps=skip_non_snps) as reader:
+        blocks = list(reader.blocks())
+        return PhasedVcf(
+            path=Path(path),
+            contig=reader.contig or "",
+            samples=reader.samples,
+            pos=np.concatenate([b.pos for b in blocks]),
+            ref=np.concatenate([b.ref for b in blocks]),
+            alt=np.concatenate([b.alt for b in blocks]),
+            gt=np.concatenate([b.gt for b in blocks]),  # type: ignore[misc]
+            n_skipped_non_snps=reader.n_skipped_non_snps,
+        )
+
+
+def read_vcf_sites(path: str | os.PathLike[str], *, skip_non_snps: bool = False) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(contig, POS int64, REF S1, ALT S1) without parsing genotypes."""
+    with VcfReader(path, skip_non_snps=skip_non_snps, genotypes=False, block_size=1 << 16) as reader:
+        blocks = list(reader.blocks())
+        return (
+            reader.contig or "",
+            np.concatenate([b.pos for b in blocks]),
+            np.concatenate([b.ref for b in blocks]),
+            np.concatenate([b.alt for b in blocks]),
+        )
+
+
+# -- matching a target's sites to the panel ------------------------------------------------------------------
+
+_COMPLEMENT = np.zeros(256, np.uint8)
+for _a, _b in (("A", "T"), ("T", "A"), ("C", "G"), ("G", "C")):
+    _COMPLEMENT[ord(_a)] = ord(_b)
+
+
+class SiteMatch(NamedTuple):
+    """Per target site: ``index`` into the panel or -1 (unknown position, or alleles that fit no orientation);
+    ``swapped``: the target's REF is the panel's ALT, so its alleles must be flipped 0<->1; ``flipped``: the
+    target is on the other strand (complemented alleles); ``ambiguous``: an A/T or C/G site, where a swap and a
+    strand flip look the same — read as same-strand, callers that distrust the strand should drop these."""
+
+    index: np.ndarray
+    swapped: np.ndarray
+    flipped: np.ndarray
+    ambiguous: np.ndarray
+
+    @property
+    def matched(self) -> np.ndarray:
+        return self.index >= 0
+
+
+def _allele_codes(alleles: Sequence[str] | np.ndarray) -> np.ndarray:
+    """ASCII code of single-base alleles (upper case); 0 for anything else, which then matches nothing."""
+    arr = np.asarray(alleles)
+    if arr.dtype.kind in "UO":
+        arr = np.char.encode(arr.astype(str), "ascii")
+    arr = np.char.upper(arr.astype("S"))
+    if arr.size == 0:
+        return np.zeros(0, np.uint8)
+    width = arr.dtype.itemsize
+    codes = np.frombuffer(np.ascontiguousarray(arr).tobytes(), np.uint8).reshape(-1, width)
+    single = np.char.str_len(arr).ravel() == 1
+    first = codes[:, 0].copy()
+    first[~single | (_COMPLEMENT[first] == 0)] = 0
+    return first
+
+
+def match_sites(
+    panel_pos: np.ndarray,
+    panel_ref: np.ndarray | Sequence[str],
+    panel_alt: np.ndarray | Sequence[str],
+    pos: np.ndarray | Sequence[int],
+    ref: np.ndarray | Sequence[str],
+    alt: np.ndarray | Sequence[str],
+) -> SiteMatch:
+    """Match each target site (pos, ref, alt) to the panel (strictly increasing ``panel_pos``).
+
+    Orientations are tried in this order: same alleles, REF/ALT swapped, other strand, other strand and swapped;
+    strand-ambiguous sites therefore resolve to the same-strand reading and are flagged.
+    """
+    panel_pos = np.asarray(panel_pos, np.int64)
+    if panel_pos.size > 1 and not (np.diff(panel_pos) > 0).all():
+        raise ValueError("match_sites: panel positions must be strictly increasing")
+    pos = np.asarray(pos, np.int64)
+    pr_all, pa_all = _allele_codes(panel_ref), _allele_codes(panel_alt)
+    tr, ta = _allele_codes(ref), _allele_codes(alt)
+    if not (len(pr_all) == len(pa_all) == len(panel_pos)) or not (len(tr) == len(ta) == len(pos)):
+        raise ValueError("match_sites: positions and alleles must have the same length")
+    idx = np.searchsorted(panel_pos, pos)
+    hit = idx < panel_pos.size
+    hit[hit] = panel_pos[idx[hit]] == pos[hit]
+    safe = np.where(hit, idx, 0)
+    if panel_pos.size == 0:
+        pr = pa = np.zeros(pos.size, np.uint8)
+    else:
+        pr, pa = pr_all[safe], pa_all[safe]
+    valid = hit & (pr != 0) & (pa != 0) & (tr != 0) & (ta != 0)
+    ctr, cta = _COMPLEMENT[tr], _COMPLEMENT[ta]
+    same = valid & (tr == pr) & (ta == pa)
+    swap = valid & ~same & (tr == pa) & (ta == pr)
+    flip = valid & ~same & ~swap & (ctr == pr) & (cta == pa)
+    flip_swap = valid & ~same & ~swap & ~flip & (ctr == pa) & (cta == pr)
+    matched = same | swap | flip | flip_swap
+    return SiteMatch(
+        index=np.where(matched, idx, -1).astype(np.int64),
+        swapped=swap | flip_swap,
+        flipped=flip | flip_swap,
+        ambiguous=matched & (_COMPLEMENT[pr] == pa),
+    )
+
+
+def target_panel_sites(panel: "Panel", targets_vcf: str | os.PathLike[str]) -> np.ndarray:
+    """bool [panel.n_sites]: the panel sites a target VCF types (in any allele orientation)."""
+    contig, pos, ref, alt = read_vcf_sites(targets_vcf)
+    if contig != panel.info.contig:
+        raise VcfError(
+            f"{targets_vcf}: contig {contig} but the panel {panel.path} is contig {panel.info.contig}; "
+            "use targets and panel of the same chromosome with the same naming (e.g. `bcftools annotate --rename-chrs`)"
+        )
+    match = match_sites(panel.positions, panel.ref, panel.alt, pos, ref, alt)
+    observed = np.zeros(panel.n_sites, bool)
+    observed[match.index[match.matched]] = True
+    return observed
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+
+
+class VcfWriter:
+    """Phased VCF, bgzipped and tabix-indexed, written under a temporary name and renamed on ``close()``
+    so a reader never sees half a file. Genotype text is built with numpy per block, not per genotype."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        contig: str,
+        samples: Sequence[str],
+        contig_length: int | None = None,
+        source: str = "rag_hpc",
+        extra_header: Sequence[str] = (),
+    ):
+        from pysam import BGZFile
+
+        self.path = Path(path)
+        if not self.path.name.endswith(".vcf.gz"):
+            raise ValueError(f"{self.path}: a bgzipped VCF must be named *.vcf.gz")
+        self.contig = contig
+        self.n_samples = len(samples)
+        self.n_sites = 0
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.vcf.gz", dir=self.path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make the published VCF private
+        self._tmp = Path(tmp)
+        self._fh = BGZFile(str(self._tmp), "wb")
+        length = f",length={contig_length}" if contig_length else ""
+        lines = [
+            "##fileformat=VCFv4.2",
+            f"##source={source}",
+            f"##contig=<ID={contig}{length}>",
+            '##FILTER=<ID=PASS,Description="All filters passed">',
+            '##FORMAT=<ID=GT,Number=1,Type=String,Description="Phased genotype">',
+            *extra_header,
+            "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *samples]),
+        ]
+        self._fh.write(("\n".join(lines) + "\n").encode())
+        self._last_pos = 0
+        self._closed = False
+
+    def write_phased(self, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, gt: np.ndarray) -> None:
+        """Append sites: gt int [n, n_samples, 2] of 0/1 alleles; positions must continue strictly increasing."""
+        pos = np.asarray(pos, np.int64)
+        n = pos.shape[0]
+        if n == 0:
+            return
+        if gt.shape != (n, self.n_samples, 2):
+            raise ValueError(f"gt shape {gt.shape} != ({n}, {self.n_samples}, 2)")
+        if gt.min() < 0 or gt.max() > 1:
+            raise ValueError("VcfWriter.write_phased: alleles must be 0 or 1 (biallelic, no missing calls)")
+        if pos[0] <= self._last_pos or (n > 1 and not (np.diff(pos) > 0).all()):
+            raise ValueError("VcfWriter: positions must be strictly increasing")
+        # One row per site: "\t" a "|" b for each sample, then "\n"; fixed width, so one numpy array per block.
+        row = np.empty((n, self.n_samples, 4), np.uint8)
+        row[:, :, 0] = ord("\t")
+        row[:, :, 1] = gt[:, :, 0] + ord("0")
+        row[:, :, 2] = ord("|")
+        row[:, :, 3] = gt[:, :, 1] + ord("0")
+        body = np.empty((n, 4 * self.n_samples + 1), np.uint8)
+        body[:, :-1] = row.reshape(n, -1)
+        body[:, -1] = ord("\n")
+        refs = np.asarray(ref).astype("S1")
+        alts = np.asarray(alt).astype("S1")
+        contig = self.contig.encode()
+        parts = []
+        for i in range(n):
+            parts.append(b"%s\t%d\t.\t%s\t%s\t.\tPASS\t.\tGT" % (contig, pos[i], refs[i], alts[i]))
+            parts.append(body[i].data)
+        self._fh.write(b"".join(parts))
+        self._last_pos = int(pos[-1])
+        self.n_sites += n
+
+    def close(self) -> Path:
+        import pysam
+
+        if self._closed:
+            return self.path
+        self._closed = True
+        try:
+            self._fh.close()
+            pysam.tabix_index(str(self._tmp), preset="vcf", force=True, keep_original=True)
+            os.replace(self._tmp, self.path)
+            os.replace(f"{self._tmp}.tbi", f"{self.path}.tbi")
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial output (the destination is left as it was)."""
+        self._closed = True
+        try:
+            self._fh.close()
+        except Exception:
+            pass
+        for p in (self._tmp, Path(f"{self._tmp}.tbi")):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VcfWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
