@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rag_hpc.index.lxd import (  # noqa: E402
     lxd_bytes,
@@ -48,6 +49,7 @@ from rag_hpc.index.lxd import (  # noqa: E402
 )
 from rag_hpc.index.retrieval import FixedMaskIndex, embedding_site_weights, masked_topk  # noqa: E402
 from rag_hpc.model.embedding import SiteEmbedding  # noqa: E402
+from common import cpu_model  # noqa: E402
 
 
 def ld_haplotypes(rng: np.random.Generator, n: int, sites: int, founders: int = 16,
@@ -87,16 +89,6 @@ def median_build_s(fn: Callable[[], Any], repeats: int = 5) -> tuple[Any, float]
     shared 2-core machine would otherwise be most of the figure. The L×D build (seconds) runs once."""
     out, ms = median_ms(fn, repeats)
     return out, ms / 1000.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def agreement_with_lxd(truth: np.ndarray, tol: float, idx: np.ndarray, dist: np.ndarray,

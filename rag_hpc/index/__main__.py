@@ -1,0 +1,55 @@
+"""``python -m rag_hpc.index``: build (or verify) window shards and indexes — what one array task runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rag_hpc.cli import add_config_args, config_from_args, run_main
+
+
+def parse_window_ids(spec: str) -> list[int]:
+    """'0-9,12,20-21' -> [0..9, 12, 20, 21]."""
+    ids: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            ids.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise ValueError(f"--windows {spec!r}: expected ids and ranges like 0-9,12") from None
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rag_hpc.index",
+        description="Build the per-window panel shards and FAISS indexes into the content-addressed cache. "
+        "Windows whose artifacts are already complete and valid are skipped.",
+    )
+    add_config_args(parser)
+    parser.add_argument("--windows", metavar="IDS", help="window ids, e.g. 0-15 or 3,7 (default: all)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from rag_hpc.index.build import build_windows
+
+    config = config_from_args(args)
+    ids = parse_window_ids(args.windows) if args.windows else None
+    t0 = time.perf_counter()
+    results = build_windows(config, ids, progress=not args.quiet)
+    built = sum(r.status == "built" for r in results)
+    print(
+        f"{len(results)} windows: {built} built, {len(results) - built} cached "
+        f"in {time.perf_counter() - t0:.1f} s; cache: {config.paths.cache}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))

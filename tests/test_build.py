@@ -1,0 +1,189 @@
+"""build_windows: what one index-prebuild array task does to the content-addressed cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag_hpc.config import RagConfig, load_config
+from rag_hpc.data.masks import val_mask
+from rag_hpc.data.panel import SPLIT_TRAIN, Panel
+from rag_hpc.data.prepare import prepare_panel
+from rag_hpc.index.build import WindowCache, build_windows
+from rag_hpc.index.retrieval import masked_topk
+
+
+@pytest.fixture(scope="module")
+def tiny_panel(tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("panel") / "panel.h5"
+    return prepare_panel(tiny_simulation / "panel.vcf.gz", out, populations=tiny_simulation / "populations.tsv")
+
+
+def _config(panel: Path, cache: Path, *extra: str, targets: Path | None = None) -> RagConfig:
+    overrides = [f"data.panel_h5={panel}", f"paths.cache_dir={cache}", "windows.window_size=100", *extra]
+    if targets is not None:
+        overrides.append(f"data.targets_vcf={targets}")
+    return load_config(overrides=overrides)
+
+
+def test_first_build_builds_every_window_and_rerun_skips_them_all(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache")
+    first = build_windows(cfg, progress=False)
+    with Panel(tiny_panel) as panel:
+        assert len(first) == -(-panel.n_sites // 100)
+    assert all(r.status == "built" and r.built == ["shard", "index:val"] for r in first)
+    second = build_windows(cfg, progress=False)
+    assert [r.status for r in second] == ["cached"] * len(first)
+
+
+def test_only_the_requested_windows_are_built(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache")
+    assert [r.window_id for r in build_windows(cfg, [2, 0], progress=False)] == [2, 0]
+    statuses = {r.window_id: r.status for r in build_windows(cfg, [0, 1, 2], progress=False)}
+    assert statuses == {0: "cached", 1: "built", 2: "cached"}
+    with pytest.raises(ValueError, match="out of range"):
+        build_windows(cfg, [10_000], progress=False)
+
+
+def test_shard_holds_the_panel_alleles_of_its_window(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache")
+    cache = WindowCache(cfg)
+    shard = cache.shard(1)
+    with Panel(tiny_panel) as panel:
+        assert np.array_equal(shard.alleles, panel.haplotypes(100, 200))
+        assert np.array_equal(shard.positions, panel.positions[100:200])
+        assert np.array_equal(shard.af, panel.af[100:200])
+
+
+def test_validation_index_answers_like_the_exact_retriever_under_the_fixed_mask(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache")
+    cache = WindowCache(cfg)
+    build_windows(cfg, [2], progress=False)
+    shard = cache.shard(2)
+    index = cache.fixed_index(2, "val")
+    with Panel(tiny_panel) as panel:
+        is_ref = panel.haplotype_split() == SPLIT_TRAIN
+    reference, queries = shard.alleles[is_ref], shard.alleles[~is_ref]
+    observed = ~val_mask(cfg.masks, 2, shard.window.length)
+    import torch
+
+    want = masked_topk(torch.as_tensor(queries), torch.as_tensor(observed), torch.as_tensor(reference),
+                       torch.ones(len(observed), dtype=torch.float64), k=4)
+    got = index.search(queries, 4)
+    assert torch.equal(torch.as_tensor(got[1]), want[1])
+
+
+def test_targets_add_an_index_over_the_array_sites(tiny_panel, tiny_simulation, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache", targets=tiny_simulation / "targets.array.vcf.gz")
+    cache = WindowCache(cfg)
+    typed = cache.target_observed()
+    assert typed is not None and 0 < typed.sum() < len(typed)
+    results = build_windows(cfg, progress=False)
+    with_sites = [w.id for w in cache.windows if typed[w.start : w.stop].any()]
+    assert with_sites
+    for r in results:
+        assert ("index:targets" in r.built) == (r.window_id in with_sites)
+    index = cache.fixed_index(with_sites[0], "targets")
+    assert index.n_observed == typed[cache.windows[with_sites[0]].start : cache.windows[with_sites[0]].stop].sum()
+
+
+def test_changing_an_input_of_the_key_rebuilds_and_keeps_the_old_artifacts(tiny_panel, tmp_path):
+    cache_dir = tmp_path / "cache"
+    build_windows(_config(tiny_panel, cache_dir), [0], progress=False)
+    other_mask = build_windows(_config(tiny_panel, cache_dir, "masks.val_rate=0.3"), [0], progress=False)
+    assert other_mask[0].built == ["index:val"]  # the shard does not depend on the mask
+    other_window = build_windows(_config(tiny_panel, cache_dir, "windows.window_size=50"), [0], progress=False)
+    assert other_window[0].built == ["shard", "index:val"]
+    assert build_windows(_config(tiny_panel, cache_dir), [0], progress=False)[0].status == "cached"
+
+
+def test_truncated_shard_is_rebuilt_not_used(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache")
+    cache = WindowCache(cfg)
+    build_windows(cfg, [0], progress=False)
+    data = cache.store.path(cache.artifacts(cache.windows[0])["shard"]) / "shard.npz"
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    result = build_windows(cfg, [0], progress=False)[0]
+    assert result.status == "built" and result.built == ["shard"]
+    with Panel(tiny_panel) as panel:
+        assert np.array_equal(cache.shard(0).alleles, panel.haplotypes(0, 100))
+
+
+def test_bit_flipped_shard_is_rebuilt_when_loaded(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache")
+    cache = WindowCache(cfg)
+    build_windows(cfg, [0], progress=False)
+    data = cache.store.path(cache.artifacts(cache.windows[0])["shard"]) / "shard.npz"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with Panel(tiny_panel) as panel:
+        assert np.array_equal(cache.shard(0).alleles, panel.haplotypes(0, 100))
+    assert cache.store.read(cache.artifacts(cache.windows[0])["shard"]) is not None
+
+
+BUILDER = """
+import sys
+from rag_hpc.config import load_config
+from rag_hpc.index.build import build_windows
+cfg = load_config(overrides=sys.argv[1:])
+print("ready", flush=True)
+build_windows(cfg, progress=False)
+"""
+
+
+def _committed(cache: WindowCache) -> list[int]:
+    return [w.id for w in cache.windows if all(cache.store.problem(a) is None for a in cache.artifacts(w).values())]
+
+
+def test_sigkilled_builds_leave_only_valid_artifacts_and_rerun_builds_only_the_rest(tiny_panel, tmp_path):
+    overrides = [f"data.panel_h5={tiny_panel}", f"paths.cache_dir={tmp_path / 'cache'}", "windows.window_size=4"]
+    cfg = load_config(overrides=overrides)
+    cache = WindowCache(cfg)
+    rng = np.random.default_rng(0)
+    interrupted = 0
+    for _ in range(12):  # each kill lands somewhere in the write path; the next process goes on
+        proc = subprocess.Popen([sys.executable, "-c", BUILDER, *overrides], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(float(rng.uniform(0.0, 0.06)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        committed = _committed(cache)
+        for wid in committed:  # everything that looks committed verifies
+            assert all(cache.store.read(a) is not None for a in cache.artifacts(cache.windows[wid]).values())
+        if len(committed) == len(cache.windows):
+            break
+        interrupted += 1
+    assert interrupted >= 2  # the kills really hit builds in progress
+    rerun = build_windows(cfg, progress=False)
+    assert {r.window_id for r in rerun if r.status == "cached"} == set(committed)
+    assert all(r.status == "cached" for r in build_windows(cfg, progress=False))
+
+
+def test_two_processes_building_overlapping_ranges_produce_valid_artifacts(tiny_panel, tmp_path):
+    overrides = [f"data.panel_h5={tiny_panel}", f"paths.cache_dir={tmp_path / 'cache'}", "windows.window_size=20"]
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, *overrides], stdout=subprocess.PIPE) for _ in range(2)]
+    assert all(p.wait() == 0 for p in procs)
+    cfg = load_config(overrides=overrides)
+    cache = WindowCache(cfg)
+    for w in cache.windows:
+        assert all(cache.store.read(a) is not None for a in cache.artifacts(w).values())
+    assert all(r.status == "cached" for r in build_windows(cfg, progress=False))
+
+
+def test_index_cli_builds_named_windows(tiny_panel, tmp_path):
+    env = {**os.environ, "RAG_HPC_PATHS__CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "rag_hpc.index", "--set", f"data.panel_h5={tiny_panel}", "--set", "windows.window_size=100", "--windows", "0,2", "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "2 windows: 2 built, 0 cached" in out.stdout
+    bad = subprocess.run([*cmd[:-3], "--windows", "x-y"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --windows 'x-y': expected ids and ranges like 0-9,12"]
