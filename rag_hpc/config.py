@@ -90,6 +90,13 @@ class ModelConfig(_Section):
     layers: int = Field(10, gt=0)
     heads: int = Field(6, gt=0)
     k: int = Field(1, gt=0, description="reference haplotypes retrieved per query")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation_checkpointing: bool = Field(False, description="recompute encoder activations in backward: less memory, ~30% more compute")
+    match_scales: list[int] = Field(
+        default_factory=lambda: [4, 16, 64],
+        min_length=1,
+        description="half-widths (sites) over which each retrieved haplotype's agreement with the query is counted",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
