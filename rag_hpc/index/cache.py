@@ -216,10 +216,10 @@ class ArtifactStore:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            if self.problem(artifact) is None:
+            if self.read(artifact) is not None:
                 shutil.rmtree(tmp, ignore_errors=True)  # someone published the same bytes first
                 return
-            # A broken artifact sits at the final path: move it aside, then publish ours.
+            # A broken artifact (truncated, bit-flipped, foreign) sits there: move it aside, publish ours.
             trash = final.parent / f".trash-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
             os.rename(tmp, final)
