@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command (README, .ci/run): installs what the tests need, then runs them all.
-# Safe to re-run; on a fresh Debian/Ubuntu machine it needs root only for what later stages add
-# (the single-node SLURM test cluster).
+# Safe to re-run; on a fresh Debian/Ubuntu machine it needs root for the single-node SLURM test
+# cluster (slurm/up.sh installs and starts it; slurm/down.sh stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,16 @@ PY=${PYTHON:-python3}
 # torch first and pinned: a bare `torch` requirement would pull several GB of CUDA wheels.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e '.[test]'
+
+# The SLURM tests submit real jobs to a single-node cluster; under CI they fail, not skip, without it.
+if ! bash slurm/up.sh; then
+    bash slurm/status.sh --logs || true
+    if [ "${CI:-}" = "true" ]; then
+        echo "tests/run.sh: the SLURM test cluster did not come up (logs above)" >&2
+        exit 1
+    fi
+    echo "tests/run.sh: no SLURM test cluster (needs root on Debian/Ubuntu); its tests will skip" >&2
+fi
 
 set +e
 "$PY" -m pytest -q "$@"
