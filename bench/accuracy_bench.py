@@ -1,0 +1,450 @@
+"""The accuracy race: nearest-haplotype copy vs Beagle 5.4 vs our model, dosage r² per panel-MAF bin.
+
+    python bench/accuracy_bench.py [--workdir bench_out/accuracy] [--seed 1] [--budget-min 10] [--out DIR] [--json]
+    python bench/accuracy_bench.py --ref REF.vcf.gz --targets PHASED_ARRAY.vcf.gz --truth TRUTH.vcf.gz [--map PLINK.map]
+
+Default data: the simulated kgp-like panel (2,504 samples over 5 Mb, ~52k SNPs) and its 100 held-out targets
+typed at ~1,200 array sites (cached under --workdir). Every method gets the same input: the targets' phased array
+genotypes and the panel's *train split* as reference (Beagle reads it as a VCF written from panel.h5), so the
+validation samples the model is tuned on are nobody's reference. Each imputed VCF is scored by
+``rag_hpc.evaluate`` against the truth, leaving out the typed array sites (every method copies them).
+
+Methods:
+  nearest  ``rag_hpc.impute`` with ``NearestHaplotypePredictor`` (k=1): each target haplotype copies its nearest
+           train-split haplotype in the window (Hamming on the typed sites). Runtime includes building the
+           window shards from panel.h5 (cold cache).
+  beagle   Beagle 5.4 (Debian package ``beagle``: ``beagle gt= ref= out= nthreads=``), with a PLINK map at the
+           simulation's uniform recombination rate (--map for other data; none = Beagle's 1 cM/Mb).
+  model    ``rag_hpc.train.train`` for --budget-min minutes (stopped by ``request_checkpoint``), then
+           ``rag_hpc.impute`` with ``load_model_predictor``; 'not available: <reason>' until both exist.
+
+``--out DIR`` keeps our model's imputed VCF as DIR/imputed.vcf.gz (and the baselines' as DIR/<method>.vcf.gz,
+each method's report under DIR/reports/<method>/, the side-by-side plot as DIR/r2_by_maf.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_line  # noqa: E402
+
+from rag_hpc.cli import add_config_args  # noqa: E402
+from rag_hpc.config import RagConfig, load_config  # noqa: E402
+from rag_hpc.evaluate import MAF_BINS, Evaluation, bin_label, evaluate, plot_r2_by_maf, write_report  # noqa: E402
+
+BEAGLE_JAR = Path("/usr/share/beagle/beagle.jar")
+BEAGLE_INSTALL = "apt-get install -y --no-install-recommends beagle"
+
+
+@dataclass
+class Dataset:
+    name: str
+    ref: Path
+    targets: Path
+    truth: Path
+    populations: Path | None = None
+    map: Path | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    label: str
+    status: str = "ok"  # "ok", "not available: ...", "failed: ..."
+    seconds: float | None = None
+    evaluation: Evaluation | None = None
+    vcf: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def simulated_dataset(work: Path, seed: int) -> Dataset:
+    from rag_hpc.data.simulate import ARRAY_VCF, PANEL_VCF, POPULATIONS_TSV, TRUTH_VCF, simulate_panel
+
+    sim = simulate_panel(work / "sim", "kgp-like", seed, verbose=False)
+    manifest = json.loads((sim / "manifest.json").read_text())
+    preset = manifest["preset"]
+    # Beagle reads genetic distance from a PLINK map (chrom, id, cM, bp); the simulation's rate is uniform.
+    cm = preset["length"] * manifest["recombination_rate"] * 100
+    map_file = sim.parent / f"sim-seed{seed}.map"
+    map_file.write_text(f"{manifest['contig']}\t.\t0.0\t1\n{manifest['contig']}\t.\t{cm:.6f}\t{preset['length']}\n")
+    return Dataset(
+        name=f"kgp-like simulation (seed {seed})",
+        ref=sim / PANEL_VCF,
+        targets=sim / ARRAY_VCF,
+        truth=sim / TRUTH_VCF,
+        populations=sim / POPULATIONS_TSV,
+        map=map_file,
+        facts={"array_sites": manifest["counts"]["array_sites"], "recombination_rate": manifest["recombination_rate"]},
+    )
+
+
+def _digest(*parts: Any) -> str:
+    from rag_hpc.data.prepare import file_sha256
+
+    h = hashlib.sha256()
+    for p in parts:
+        h.update((file_sha256(p) if isinstance(p, Path) else repr(p)).encode())
+    return h.hexdigest()[:12]
+
+
+def prepared_panel(work: Path, data: Dataset, config: RagConfig) -> Path:
+    """panel.h5 for the dataset, reused when the same inputs and split made it."""
+    from rag_hpc.data.prepare import prepare_panel
+
+    key = _digest(data.ref, data.populations or "", config.data.val_fraction, config.data.split_seed)
+    out = work / f"panel-{key}.h5"
+    if not out.is_file():
+        log(f"preparing {out.name} from {data.ref}")
+        prepare_panel(data.ref, out, populations=data.populations, val_fraction=config.data.val_fraction,
+                      split_seed=config.data.split_seed, skip_non_snps=config.data.skip_non_snps)  # fmt: skip
+    return out
+
+
+def train_split_vcf(panel_h5: Path, work: Path) -> Path:
+    """The panel's train-split samples as a phased VCF (what Beagle gets as ref=), written from panel.h5."""
+    import h5py
+
+    from rag_hpc.data.panel import SPLIT_TRAIN, Panel
+    from rag_hpc.data.vcf import VcfWriter
+
+    with Panel(panel_h5) as panel:
+        out = work / f"ref-train-{panel.info.source_sha256[:12]}-{panel.split_digest()}.vcf.gz"
+        if out.is_file() and Path(f"{out}.tbi").is_file():
+            return out
+        log(f"writing the train-split reference {out.name}")
+        train = np.flatnonzero(panel.split == SPLIT_TRAIN)
+        with h5py.File(panel_h5, "r") as h5, VcfWriter(out, contig=panel.info.contig, samples=panel.samples[train].tolist(),
+                                                        source="rag_hpc bench: panel train split") as writer:  # fmt: skip
+            gt = h5["calldata/GT"]
+            step = 4096
+            for start in range(0, panel.n_sites, step):
+                stop = min(start + step, panel.n_sites)
+                writer.write_phased(panel.positions[start:stop], panel.ref[start:stop], panel.alt[start:stop], gt[start:stop][:, train, :])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# methods
+
+
+def run_nearest(config: RagConfig, panel_h5: Path, data: Dataset, out_vcf: Path, k: int, ambiguous: str) -> MethodResult:
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.impute import NearestHaplotypePredictor, impute
+
+    result = MethodResult("nearest", f"nearest (k={k})", info={"k": k, "ambiguous": ambiguous})
+    cache = Path(tempfile.mkdtemp(prefix="nearest-cache-", dir=out_vcf.parent))
+    try:
+        cfg = config.model_copy(deep=True)
+        cfg.data.panel_h5 = panel_h5
+        cfg.paths.cache_dir = cache
+        t0 = time.perf_counter()
+        with Panel(panel_h5) as panel:
+            predictor = NearestHaplotypePredictor.from_config(cfg, k=k, panel=panel)
+            summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
+        result.seconds = time.perf_counter() - t0
+        result.vcf = out_vcf
+        result.info["targets"] = summary.targets.counts
+        log(summary.describe())
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return result
+
+
+def beagle_command() -> list[str] | None:
+    exe = shutil.which("beagle")
+    if exe:
+        return [exe]  # Debian's wrapper: exec java -jar /usr/share/beagle/beagle.jar "$@"
+    if BEAGLE_JAR.is_file() and shutil.which("java"):
+        return ["java", "-jar", str(BEAGLE_JAR)]
+    return None
+
+
+def run_beagle(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> MethodResult:
+    result = MethodResult("beagle", "beagle")
+    cmd = beagle_command()
+    if cmd is None:
+        result.status = f"not available: no `beagle` on PATH nor {BEAGLE_JAR} ({BEAGLE_INSTALL})"
+        return result
+    prefix = out_dir / "beagle"
+    for f in (Path(f"{prefix}.vcf.gz"), Path(f"{prefix}.log")):
+        f.unlink(missing_ok=True)
+    argv = [*cmd, f"gt={data.targets}", f"ref={ref_vcf}", f"out={prefix}", f"nthreads={threads}"]
+    if data.map is not None:
+        argv.append(f"map={data.map}")
+    result.info["command"] = " ".join(argv)
+    log(f"running {result.info['command']}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    result.seconds = time.perf_counter() - t0
+    log_text = Path(f"{prefix}.log").read_text() if Path(f"{prefix}.log").is_file() else ""
+    version = re.search(r"beagle\.(\S+)\.jar \(version ([^)]+)\)", log_text + proc.stdout)
+    if version:
+        result.info["version"] = f"{version.group(2)} ({version.group(1)})"
+        result.label = f"beagle {version.group(2)}"
+    if proc.returncode != 0 or not Path(f"{prefix}.vcf.gz").is_file():
+        tail = (proc.stderr or proc.stdout or log_text).strip().splitlines()[-3:]
+        result.status = f"failed: exit {proc.returncode}: {' | '.join(tail)}"
+        return result
+    result.vcf = Path(f"{prefix}.vcf.gz")
+    return result
+
+
+def _model_unavailable(config: RagConfig) -> str | None:
+    """Why the model column cannot run, checked before any training time is spent; None when it can."""
+    try:
+        from rag_hpc.train import train  # noqa: F401
+    except ImportError as exc:
+        return f"rag_hpc.train does not import ({exc})"
+    from rag_hpc.impute import load_model_predictor
+
+    try:
+        load_model_predictor(Path("/nonexistent/checkpoint.pt"), config)
+    except NotImplementedError as exc:
+        return f"rag_hpc.impute.load_model_predictor is not wired ({exc})"
+    except Exception:
+        pass  # wired: it rejects the missing checkpoint, as it should
+    return None
+
+
+def run_model(config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_vcf: Path, budget_min: float, ambiguous: str) -> MethodResult:
+    result = MethodResult("model", "model", info={"budget_min": budget_min})
+    reason = _model_unavailable(config)
+    if reason is not None:
+        result.status = f"not available: {reason}"
+        return result
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.impute import impute, load_model_predictor
+    from rag_hpc.train import TrainingInterrupted, request_checkpoint, train
+
+    cfg = config.model_copy(deep=True)
+    cfg.data.panel_h5 = panel_h5
+    cfg.data.targets_vcf = data.targets
+    cfg.paths.workdir = work / "model"
+    run_dir = work / "model" / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # train() resumes from a run dir's checkpoints: start fresh
+    cfg.train.run_dir = run_dir
+    timer = threading.Timer(budget_min * 60, request_checkpoint, kwargs={"stop": True, "reason": "--budget-min"})
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        checkpoint = train(cfg)
+    except TrainingInterrupted as stop:
+        checkpoint = stop.checkpoint
+        result.info["stopped_at_step"] = stop.step
+    finally:
+        timer.cancel()
+    result.info["train_seconds"] = time.perf_counter() - t0
+    result.info["checkpoint"] = str(checkpoint)
+    t1 = time.perf_counter()
+    with Panel(panel_h5) as panel:
+        predictor = load_model_predictor(checkpoint, cfg)
+        summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
+    result.info["impute_seconds"] = time.perf_counter() - t1
+    result.seconds = time.perf_counter() - t0
+    result.vcf = out_vcf
+    log(summary.describe())
+    return result
+
+
+def guarded(name: str, fn: Callable[[], MethodResult]) -> MethodResult:
+    """Run one method; a crash is reported in its column (with the traceback on stderr), not hidden."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001: reported, and the bench exits non-zero
+        traceback.print_exc()
+        return MethodResult(name, name, status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def table(results: list[MethodResult]) -> list[str]:
+    labels = [bin_label(lo, hi) for lo, hi in MAF_BINS] + ["all"]
+    scored = [r for r in results if r.evaluation is not None]
+    ref_eval = scored[0].evaluation if scored else None
+    width = max(14, *(len(r.label) + 2 for r in results))
+    lines = [f"{'MAF bin':<16}{'sites':>8}" + "".join(f"{r.label:>{width}}" for r in results)]
+    for i, label in enumerate(labels):
+        n = "" if ref_eval is None else f"{(ref_eval.bins + [ref_eval.overall])[i].n_r2:,}"
+        cells = []
+        for r in results:
+            if r.evaluation is None:
+                cells.append("n/a")
+                continue
+            b = (r.evaluation.bins + [r.evaluation.overall])[i]
+            cells.append("–" if b.r2 is None else f"{b.r2:.4f}")
+        lines.append(f"{label:<16}{n:>8}" + "".join(f"{c:>{width}}" for c in cells))
+    conc = ["n/a" if r.evaluation is None or r.evaluation.overall.nonref_concordance is None
+            else f"{r.evaluation.overall.nonref_concordance:.4f}" for r in results]  # fmt: skip
+    lines.append(f"{'non-ref conc.':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in conc))
+    secs = ["n/a" if r.seconds is None else f"{r.seconds:.1f}" for r in results]
+    lines.append(f"{'runtime (s)':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in secs))
+    for r in results:
+        if not r.ok:
+            lines.append(f"  {r.label}: {r.status}")
+    if scored and len({r.evaluation.overall.n_r2 for r in scored if r.evaluation}) > 1:
+        lines.append("  note: methods were scored on different site counts: " + ", ".join(
+            f"{r.label} {r.evaluation.overall.n_r2:,}" for r in scored if r.evaluation))  # fmt: skip
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("bench_out/accuracy"), help="cache of simulation, panel, outputs")
+    parser.add_argument("--seed", type=int, default=1, help="simulation seed")
+    parser.add_argument("--ref", type=Path, help="phased reference panel VCF (instead of the simulation)")
+    parser.add_argument("--targets", type=Path, help="phased array-typed targets VCF (with --ref)")
+    parser.add_argument("--truth", type=Path, help="the targets' true genotypes at the panel sites (with --ref)")
+    parser.add_argument("--populations", type=Path, help="with --ref: TSV sample<TAB>population (stratified split)")
+    parser.add_argument("--map", type=Path, help="with --ref: PLINK map (cM) for Beagle; default none (1 cM/Mb)")
+    parser.add_argument("--budget-min", type=float, default=10.0, help="training time for the model (minutes)")
+    parser.add_argument("--k", type=int, default=1, help="nearest-copy baseline: average the k nearest haplotypes")
+    parser.add_argument("--ambiguous", choices=["skip", "keep"], default="skip", help="strand-ambiguous typed sites, for our methods")
+    parser.add_argument("--threads", type=int, default=2, help="Beagle nthreads")
+    parser.add_argument("--methods", default="nearest,beagle,model", help="comma-separated subset of nearest,beagle,model")
+    parser.add_argument("--out", type=Path, help="keep the imputed VCFs, reports and plot here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_config_args(parser)
+    args = parser.parse_args()
+
+    given = [args.ref, args.targets, args.truth]
+    if any(given) and not all(given):
+        parser.error("--ref, --targets and --truth go together")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - {"nearest", "beagle", "model"}
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}")
+
+    config = load_config(args.config, args.overrides)
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if all(given):
+        data = Dataset(f"{args.ref.name} / {args.targets.name}", args.ref.resolve(), args.targets.resolve(), args.truth.resolve(),
+                       args.populations.resolve() if args.populations else None, args.map.resolve() if args.map else None)  # fmt: skip
+    else:
+        data = simulated_dataset(work, args.seed)
+    t0 = time.perf_counter()
+    panel_h5 = prepared_panel(work, data, config)
+    ref_vcf = train_split_vcf(panel_h5, work) if "beagle" in methods else None
+    setup_s = time.perf_counter() - t0
+
+    from rag_hpc.data.panel import SPLIT_TRAIN, Panel
+
+    with Panel(panel_h5) as panel:
+        data.facts.update(
+            panel_samples=panel.n_samples, reference_haplotypes=int((panel.haplotype_split() == SPLIT_TRAIN).sum()),
+            panel_sites=panel.n_sites,
+        )  # fmt: skip
+
+    outputs = work / "outputs"
+    outputs.mkdir(exist_ok=True)
+    results: list[MethodResult] = []
+    for method in methods:
+        log(f"--- {method}")
+        if method == "nearest":
+            results.append(guarded(method, lambda: run_nearest(config, panel_h5, data, outputs / "nearest.vcf.gz", args.k, args.ambiguous)))
+        elif method == "beagle":
+            assert ref_vcf is not None
+            results.append(guarded(method, lambda: run_beagle(ref_vcf, data, outputs, args.threads)))
+        else:
+            results.append(guarded(method, lambda: run_model(config, panel_h5, data, work, outputs / "model.vcf.gz", args.budget_min, args.ambiguous)))
+        r = results[-1]
+        if r.ok and r.vcf is not None:
+            try:
+                r.evaluation = evaluate(r.vcf, data.truth, panel_h5, exclude_sites_vcf=data.targets)
+            except Exception as exc:  # noqa: BLE001: reported in the column
+                traceback.print_exc()
+                r.status = f"failed: evaluation: {exc}"
+
+    if args.out is not None:
+        out = args.out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            if r.vcf is not None and r.evaluation is not None:
+                name = "imputed" if r.name == "model" else r.name
+                for suffix in ("", ".tbi"):
+                    src = Path(f"{r.vcf}{suffix}")
+                    if src.is_file():
+                        shutil.copyfile(src, out / f"{name}.vcf.gz{suffix}")
+                write_report(r.evaluation, out / "reports" / r.name, title=r.label)
+        scored = {r.label: r.evaluation for r in results if r.evaluation is not None}
+        if scored:
+            plot_r2_by_maf(scored, out / "r2_by_maf.png")  # type: ignore[arg-type]
+
+    facts = data.facts
+    print(f"accuracy bench: {data.name}: {facts['panel_samples']:,} panel samples ({facts['reference_haplotypes']:,} train-split "
+          f"haplotypes = every method's reference), {facts['panel_sites']:,} panel sites; typed array sites left out of the scores")  # fmt: skip
+    print(f"machine: {machine_line()}")
+    first = next((r.evaluation for r in results if r.evaluation is not None), None)
+    if first is not None:
+        print(f"targets: {first.samples['matched']:,} samples; sites scored: {first.sites['compared']:,} compared, "
+              f"{first.sites['monomorphic_in_truth']:,} monomorphic in the truth left out, {first.sites['typed_excluded']:,} typed left out")  # fmt: skip
+    print("mean dosage r² by panel MAF (sites = sites with an r²)")
+    for line in table(results):
+        print(line)
+    for r in results:
+        extra = {k: v for k, v in r.info.items() if k in ("version", "command", "targets", "train_seconds", "stopped_at_step")}
+        if extra:
+            print(f"  {r.label}: " + "; ".join(f"{k}={v}" for k, v in extra.items()))
+    print(f"  setup (panel.h5 + train-split VCF, cached): {setup_s:.1f} s")
+
+    if args.json:
+        labels = [bin_label(lo, hi) for lo, hi in MAF_BINS]
+        payload = {
+            "bench": "accuracy",
+            "dataset": data.name,
+            "machine": machine_line(),
+            "facts": facts,
+            "bins": labels,
+            "sites": {} if first is None else {b.label: b.n_r2 for b in first.bins} | {"all": first.overall.n_r2},
+            "methods": {
+                r.name: {
+                    "label": r.label,
+                    "status": r.status,
+                    "seconds": None if r.seconds is None else round(r.seconds, 2),
+                    "r2": None if r.evaluation is None else r.evaluation.r2_by_bin(),
+                    "r2_all": None if r.evaluation is None else r.evaluation.overall.r2,
+                    "nonref_concordance": None if r.evaluation is None else r.evaluation.overall.nonref_concordance,
+                    **{k: v for k, v in r.info.items() if k in ("version", "k", "ambiguous", "budget_min", "train_seconds")},
+                }
+                for r in results
+            },
+        }
+        print(json.dumps(payload))
+    return 1 if any(r.status.startswith("failed") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

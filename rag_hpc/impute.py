@@ -1,0 +1,476 @@
+"""Imputation: phased array targets -> an imputed VCF (GT:DS:GP) at every panel site.
+
+``python -m rag_hpc.impute (--checkpoint CKPT | --baseline nearest) --targets targets.vcf.gz --out imputed.vcf.gz``
+
+The driver (``impute``) owns everything that is not the model: reading and checking the targets, matching
+their sites to the panel, building each window's query haplotypes, and writing the VCF. What fills the
+unobserved sites is a pluggable ``HaplotypePredictor`` that returns P(ALT) per target haplotype and site,
+one window at a time: the trained model (``load_model_predictor``) or the nearest-haplotype-copy baseline
+(``NearestHaplotypePredictor``), so the two are scored through exactly the same code path.
+
+Output per site: GT phased (each haplotype's more probable allele), DS = p1 + p2, GP from the two
+haplotype probabilities (haplotypes treated as independent, as Beagle and Minimac do); INFO AF (mean DS / 2),
+DR2 (the Beagle/Minimac estimate of dosage r²: variance of DS over its HWE variance 2 AF (1 - AF)) and a
+TYPED or IMP flag. Typed sites keep the target's alleles. The file is bgzipped and tabix-indexed, written
+under a temporary name and renamed, so a failure at any point leaves no output (and any older output
+untouched): the predecessor exited 0 without a file after swallowing a writer error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from rag_hpc.cli import add_config_args, run_main
+from rag_hpc.config import RagConfig
+from rag_hpc.data.vcf import VcfError, VcfWriter
+
+if TYPE_CHECKING:
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.data.vcf import PhasedVcf
+    from rag_hpc.index.build import WindowCache
+
+AmbiguousPolicy = Literal["skip", "keep"]
+
+FIX_PHASE_TARGETS = (
+    "phase the targets first, against the same panel: "
+    "`beagle gt=targets.vcf.gz ref=panel.vcf.gz impute=false out=phased` (Debian package beagle) "
+    "or `shapeit4 --input targets.vcf.gz --reference panel.vcf.gz --region CHR --output phased.vcf.gz` "
+    "(Debian package shapeit4)"
+)
+FIX_BUILD = (
+    "the targets and the panel are probably on different genome builds (e.g. GRCh37 vs GRCh38): lift the targets "
+    "over to the panel's build first (e.g. `bcftools +liftover` or CrossMap)"
+)
+
+# Milli-units: DS and GP are written with three decimals, fixed width, so a block of genotypes is one numpy array.
+_SCALE = 1000
+_SAMPLE_FIELD = b"\t0|0:0.000:0.000,0.000,0.000"
+_FIELD_WIDTH = len(_SAMPLE_FIELD)  # 28
+
+
+@runtime_checkable
+class HaplotypePredictor(Protocol):
+    """Fills one window: P(ALT) for each query haplotype at each of the window's panel sites."""
+
+    def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        """query uint8 [B, L]: alleles at the window's panel sites (0 where unobserved); observed bool [L]:
+        the window's typed sites. Returns float [B, L] in [0, 1]. Values at observed sites are ignored
+        (the driver keeps the typed alleles)."""
+        ...
+
+
+# ------------------------------------------------------------------------------------------------
+# the baseline predictor
+
+
+class NearestHaplotypePredictor:
+    """Each target haplotype copies its nearest reference haplotype in the window (Hamming distance on the
+    observed sites, ties to the lower index as ``masked_topk`` breaks them); with ``k`` > 1 it averages the
+    k nearest, which gives calibrated-ish probabilities instead of hard 0/1 copies.
+
+    Reference = the panel's train split, the same haplotypes the model retrieves from. A window with no
+    observed site puts every reference at distance 0; rather than copy whichever happens to be first, it
+    predicts the train-split allele frequency (the average over all of them, the k = N limit).
+    """
+
+    name = "nearest"
+
+    def __init__(self, cache: "WindowCache", k: int = 1):
+        from rag_hpc.data.panel import SPLIT_TRAIN
+
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.cache = cache
+        self.k = k
+        self._reference = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_TRAIN)
+        if self._reference.size < k:
+            raise ValueError(f"k={k} but the panel's train split has only {self._reference.size} haplotypes")
+
+    @classmethod
+    def from_config(cls, config: RagConfig, k: int = 1, panel: "Panel | None" = None) -> "NearestHaplotypePredictor":
+        from rag_hpc.index.build import WindowCache
+
+        return cls(WindowCache(config, panel), k)
+
+    def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        import torch
+
+        from rag_hpc.index.retrieval import masked_topk
+
+        reference = self.cache.shard(window_id).alleles[self._reference]  # uint8 [N, L]
+        if not observed.any():
+            return np.broadcast_to(reference.mean(axis=0, dtype=np.float64), query.shape).astype(np.float32)
+        # Unobserved sites add nothing to any distance: searching on the observed columns alone gives the
+        # same distances and ties, with a GEMM ~L / n_observed times smaller.
+        sites = np.flatnonzero(observed)
+        _, idx = masked_topk(
+            torch.from_numpy(np.ascontiguousarray(query[:, sites])),
+            torch.ones(sites.size, dtype=torch.bool),
+            torch.from_numpy(np.ascontiguousarray(reference[:, sites])),
+            torch.ones(sites.size, dtype=torch.float64),
+            self.k,
+        )
+        return reference[idx.numpy()].mean(axis=1, dtype=np.float32)  # [B, k, L] -> [B, L]
+
+
+def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> HaplotypePredictor:
+    """The trained model as a ``HaplotypePredictor`` (wired by the model's author)."""
+    raise NotImplementedError("model predictor: see rag_hpc.model")
+
+
+# ------------------------------------------------------------------------------------------------
+# targets
+
+
+@dataclass(frozen=True)
+class TargetSites:
+    """Targets reduced to what the predictor sees: their usable sites as panel indices and their alleles
+    in the panel's REF/ALT coding."""
+
+    samples: list[str]
+    panel_index: np.ndarray  # int64 [n_used], strictly increasing
+    haplotypes: np.ndarray  # uint8 [2 * n_samples, n_used]; haplotype 2*s is sample s's first allele
+    counts: dict[str, int]
+
+    def describe(self) -> str:
+        c = self.counts
+        parts = [f"{c['used']:,} of {c['target_sites']:,} target sites used"]
+        if c["swapped"] or c["strand_flipped"]:
+            parts.append(f"{c['swapped']:,} REF/ALT-swapped and {c['strand_flipped']:,} strand-flipped among them")
+        skipped = [
+            (c["ambiguous_skipped"], "strand-ambiguous (A/T, C/G)"),
+            (c["not_in_panel"], "at positions not in the panel"),
+            (c["allele_mismatch"], "with alleles that fit no orientation of the panel's"),
+            (c["non_snps_skipped"], "non-SNP records"),
+        ]
+        parts += [f"{n:,} skipped {what}" for n, what in skipped if n]
+        return "; ".join(parts)
+
+
+def _read_targets(targets_vcf: Path, skip_non_snps: bool) -> "PhasedVcf":
+    from rag_hpc.data.vcf import read_phased_vcf
+
+    try:
+        return read_phased_vcf(targets_vcf, skip_non_snps=skip_non_snps)
+    except VcfError as exc:
+        message = str(exc)
+        # The reader's fixes are worded for a panel; for targets the step that fixes both unphased and missing
+        # calls is phasing against the panel. (Matched on the message: vcf.py has no subclass per problem.)
+        if "unphased genotype" in message:
+            head = message.split("; the VCF must be phased")[0]
+            raise VcfError(f"{targets_vcf}: targets must be phased ({head}); {FIX_PHASE_TARGETS}") from None
+        if "missing genotype" in message:
+            head = message.split("; the panel must")[0]
+            raise VcfError(f"{targets_vcf}: targets must have no missing calls ({head}); phasing fills them: {FIX_PHASE_TARGETS}") from None
+        raise
+
+
+def match_targets(
+    panel: "Panel", targets_vcf: str | os.PathLike[str], *, ambiguous: AmbiguousPolicy = "skip", skip_non_snps: bool = False
+) -> TargetSites:
+    """Read phased targets and match their sites to the panel by position and alleles.
+
+    REF/ALT-swapped sites are used with their alleles flipped; strand-flipped sites are used as they are
+    (the complement leaves the allele coding unchanged); strand-ambiguous A/T and C/G sites, where a swap and
+    a strand flip cannot be told apart, are skipped unless ``ambiguous="keep"`` (then read as same-strand).
+    Raises VcfError when the targets are unphased, on another contig, or share no usable site with the panel.
+    """
+    from rag_hpc.data.vcf import match_sites
+
+    if ambiguous not in ("skip", "keep"):
+        raise ValueError(f"ambiguous must be 'skip' or 'keep', got {ambiguous!r}")
+    path = Path(targets_vcf)
+    targets = _read_targets(path, skip_non_snps)
+    if targets.contig != panel.info.contig:
+        raise VcfError(
+            f"{path}: contig {targets.contig} but the panel {panel.path} is contig {panel.info.contig}; use targets and "
+            "panel of the same chromosome with the same naming (e.g. `bcftools annotate --rename-chrs`)"
+        )
+    match = match_sites(panel.positions, panel.ref, panel.alt, targets.pos, targets.ref, targets.alt)
+    at_panel_pos = np.isin(targets.pos, panel.positions)
+    skip_ambiguous = match.ambiguous if ambiguous == "skip" else np.zeros_like(match.ambiguous)
+    used = match.matched & ~skip_ambiguous
+    counts = {
+        "target_sites": targets.n_sites,
+        "used": int(used.sum()),
+        "swapped": int((used & match.swapped).sum()),
+        "strand_flipped": int((used & match.flipped).sum()),
+        "ambiguous_skipped": int((match.matched & skip_ambiguous).sum()),
+        "ambiguous_kept": int((used & match.ambiguous).sum()),
+        "not_in_panel": int((~at_panel_pos).sum()),
+        "allele_mismatch": int((at_panel_pos & ~match.matched).sum()),
+        "non_snps_skipped": targets.n_skipped_non_snps,
+    }
+    if not used.any():
+        span = f"targets {targets.contig}:{targets.pos[0]}-{targets.pos[-1]}, panel {panel.info.contig}:{panel.positions[0]}-{panel.positions[-1]}"
+        if not match.matched.any():
+            if not at_panel_pos.any():
+                raise VcfError(f"{path}: none of its {targets.n_sites:,} sites is at a panel position ({span}): {FIX_BUILD}")
+            raise VcfError(
+                f"{path}: {counts['allele_mismatch']:,} of its sites share a position with the panel but none has the panel's "
+                f"alleles in any orientation ({span}): {FIX_BUILD}"
+            )
+        raise VcfError(
+            f"{path}: all {counts['ambiguous_skipped']:,} sites it shares with the panel are strand-ambiguous (A/T or C/G) "
+            "and were skipped, so nothing is observed; if the targets are on the panel's strand, keep them "
+            "(--ambiguous keep), else align them first (e.g. `bcftools +fixref`)"
+        )
+    haps = targets.haplotypes()[:, used]
+    haps[:, match.swapped[used]] ^= 1
+    return TargetSites(list(targets.samples), match.index[used], np.ascontiguousarray(haps), counts)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+
+
+def _put_milli(buf: np.ndarray, col: int, milli: np.ndarray) -> None:
+    """Write integer milli-units (0..9999) as 'd.ddd' into buf[..., col:col + 5]."""
+    buf[..., col] = milli // 1000 + 48
+    buf[..., col + 1] = ord(".")
+    buf[..., col + 2] = (milli // 100) % 10 + 48
+    buf[..., col + 3] = (milli // 10) % 10 + 48
+    buf[..., col + 4] = milli % 10 + 48
+
+
+class ImputedVcfWriter(VcfWriter):
+    """``VcfWriter`` (temporary name, bgzip, tabix, atomic rename on close, nothing left on abort) with
+    imputation records: INFO AF/DR2/TYPED/IMP and FORMAT GT:DS:GP, formatted per block with numpy."""
+
+    HEADER = (
+        '##INFO=<ID=AF,Number=A,Type=Float,Description="Estimated ALT allele frequency: mean DS / 2 over the target samples">',
+        '##INFO=<ID=DR2,Number=A,Type=Float,Description="Estimated squared correlation between imputed and true dosage: '
+        'variance of DS over 2*AF*(1-AF), 0 where AF is 0 or 1 (as Beagle DR2 / Minimac R2)">',
+        '##INFO=<ID=TYPED,Number=0,Type=Flag,Description="Typed in the targets: GT is the input genotype">',
+        '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed: not typed in the targets">',
+        '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose: P(ALT on haplotype 1) + P(ALT on haplotype 2)">',
+        '##FORMAT=<ID=GP,Number=G,Type=Float,Description="Genotype probabilities of 0/0, 0/1, 1/1 from the two haplotypes\' '
+        'ALT probabilities">',
+    )
+
+    def __init__(self, path: str | os.PathLike[str], *, contig: str, samples: Sequence[str], source: str, extra_header: Sequence[str] = ()):
+        super().__init__(path, contig=contig, samples=samples, source=source, extra_header=[*self.HEADER, *extra_header])
+
+    def write_imputed(self, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> None:
+        """Append sites: prob float [2 * n_samples, n] = P(ALT) per haplotype (haplotype 2*s, 2*s + 1 are
+        sample s's first and second), typed bool [n]."""
+        pos = np.asarray(pos, np.int64)
+        n = pos.shape[0]
+        if n == 0:
+            return
+        if prob.shape != (2 * self.n_samples, n):
+            raise ValueError(f"prob shape {prob.shape} != ({2 * self.n_samples}, {n})")
+        if pos[0] <= self._last_pos or (n > 1 and not (np.diff(pos) > 0).all()):
+            raise ValueError("ImputedVcfWriter: positions must be strictly increasing")
+        p = np.asarray(prob, np.float64)
+        p1 = p[0::2].T  # [n, S]
+        p2 = p[1::2].T
+        ds = p1 + p2
+        gp0 = (1.0 - p1) * (1.0 - p2)
+        gp2 = p1 * p2
+        # Round GP0 and GP2, derive GP1 so the three printed values sum to exactly 1.000.
+        m0 = np.rint(gp0 * _SCALE).astype(np.int64)
+        m2 = np.minimum(np.rint(gp2 * _SCALE).astype(np.int64), _SCALE - m0)
+        m1 = _SCALE - m0 - m2
+        mds = np.clip(np.rint(ds * _SCALE).astype(np.int64), 0, 2 * _SCALE)
+
+        buf = np.empty((n, self.n_samples, _FIELD_WIDTH), np.uint8)
+        buf[:] = np.frombuffer(_SAMPLE_FIELD, np.uint8)
+        buf[..., 1] = (p1 > 0.5) + 48
+        buf[..., 3] = (p2 > 0.5) + 48
+        _put_milli(buf, 5, mds)
+        _put_milli(buf, 11, m0)
+        _put_milli(buf, 17, m1)
+        _put_milli(buf, 23, m2)
+        body = np.empty((n, self.n_samples * _FIELD_WIDTH + 1), np.uint8)
+        body[:, :-1] = buf.reshape(n, -1)
+        body[:, -1] = ord("\n")
+
+        af = ds.mean(axis=1) / 2.0
+        hwe = 2.0 * af * (1.0 - af)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dr2 = np.where(hwe > 1e-12, ds.var(axis=1) / hwe, 0.0)
+        refs = np.asarray(ref).astype("S1")
+        alts = np.asarray(alt).astype("S1")
+        contig = self.contig.encode()
+        parts = []
+        for i in range(n):
+            flag = b"TYPED" if typed[i] else b"IMP"
+            parts.append(
+                b"%s\t%d\t.\t%s\t%s\t.\tPASS\tAF=%.5f;DR2=%.3f;%s\tGT:DS:GP"
+                % (contig, pos[i], refs[i], alts[i], af[i], dr2[i], flag)
+            )
+            parts.append(body[i].data)
+        self._fh.write(b"".join(parts))
+        self._last_pos = int(pos[-1])
+        self.n_sites += n
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class ImputeSummary:
+    out: Path
+    n_samples: int
+    n_panel_sites: int
+    n_windows: int
+    n_typed_sites: int
+    targets: TargetSites = field(repr=False)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.out}: {self.n_panel_sites:,} sites ({self.n_typed_sites:,} typed) x {self.n_samples:,} samples, "
+            f"{self.n_windows:,} windows in {self.seconds:.1f} s\n  targets: {self.targets.describe()}"
+        )
+
+
+def _check_prediction(p: np.ndarray, shape: tuple[int, int], window_id: int, predictor: object) -> np.ndarray:
+    p = np.asarray(p)
+    who = type(predictor).__name__
+    if p.shape != shape:
+        raise ValueError(f"{who}.predict_window({window_id}) returned shape {p.shape}, expected {shape} (haplotypes x window sites)")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{who}.predict_window({window_id}) returned NaN or infinite probabilities")
+    lo, hi = float(p.min()), float(p.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"{who}.predict_window({window_id}) returned values in [{lo:g}, {hi:g}]; expected P(ALT) in [0, 1]")
+    return np.clip(p, 0.0, 1.0)
+
+
+def impute(
+    config: RagConfig,
+    predictor: HaplotypePredictor,
+    targets_vcf: str | os.PathLike[str],
+    out_vcf: str | os.PathLike[str],
+    *,
+    panel: "Panel | None" = None,
+    ambiguous: AmbiguousPolicy = "skip",
+    progress: bool = False,
+) -> ImputeSummary:
+    """Impute phased targets at every panel site with ``predictor`` and write ``out_vcf`` (+ .tbi).
+
+    The panel is ``panel`` or ``config.panel_h5``; windows are ``config.windows.window_size`` sites, the
+    same as training's. Every check on the inputs runs before the output is opened; an error at any later
+    point (a predictor failure, a full disk, Ctrl-C) removes the partial output and propagates.
+    """
+    from tqdm import tqdm
+
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.data.windows import make_windows
+
+    t0 = time.perf_counter()
+    out = Path(out_vcf)
+    if not out.name.endswith(".vcf.gz"):
+        raise ValueError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
+    own_panel = panel is None
+    panel = Panel(config.panel_h5) if panel is None else panel
+    try:
+        targets = match_targets(panel, targets_vcf, ambiguous=ambiguous, skip_non_snps=config.data.skip_non_snps)
+        windows = make_windows(panel.n_sites, config.windows.window_size)
+        n_haps = targets.haplotypes.shape[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        name = getattr(predictor, "name", type(predictor).__name__)
+        header = [
+            f"##rag_hpc_impute=<predictor={name},panel={panel.path.name},panel_sha256={panel.info.source_sha256},"
+            f"window_size={config.windows.window_size},ambiguous={ambiguous}>"
+        ]
+        with ImputedVcfWriter(out, contig=panel.info.contig, samples=targets.samples, source="rag_hpc.impute", extra_header=header) as writer:
+            for window in tqdm(windows, desc="impute", unit="win", disable=not progress, leave=False):
+                lo, hi = np.searchsorted(targets.panel_index, [window.start, window.stop])
+                local = targets.panel_index[lo:hi] - window.start
+                observed = np.zeros(window.length, bool)
+                observed[local] = True
+                query = np.zeros((n_haps, window.length), np.uint8)
+                query[:, local] = targets.haplotypes[:, lo:hi]
+                raw = predictor.predict_window(window.id, query.copy(), observed.copy())
+                prob = _check_prediction(raw, query.shape, window.id, predictor).astype(np.float64, copy=True)
+                prob[:, local] = query[:, local]
+                sl = slice(window.start, window.stop)
+                writer.write_imputed(panel.positions[sl], panel.ref[sl], panel.alt[sl], prob, observed)
+        return ImputeSummary(
+            out=out,
+            n_samples=len(targets.samples),
+            n_panel_sites=panel.n_sites,
+            n_windows=len(windows),
+            n_typed_sites=int(targets.panel_index.size),
+            targets=targets,
+            seconds=time.perf_counter() - t0,
+        )
+    finally:
+        if own_panel:
+            panel.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rag_hpc.impute",
+        description="Impute phased array targets at every panel site and write a bgzipped, tabix-indexed VCF with "
+        "GT:DS:GP (INFO AF, DR2, TYPED/IMP). Targets are matched to the panel by position and alleles (REF/ALT swaps "
+        "and strand flips are fixed, strand-ambiguous A/T and C/G sites are skipped). Bad input stops with one "
+        "'error:' line; no partial output is ever left.",
+        epilog="The panel is data.panel_h5 (else <workdir>/panel.h5); windows are windows.window_size sites.",
+    )
+    method = parser.add_mutually_exclusive_group()
+    method.add_argument("--checkpoint", type=Path, help="trained model checkpoint (rag_hpc.train)")
+    method.add_argument("--baseline", choices=["nearest"], help="no model: copy the nearest reference haplotype(s)")
+    parser.add_argument("--k", type=int, default=1, help="--baseline nearest: average the k nearest haplotypes (default 1)")
+    parser.add_argument("--targets", type=Path, help="phased target VCF (.vcf.gz); default: data.targets_vcf")
+    parser.add_argument("--out", type=Path, required=True, help="imputed VCF to write (*.vcf.gz; a .tbi index is written beside it)")
+    parser.add_argument("--panel", type=Path, help="prepared panel HDF5 (default: data.panel_h5, else <workdir>/panel.h5)")
+    parser.add_argument(
+        "--ambiguous", choices=["skip", "keep"], default="skip",
+        help="strand-ambiguous A/T and C/G target sites: skip them (default) or trust they are on the panel's strand",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_config_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from rag_hpc.config import load_config
+    from rag_hpc.data.panel import Panel
+
+    config = load_config(args.config, args.overrides)
+    if args.panel is not None:
+        config.data.panel_h5 = args.panel
+    targets = args.targets if args.targets is not None else config.data.targets_vcf
+    if targets is None:
+        raise ValueError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
+    if args.checkpoint is None and args.baseline is None:
+        raise ValueError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline nearest")
+    with Panel(config.panel_h5) as panel:
+        if args.checkpoint is not None:
+            if not args.checkpoint.is_file():
+                raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
+            try:
+                predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
+            except NotImplementedError as exc:
+                raise RuntimeError(f"{exc}: --checkpoint is not wired yet; use --baseline nearest") from None
+        else:
+            predictor = NearestHaplotypePredictor.from_config(config, k=args.k, panel=panel)
+        summary = impute(
+            config, predictor, targets, args.out, panel=panel, ambiguous=args.ambiguous,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )  # fmt: skip
+    if not args.quiet:
+        print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))
