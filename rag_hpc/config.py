@@ -125,6 +125,35 @@ class ClusterConfig(_Section):
     container: Path | None = None
 
 
+class TrainConfig(_Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: the run directory is <workdir>/runs/<name>")
+    run_dir: Path | None = Field(None, description="checkpoints, logs, metrics (default: <workdir>/runs/<name>)")
+    seed: int = Field(0, description="model init, batch order and dropout; masks have their own masks.seed")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else CPU")
+    batch_size: int = Field(32, gt=0, description="query haplotypes per micro-batch over ALL ranks (split evenly across them)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    mix_windows: int = Field(4, gt=0, description="windows whose batches are interleaved (their shards stay loaded together)")
+    epochs: int = Field(16, gt=0, description="length of the run and of the LR schedule (masks.levels step every epochs_per_level)")
+    max_steps: int | None = Field(None, gt=0, description="stop (with a checkpoint) at this global step; the schedule still spans `epochs`")
+    lr: float = Field(3e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays the LR to lr * min_lr_ratio")
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay on matrices only (not biases, norms, embeddings)")
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float | None = Field(1.0, gt=0.0, description="max global grad norm; null = no clipping")
+    bf16: bool | None = Field(None, description="bf16 autocast; null = on when training on CUDA")
+    val_every: int = Field(1, gt=0, description="validate every this many epochs (and after the last)")
+    val_batch_size: int = Field(64, gt=0, description="validation haplotypes per forward pass (per rank)")
+    checkpoint_every_steps: int = Field(500, ge=0, description="0 = only at epoch ends, on signals and at the end")
+    keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in <run_dir>/checkpoints")
+    log_every: int = Field(50, gt=0, description="steps between log lines / TensorBoard scalars")
+    progress: bool = Field(True, description="tqdm bar on rank 0")
+    tensorboard: bool = Field(True, description="TensorBoard scalars in <run_dir>/tb when the package is installed")
+
+    def resolved_run_dir(self, workdir: Path) -> Path:
+        return self.run_dir if self.run_dir is not None else workdir / "runs" / self.name
+
+
 class RagConfig(BaseSettings):
     """The whole tree; ``load_config`` is the way to build one."""
 
@@ -142,6 +171,7 @@ class RagConfig(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     # Set by load_config for the duration of one construction; a class attribute because
     # pydantic-settings builds sources from the class, not the instance.

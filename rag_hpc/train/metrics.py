@@ -1,0 +1,164 @@
+"""Validation metrics on masked sites, and where epoch metrics go (CSV, TensorBoard).
+
+Dosage r² pairs the two haplotypes of each validation sample (haplotypes 2s and 2s + 1): predicted
+dosage P(ALT | h1) + P(ALT | h2) against the true ALT count, at the sites the fixed validation mask
+hides (shared by every validation haplotype of a window, so both haplotypes of a sample are masked
+at the same sites). r² per MAF bin is the *aggregate* r² of imputation papers: the squared Pearson
+correlation over all (sample, site) genotypes whose site falls in the bin, pooled across windows.
+Per-site r² would be undefined at the many rare sites where no validation sample carries the ALT.
+MAF comes from the panel's train-split AF (what the model sees).
+
+Every quantity is a sum, accumulated in one float64 vector, so ranks (each validating its own
+windows) combine with a single all_reduce.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("rag_hpc.train")
+
+MAF_EDGES = (0.0, 0.005, 0.01, 0.05, 0.5)
+MAF_BINS = tuple(f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(MAF_EDGES[:-1], MAF_EDGES[1:]))
+
+# Layout of the accumulator vector.
+_LOSS, _N, _CORRECT, _TP, _FP, _FN = range(6)
+_HEAD = 6
+_PER_BIN = 6  # n, sum x, sum y, sum xx, sum yy, sum xy
+SIZE = _HEAD + _PER_BIN * len(MAF_BINS)
+
+
+def maf_bin(af: Tensor) -> Tensor:
+    """Bin index 0..3 of each site's MAF: [0, .005), [.005, .01), [.01, .05), [.05, .5]."""
+    maf = torch.minimum(af, 1.0 - af)
+    # Edges in AF's own dtype: a float32 AF of 0.005 is just below the float64 0.005, and belongs in [.005, .01).
+    edges = torch.tensor(MAF_EDGES[1:-1], dtype=maf.dtype, device=af.device)
+    return torch.bucketize(maf, edges, right=True)
+
+
+class ValAccumulator:
+    """Sums over validation windows; ``result()`` turns them into metrics."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(SIZE, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add_window(self, logits: Tensor, target: Tensor, masked: Tensor, af: Tensor) -> None:
+        """logits / target [H, L] for the validation haplotypes of one window, in pairs (2s, 2s + 1);
+        masked [L] bool (the window's fixed mask); af [L] train-split ALT frequency."""
+        if logits.shape[0] % 2:
+            raise ValueError(f"validation haplotypes come in sample pairs, got {logits.shape[0]}")
+        if not bool(masked.any()):
+            return
+        s = self.sums
+        lg = logits[:, masked].double()
+        y = target[:, masked].double()
+        s[_LOSS] += torch.nn.functional.binary_cross_entropy_with_logits(lg, y, reduction="sum")
+        s[_N] += y.numel()
+        pred = lg > 0
+        truth = y > 0.5
+        s[_CORRECT] += (pred == truth).sum()
+        s[_TP] += (pred & truth).sum()
+        s[_FP] += (pred & ~truth).sum()
+        s[_FN] += (~pred & truth).sum()
+        p = torch.sigmoid(lg)
+        dose = p[0::2] + p[1::2]  # [samples, masked sites]
+        true = y[0::2] + y[1::2]
+        bins = maf_bin(af[masked])
+        for b in range(len(MAF_BINS)):
+            cols = bins == b
+            if not bool(cols.any()):
+                continue
+            x, t = dose[:, cols], true[:, cols]
+            o = _HEAD + _PER_BIN * b
+            s[o] += x.numel()
+            s[o + 1] += x.sum()
+            s[o + 2] += t.sum()
+            s[o + 3] += (x * x).sum()
+            s[o + 4] += (t * t).sum()
+            s[o + 5] += (x * t).sum()
+
+    def result(self) -> dict[str, float]:
+        s = self.sums.cpu().tolist()
+        n = s[_N]
+        out: dict[str, float] = {
+            "val_loss": s[_LOSS] / n if n else math.nan,
+            "val_acc": s[_CORRECT] / n if n else math.nan,
+        }
+        tp, fp, fn = s[_TP], s[_FP], s[_FN]
+        out["val_f1_alt"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else math.nan
+        for b, name in enumerate(MAF_BINS):
+            o = _HEAD + _PER_BIN * b
+            out[f"val_r2_maf_{name}"] = aggregate_r2(*s[o : o + _PER_BIN])
+            out[f"val_n_maf_{name}"] = s[o]
+        return out
+
+
+def aggregate_r2(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float:
+    """Squared Pearson correlation from sums; NaN when either side has no variance."""
+    if n < 2:
+        return math.nan
+    cov = n * sxy - sx * sy
+    vx = n * sxx - sx * sx
+    vy = n * syy - sy * sy
+    if vx <= 0 or vy <= 0:
+        return math.nan
+    return cov * cov / (vx * vy)
+
+
+# ------------------------------------------------------------------------------------------------
+# sinks
+
+EPOCH_COLUMNS = (
+    "epoch", "step", "mask_rate", "lr", "train_loss", "val_loss", "val_acc", "val_f1_alt",
+    *(f"val_r2_maf_{b}" for b in MAF_BINS), *(f"val_n_maf_{b}" for b in MAF_BINS), "epoch_seconds",
+)  # fmt: skip
+
+
+class MetricsCsv:
+    """``metrics.csv``: one row per epoch. Rows of epochs after the resumed checkpoint (written by a
+    run that died before checkpointing them) are dropped at start, so the file never holds an
+    epoch twice."""
+
+    def __init__(self, path: Path, completed_epochs: int):
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < completed_epochs]
+        self._write_all(rows)
+
+    def _write_all(self, rows: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=EPOCH_COLUMNS, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+            fh.flush()
+
+
+def open_tensorboard(log_dir: Path, purge_step: int | None) -> Any:
+    """A SummaryWriter, or None (with one log line saying why) when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("TensorBoard scalars off: the `tensorboard` package is not installed (pip install tensorboard); "
+                 "metrics still go to metrics.csv and train.log")  # fmt: skip
+        return None
+    # purge_step drops events a killed run logged past the checkpoint this run resumes from.
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -1,0 +1,650 @@
+"""The training loop: window-grouped batches, retrieval, AdamW with warmup + cosine, exact resume.
+
+Determinism. Everything a step consumes is a function of the step number: the batch (``sampler``), its
+masks (counter-based, ``rag_hpc.data.masks``), its retrieval (exact, ties to the lower index) and
+dropout (torch's RNG is reseeded per micro-batch from (seed, step, micro-batch, rank)). So a run
+resumed from a checkpoint continues bit-for-bit where it stopped, and the global batch of a step is
+the same on any number of ranks: ``train.batch_size`` is split evenly across ranks and the loss is
+normalised by the masked-site count of the *global* micro-batch (known on every rank without
+communication, because masks are deterministic), times world size to undo DDP's gradient averaging.
+The objective of an optimizer step is the mean over its ``grad_accum`` micro-batches of the masked-site
+mean BCE.
+
+Checkpoints are written at step boundaries only: every ``checkpoint_every_steps``, at each epoch end
+(after its validation), at the end, and when asked by a signal or ``request_checkpoint``. A request on
+any rank reaches all of them through the per-step all_reduce that also sums the step loss, so every
+rank stops at the same step and nobody waits in a collective for a rank that left; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from rag_hpc.config import RagConfig, TrainConfig
+from rag_hpc.data.masks import curriculum_rate, train_mask, uniforms, val_mask
+from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
+from rag_hpc.index.build import WindowCache
+from rag_hpc.index.retrieval import own_sample_exclusion
+from rag_hpc.model.rag import RagImputer, imputation_loss, retrieve
+from rag_hpc.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
+from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
+from rag_hpc.train.metrics import MetricsCsv, ValAccumulator, open_tensorboard
+from rag_hpc.train.sampler import MicroBatch, WindowBatchSampler
+
+log = logging.getLogger("rag_hpc.train")
+
+_DROPOUT_STREAM = 5  # counter-hash stream for per-micro-batch torch seeds (masks use 1-2, the sampler 3-4)
+DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+# Config fields a resumed run may change: where things go, how often they are reported, when to
+# stop. Anything else changes the trajectory, so resuming under it would be a different run.
+_FREE_ON_RESUME = {
+    "paths", "data", "index", "cluster",
+    "train.name", "train.run_dir", "train.device", "train.bf16", "train.max_steps", "train.val_every",
+    "train.val_batch_size", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every",
+    "train.progress", "train.tensorboard",
+}  # fmt: skip
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped early on request (signal or ``request_checkpoint``) after writing a checkpoint.
+
+    Rerunning ``train`` with the same config resumes from it at the next batch.
+    """
+
+    def __init__(self, checkpoint: Path, step: int, reason: str):
+        super().__init__(f"training interrupted by {reason} at step {step}; checkpoint {checkpoint}")
+        self.checkpoint = checkpoint
+        self.step = step
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------------------------
+# requests from signal handlers and launchers
+
+
+class _Requests:
+    """Plain attributes, not threading primitives: set from signal handlers, where taking a lock the
+    interrupted main thread may hold would deadlock."""
+
+    checkpoint = False
+    stop = False
+    reason = ""
+    signals: list[int] = []
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.checkpoint, cls.stop, cls.reason, cls.signals = False, False, "", []
+
+
+def request_checkpoint(stop: bool = True, reason: str = "request_checkpoint()") -> None:
+    """Ask the running ``train`` to write a checkpoint at its next step boundary.
+
+    Safe from a signal handler or another thread, on any rank: the ranks agree on the request at the
+    next step and rank 0 writes once. With ``stop`` (the default: preemption, time limit) ``train``
+    then raises ``TrainingInterrupted``; without it training continues after the checkpoint.
+    """
+    _Requests.checkpoint = True
+    _Requests.stop = _Requests.stop or stop
+    _Requests.reason = _Requests.reason or reason
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _Requests.signals = [*_Requests.signals, signum]
+    request_checkpoint(stop=True, reason=signal.Signals(signum).name)
+
+
+# ------------------------------------------------------------------------------------------------
+# optimisation
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR factor after ``step`` optimizer steps: linear warmup to 1, then cosine down to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on Linear weights only (biases, norms, embeddings and the AF frequencies
+    are not weights whose magnitude should shrink)."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay = [p for p in model.parameters() if id(p) in decay_ids]
+    other = [p for p in model.parameters() if id(p) not in decay_ids]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        foreach=None,
+    )
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# ------------------------------------------------------------------------------------------------
+# one window's tensors, and one micro-batch
+
+
+@dataclass
+class WindowData:
+    window: int
+    alleles: Tensor  # uint8 [n_haplotypes, L] on the device: queries are rows of it
+    reference: Tensor  # float64 [n_reference, L]: the train split, the dtype the exact search computes in
+    reference_ids: Tensor  # int64 [n_reference]: panel haplotype ids of those rows
+    af: Tensor  # float32 [L]
+    af_np: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return int(self.af.shape[0])
+
+
+def window_data(window: int, alleles: np.ndarray, af: np.ndarray, reference_ids: np.ndarray, device: torch.device) -> WindowData:
+    all_t = torch.from_numpy(np.ascontiguousarray(alleles)).to(device)
+    ref_ids = torch.from_numpy(np.asarray(reference_ids, dtype=np.int64)).to(device)
+    return WindowData(
+        window, all_t, all_t[ref_ids].to(torch.float64), ref_ids,
+        torch.from_numpy(np.asarray(af, dtype=np.float32)).to(device), np.asarray(af, dtype=np.float32),
+    )  # fmt: skip
+
+
+def forward_batch(
+    model: RagImputer, net: nn.Module, data: WindowData, query_ids: Tensor, masked: Tensor, k: int, amp: bool
+) -> Tensor:
+    """Retrieve (exact, own sample excluded, outside autocast) then run ``net`` (the model or its DDP
+    wrapper) on the queries ``query_ids`` (panel haplotype ids) under ``masked``: ALT logits [B, L]."""
+    query = data.alleles[query_ids].long()
+    exclude = own_sample_exclusion(query_ids, data.reference_ids)
+    _, retrieved = retrieve(model, query, ~masked, data.reference, data.af, k, exclude)
+    with autocast(data.af.device, amp):
+        return net(query, masked, data.af, retrieved.long())
+
+
+class _WindowLoader:
+    """Shards of the windows in flight, on the device; loaded (checksum-verified) once each."""
+
+    def __init__(self, cache: WindowCache, reference_ids: np.ndarray, device: torch.device, capacity: int):
+        self.cache = cache
+        self.reference_ids = reference_ids
+        self.device = device
+        self.capacity = capacity
+        self._held: OrderedDict[int, WindowData] = OrderedDict()
+
+    def __call__(self, window: int) -> WindowData:
+        if window in self._held:
+            self._held.move_to_end(window)
+            return self._held[window]
+        shard = self.cache.shard(window)
+        data = window_data(window, shard.alleles, shard.af, self.reference_ids, self.device)
+        self._held[window] = data
+        while len(self._held) > self.capacity:
+            self._held.popitem(last=False)
+        return data
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _trajectory_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    a, b = _flatten(saved), _flatten(current)
+
+    def free(key: str) -> bool:
+        return any(key == f or key.startswith(f + ".") for f in _FREE_ON_RESUME)
+
+    return [
+        f"{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if not free(key) and a.get(key) != b.get(key)
+    ]
+
+
+class _LogSetup:
+    def __init__(self, run_dir: Path, env: DistEnv):
+        self.handlers: list[logging.Handler] = []
+        self.saved = (log.level, log.propagate)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        if env.is_main:
+            fh = logging.FileHandler(run_dir / "train.log")
+            fh.setFormatter(fmt)
+            self.handlers.append(fh)
+            err = logging.StreamHandler(sys.stderr)
+            err.setFormatter(fmt)
+            self.handlers.append(err)
+        else:
+            err = logging.StreamHandler(sys.stderr)
+            err.setLevel(logging.WARNING)
+            err.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {env.rank}] %(message)s", "%H:%M:%S"))
+            self.handlers.append(err)
+        for h in self.handlers:
+            log.addHandler(h)
+
+    def close(self) -> None:
+        for h in self.handlers:
+            log.removeHandler(h)
+            h.close()
+        self.handlers = []
+        log.setLevel(self.saved[0])
+        log.propagate = self.saved[1]
+
+
+class Trainer:
+    def __init__(self, config: RagConfig, env: DistEnv):
+        self.config = config
+        self.cfg = config.train
+        self.env = env
+        self.run_dir = self.cfg.resolved_run_dir(config.paths.workdir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(env)
+        self._logs = _LogSetup(self.run_dir, env)
+        self.tb: Any = None
+        self.cache: WindowCache | None = None
+        try:
+            self._setup(config, env)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, config: RagConfig, env: DistEnv) -> None:
+        self.device = env.device
+        self.amp = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+
+        self.cache = WindowCache(config)
+        panel = self.cache.panel
+        hap_split = panel.haplotype_split()
+        self.train_ids = np.flatnonzero(hap_split == SPLIT_TRAIN).astype(np.int64)
+        self.val_ids = np.flatnonzero(hap_split == SPLIT_VAL).astype(np.int64)
+        if config.model.k > len(self.train_ids) - 2:
+            raise ValueError(
+                f"model.k={config.model.k} but a query can retrieve only {len(self.train_ids) - 2} train-split "
+                "haplotypes (its own sample is excluded): lower model.k"
+            )
+        self.n_windows = len(self.cache.windows)
+        self.sampler = WindowBatchSampler(
+            self.n_windows, self.train_ids, self.cfg.batch_size, self.cfg.seed, self.cfg.mix_windows, env.world_size
+        )
+        self.steps_per_epoch = self.sampler.batches_per_epoch // self.cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {self.sampler.batches_per_epoch} micro-batches, fewer than train.grad_accum={self.cfg.grad_accum}"
+            )
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        self.stop_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
+        self.loader = _WindowLoader(self.cache, self.train_ids, self.device, capacity=self.sampler.mix_windows)
+        self.panel_id = {"source_sha256": panel.info.source_sha256, "split": panel.split_digest()}
+
+        torch.manual_seed(self.cfg.seed)
+        self.model = RagImputer(config.model, config.windows.max_seq_len).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.cfg.warmup_steps, self.total_steps, self.cfg.min_lr_ratio)
+        )
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
+        self.step = 0
+        self.epoch_loss_sum = 0.0
+        self.epoch_loss_steps = 0
+        self.epoch_seconds = 0.0
+        self.last_checkpoint: Path | None = None
+        self.resumed_from = self._resume()
+        self.net = wrap_model(self.model, env)
+
+        self.csv: MetricsCsv | None = None
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            self.csv = MetricsCsv(self.run_dir / "metrics.csv", completed_epochs=self.step // self.steps_per_epoch)
+            if self.cfg.tensorboard:
+                self.tb = open_tensorboard(self.run_dir / "tb", purge_step=self.step if self.resumed_from else None)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "run %s: %d rank(s) on %s%s, bf16 %s; %s parameters; %d windows x %d batches of %d, grad_accum %d: "
+            "%d steps/epoch, %d epochs = %d steps%s",
+            self.run_dir, env.world_size, self.device, f" ({env.backend})" if env.backend else "", "on" if self.amp else "off",
+            f"{n_params:,}", self.n_windows, self.sampler.batches_per_window, self.cfg.batch_size, self.cfg.grad_accum,
+            self.steps_per_epoch, self.cfg.epochs, self.total_steps,
+            f", stopping at step {self.stop_step} (max_steps)" if self.stop_step < self.total_steps else "",
+        )  # fmt: skip
+        if self.resumed_from:
+            log.info("resumed from %s: next step %d (epoch %d, micro-batch %d)", self.resumed_from, self.step,
+                     self.step // self.steps_per_epoch, (self.step % self.steps_per_epoch) * self.cfg.grad_accum)  # fmt: skip
+        else:
+            log.info("fresh start: no usable checkpoint in %s", self.checkpoints.directory)
+
+    # -- checkpoint state ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        level = min(epoch // self.config.masks.epochs_per_level, len(self.config.masks.levels) - 1)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": in_epoch * self.cfg.grad_accum,  # the sampler position of the next micro-batch
+            "curriculum_level": level,
+            "mask_rate": curriculum_rate(epoch, self.config.masks),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "epoch_accum": {"loss_sum": self.epoch_loss_sum, "steps": self.epoch_loss_steps, "seconds": self.epoch_seconds},
+            "config": self.config.model_dump(mode="json"),
+            "panel": dict(self.panel_id),
+            "world_size": self.env.world_size,
+            "torch_version": str(torch.__version__),
+        }
+
+    def _resume(self) -> Path | None:
+        chosen: str | None = None
+        state: dict[str, Any] | None = None
+        if self.env.is_main:
+            found = self.checkpoints.load_latest(map_location=self.device)
+            if found is not None:
+                chosen, state = str(found[0].path), found[1]
+        chosen = broadcast_object(chosen, self.env)
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        if state is None:
+            state = self.checkpoints.load(CheckpointFile(int(path.stem.split("_")[1]), path), map_location=self.device)
+        if state["panel"] != self.panel_id:
+            raise ValueError(
+                f"{path} was trained on another panel or split ({state['panel']} vs {self.panel_id}): "
+                "use a new train.name (or train.run_dir) for this panel"
+            )
+        conflicts = _trajectory_conflicts(state["config"], self.config.model_dump(mode="json"))
+        if conflicts:
+            raise ValueError(
+                f"{path} belongs to a run with a different config, so resuming would not continue it: "
+                + "; ".join(conflicts) + ". Use a new train.name (or train.run_dir), or restore those values"
+            )
+        epoch, in_epoch = divmod(int(state["step"]), self.steps_per_epoch)
+        if (state["epoch"], state["batch_in_epoch"]) != (epoch, in_epoch * self.cfg.grad_accum):
+            raise ValueError(
+                f"{path}: sampler position (epoch {state['epoch']}, micro-batch {state['batch_in_epoch']}) does not match "
+                f"step {state['step']} with {self.steps_per_epoch} steps per epoch; the panel's windows or split changed"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        acc = state["epoch_accum"]
+        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = float(acc["loss_sum"]), int(acc["steps"]), float(acc["seconds"])
+        self.last_checkpoint = path
+        return path
+
+    def save(self) -> Path:
+        path = self.checkpoints.path_for(self.step)
+        if self.env.is_main:
+            t0 = time.perf_counter()
+            path = self.checkpoints.save(self.state(), self.step)
+            log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
+        barrier(self.env)  # nobody returns (or gets requeued) before the file is complete
+        self.last_checkpoint = path
+        return path
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _micro_batch(self, mb: MicroBatch, micro: int) -> Tensor:
+        """Forward + backward of one micro-batch; returns this rank's share of the step loss."""
+        env, cfg = self.env, self.cfg
+        data = self.loader(mb.window)
+        masks = train_mask(self.config.masks, mb.window, mb.haplotypes, mb.epoch, data.af_np)
+        n_global = int(masks.sum())
+        per = len(mb.haplotypes) // env.world_size
+        masked = torch.from_numpy(masks[env.rank * per : (env.rank + 1) * per]).to(self.device)
+        ids = torch.from_numpy(mb.local(env.rank, env.world_size)).to(self.device)
+        seed = uniforms(cfg.seed, _DROPOUT_STREAM, env.rank, np.array([self.step], np.uint64), micro, 1)[0, 0]
+        torch.manual_seed(int(seed * 2**53))
+        logits = forward_batch(self.model, self.net, data, ids, masked, self.config.model.k, self.amp)
+        bce_sum = imputation_loss(logits, data.alleles[ids], masked) * int(masked.sum())
+        scale = 1.0 / (max(n_global, 1) * cfg.grad_accum)
+        (bce_sum * (scale * env.world_size)).backward()
+        return bce_sum.detach().double() * scale
+
+    def train_step(self) -> tuple[Tensor, float]:
+        """One optimizer step at ``self.step``: (this rank's loss share, grad norm)."""
+        cfg = self.cfg
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        share = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(cfg.grad_accum):
+            mb = self.sampler.batch(epoch, in_epoch * cfg.grad_accum + micro)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.env.distributed else self.net.no_sync()
+            with sync:
+                share += self._micro_batch(mb, micro)
+        if cfg.clip_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
+        else:
+            grad_norm = math.nan
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return share, grad_norm
+
+    # -- validation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss, accuracy, ALT F1 and dosage r² by MAF bin on the val split under the fixed mask;
+        windows are dealt round-robin to ranks and the sums combined."""
+        model, env = self.model, self.env
+        model.eval()
+        acc = ValAccumulator(self.device)
+        vbs = max(2, self.cfg.val_batch_size - self.cfg.val_batch_size % 2)  # keep sample pairs together
+        val_ids = torch.from_numpy(self.val_ids).to(self.device)
+        for window in range(env.rank, self.n_windows, env.world_size):
+            data = self.loader(window)
+            hidden = torch.from_numpy(val_mask(self.config.masks, window, data.length)).to(self.device)
+            if not bool(hidden.any()) or len(val_ids) == 0:
+                continue
+            logits = []
+            for start in range(0, len(val_ids), vbs):
+                ids = val_ids[start : start + vbs]
+                masked = hidden.expand(len(ids), -1)
+                logits.append(forward_batch(model, model, data, ids, masked, self.config.model.k, self.amp).float())
+            acc.add_window(torch.cat(logits), data.alleles[val_ids], hidden, data.af)
+        all_reduce_sum(acc.sums, env)
+        model.train()
+        return acc.result()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _agree(self, share: Tensor) -> tuple[float, bool, bool]:
+        """Step loss summed over ranks, and whether any rank wants a checkpoint / a stop."""
+        # Consumed here, not after the save: a request that arrives during the save is for the next boundary.
+        wanted, _Requests.checkpoint = _Requests.checkpoint, False
+        flags = torch.tensor([share.item(), float(wanted), float(_Requests.stop)], dtype=torch.float64, device=self.device)
+        all_reduce_sum(flags, self.env)
+        loss, ckpt, stop = flags.tolist()
+        return loss, ckpt > 0 or stop > 0, stop > 0
+
+    def _progress(self) -> Any:
+        from tqdm import tqdm
+
+        enabled = self.env.is_main and self.cfg.progress
+        return tqdm(
+            total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True, disable=not enabled,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0, desc="train",
+        )  # fmt: skip
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        if self.step >= self.stop_step:
+            log.info("nothing to do: step %d already reaches the stop step %d", self.step, self.stop_step)
+            return self.last_checkpoint if self.last_checkpoint is not None else self.save()
+        self.model.train()
+        window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+        bar = self._progress()
+        try:
+            while self.step < self.stop_step:
+                t0 = time.perf_counter()
+                epoch = self.step // self.steps_per_epoch
+                if self.step % self.steps_per_epoch == 0:
+                    log.info("epoch %d: mask rate %.2f", epoch, curriculum_rate(epoch, self.config.masks))
+                share, grad_norm = self.train_step()
+                loss, want_checkpoint, want_stop = self._agree(share)
+                self.epoch_loss_sum += loss
+                self.epoch_loss_steps += 1
+                window_loss += loss
+                window_steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == self.stop_step:
+                    self._log_window(window_loss / window_steps, grad_norm, window_steps, time.perf_counter() - window_t0)
+                    window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+                epoch_end = self.step % self.steps_per_epoch == 0
+                self.epoch_seconds += time.perf_counter() - t0
+                if epoch_end:
+                    self._end_epoch(epoch)
+                periodic = cfg.checkpoint_every_steps > 0 and self.step % cfg.checkpoint_every_steps == 0
+                if want_checkpoint or periodic or epoch_end or self.step == self.stop_step:
+                    path = self.save()
+                    if want_stop and self.step < self.stop_step:
+                        self._stop(path)
+        finally:
+            bar.close()
+        assert self.last_checkpoint is not None
+        log.info("%s at step %d: %s", "finished" if self.step >= self.total_steps else "stopped (max_steps)",
+                 self.step, self.last_checkpoint)  # fmt: skip
+        return self.last_checkpoint
+
+    def _log_window(self, loss: float, grad_norm: float, steps: int, seconds: float) -> None:
+        if not self.env.is_main:
+            return
+        lr = self.scheduler.get_last_lr()[0]
+        rate = steps / seconds if seconds > 0 else math.nan
+        log.info(
+            "step %d/%d epoch %d loss %.4f lr %.3g grad_norm %.3g | %.2f step/s, %.0f queries/s",
+            self.step, self.total_steps, (self.step - 1) // self.steps_per_epoch, loss, lr, grad_norm, rate,
+            rate * self.cfg.batch_size * self.cfg.grad_accum,
+        )  # fmt: skip
+        if self.tb is not None:
+            for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm), ("train/steps_per_s", rate)):
+                self.tb.add_scalar(name, value, self.step)
+
+    def _end_epoch(self, epoch: int) -> None:
+        t0 = time.perf_counter()
+        due = (epoch + 1) % self.cfg.val_every == 0 or self.step == self.total_steps
+        val = self.validate() if due and len(self.val_ids) else {}
+        self.epoch_seconds += time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": epoch, "step": self.step, "mask_rate": curriculum_rate(epoch, self.config.masks),
+            "lr": self.scheduler.get_last_lr()[0], "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_steps),
+            **val, "epoch_seconds": self.epoch_seconds,
+        }  # fmt: skip
+        if self.env.is_main:
+            r2 = "  ".join(f"{k.removeprefix('val_r2_maf_')}: {v:.3f}" for k, v in val.items() if k.startswith("val_r2"))
+            log.info(
+                "epoch %d done in %.1f s: train loss %.4f%s", epoch, self.epoch_seconds, row["train_loss"],
+                f" | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f} F1(ALT) {val['val_f1_alt']:.4f} | r2 by MAF {r2}"
+                if val else " (no validation this epoch)",
+            )  # fmt: skip
+            assert self.csv is not None
+            self.csv.append(row)
+            if self.tb is not None:
+                for key, value in row.items():
+                    if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
+                        self.tb.add_scalar(f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}", value, self.step)
+                self.tb.flush()
+        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = 0.0, 0, 0.0
+
+    def _stop(self, path: Path) -> None:
+        reason = _Requests.reason or "a request on another rank"
+        log.warning("stopping at step %d on %s; rerun the same command to resume from %s", self.step, reason, path)
+        raise TrainingInterrupted(path, self.step, reason)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.cache is not None:
+            self.cache.panel.close()
+            self.cache = None
+        self._logs.close()
+
+
+@contextlib.contextmanager
+def _signal_handlers(signals: tuple[int, ...]) -> Iterator[dict[int, Any]]:
+    """Route ``signals`` to ``request_checkpoint`` for the duration; yields the handlers they replaced."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        log.info("train() runs outside the main thread: no signal handlers; use request_checkpoint()")
+        yield previous
+        return
+    for sig in signals:
+        previous[sig] = signal.signal(sig, _on_signal)
+    try:
+        yield previous
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: RagConfig, signals: tuple[int, ...] = DEFAULT_SIGNALS) -> Path:
+    """Train (or resume from the newest valid checkpoint in the run dir) and return the final checkpoint's path.
+
+    Runs as one process, or as one rank of a group described by the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK). ``signals`` (default SIGUSR2, SIGTERM) request a checkpoint
+    and a stop: at the next step boundary every rank stops, rank 0 writes the checkpoint, the handler
+    the signal replaced is then called if it was a Python function (so a submitit handler that requeues
+    the job runs only once the state is safely on disk), and ``TrainingInterrupted`` is raised.
+    """
+    env = init_distributed(config.train.device)
+    try:
+        with _signal_handlers(signals) as previous:
+            trainer = Trainer(config, env)
+            try:
+                return trainer.run()
+            except TrainingInterrupted:
+                received = list(_Requests.signals)
+                trainer.close()
+                trainer = None  # type: ignore[assignment]
+                for sig in dict.fromkeys(received):
+                    handler = previous.get(sig)
+                    if callable(handler):
+                        signal.signal(sig, handler)
+                        handler(sig, None)
+                raise
+            finally:
+                if trainer is not None:
+                    trainer.close()
+    finally:
+        _Requests.clear()
+        shutdown(env)

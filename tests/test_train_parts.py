@@ -1,0 +1,182 @@
+"""Training's parts on their own: batch order, checkpoint files, LR schedule, validation metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rag_hpc.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from rag_hpc.train.metrics import ValAccumulator, aggregate_r2, maf_bin
+from rag_hpc.train.sampler import WindowBatchSampler
+from rag_hpc.train.trainer import warmup_cosine
+
+TRAIN_HAPS = np.array([h for h in range(100) if h // 2 % 5 != 0])  # every 5th sample held out: 80 haplotypes
+
+
+# -- sampler ---------------------------------------------------------------------------------------
+
+
+def test_every_batch_holds_queries_of_one_window_and_an_epoch_uses_each_query_at_most_once():
+    sampler = WindowBatchSampler(7, TRAIN_HAPS, batch_size=16, seed=3, mix_windows=3)
+    assert sampler.batches_per_epoch == 7 * 5
+    seen: dict[int, list[int]] = {}
+    for i in range(sampler.batches_per_epoch):
+        b = sampler.batch(epoch=2, index=i)
+        assert len(b.haplotypes) == 16 and set(b.haplotypes) <= set(TRAIN_HAPS)
+        seen.setdefault(b.window, []).extend(b.haplotypes.tolist())
+    assert sorted(seen) == list(range(7))
+    for haps in seen.values():
+        assert len(haps) == len(set(haps)) == 80  # 80 // 16 = 5 full batches, nothing dropped here
+
+
+def test_mixed_windows_are_interleaved_so_consecutive_steps_see_different_sites():
+    sampler = WindowBatchSampler(7, TRAIN_HAPS, batch_size=16, seed=3, mix_windows=3)
+    windows = [sampler.batch(0, i).window for i in range(sampler.batches_per_epoch)]
+    order = sampler.window_order(0).tolist()
+    assert windows[:6] == order[:3] * 2
+    assert windows[-5:] == [order[6]] * 5  # the last group holds the one window left over
+    assert windows[:15] == order[:3] * 5  # 3 windows x 5 batches each, round-robin
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch_only():
+    a = WindowBatchSampler(9, TRAIN_HAPS, 8, seed=1)
+    b = WindowBatchSampler(9, TRAIN_HAPS, 8, seed=1)
+    assert all(np.array_equal(a.batch(4, i).haplotypes, b.batch(4, i).haplotypes) for i in range(0, 90, 7))
+    assert not np.array_equal(a.window_order(4), a.window_order(5))
+    other_seed = WindowBatchSampler(9, TRAIN_HAPS, 8, seed=2)
+    assert not np.array_equal(a.window_order(4), other_seed.window_order(4))
+
+
+def test_a_position_is_reached_directly_like_the_same_position_reached_by_iterating():
+    iterated = WindowBatchSampler(300, np.arange(4508), 32, seed=0, mix_windows=4)
+    for i in range(iterated.batches_per_epoch // 2):  # walk half an epoch, as an uninterrupted run would
+        iterated.batch(3, i)
+    jumped = WindowBatchSampler(300, np.arange(4508), 32, seed=0, mix_windows=4)  # a fresh process resuming
+    i = iterated.batches_per_epoch // 2
+    want, got = iterated.batch(3, i), jumped.batch(3, i)
+    assert (want.window, want.haplotypes.tolist()) == (got.window, got.haplotypes.tolist())
+
+
+def test_ranks_split_each_global_batch_into_equal_disjoint_slices():
+    sampler = WindowBatchSampler(4, TRAIN_HAPS, batch_size=12, seed=0, world_size=3)
+    batch = sampler.batch(0, 5)
+    parts = [batch.local(r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4]
+    assert np.array_equal(np.concatenate(parts), batch.haplotypes)
+
+
+def test_a_batch_that_cannot_be_split_evenly_across_ranks_is_refused():
+    with pytest.raises(ValueError, match="divide evenly"):
+        WindowBatchSampler(4, TRAIN_HAPS, batch_size=10, seed=0, world_size=4)
+    with pytest.raises(ValueError, match="only 80 train-split haplotypes"):
+        WindowBatchSampler(4, TRAIN_HAPS, batch_size=81, seed=0)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def _state(step: int) -> dict:
+    return {"format": 1, "step": step, "weights": torch.full((3,), float(step)), "rng": rng_state()}
+
+
+def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = _state(5)
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    path = CheckpointManager(tmp_path, keep=2).save(state, 5)
+    loaded = torch.load(path, weights_only=True)  # no pickled objects: plain torch.load accepts it
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    set_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+    assert torch.equal(loaded["weights"], torch.full((3,), 5.0))
+
+
+def test_only_the_newest_k_checkpoints_are_kept(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (10, 20, 30, 40):
+        manager.save(_state(step), step)
+    assert [c.step for c in manager.list()] == [30, 40]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_000000030.pt", "step_000000030.pt.sha256", "step_000000040.pt", "step_000000040.pt.sha256",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(tmp_path, caplog, damage):
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.save(_state(1), 1)
+    newest = manager.save(_state(2), 2)
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[:-100])
+    elif damage == "flip":
+        raw = bytearray(newest.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        newest.write_bytes(bytes(raw))
+    else:  # the writer died between publishing the data and its sidecar
+        newest.with_name(newest.name + ".sha256").unlink()
+    with caplog.at_level(logging.WARNING, logger="rag_hpc.train"):
+        found = manager.load_latest()
+    assert found is not None and found[0].step == 1 and found[1]["step"] == 1
+    assert f"checkpoint {newest} is unusable" in caplog.text and "falling back to the previous one" in caplog.text
+    # Set aside, so that pruning after the next save cannot keep it in place of a good one.
+    assert [c.step for c in manager.list()] == [1] and (tmp_path / f"{newest.name}.unusable").exists()
+
+
+def test_no_checkpoint_at_all_means_a_fresh_start(tmp_path):
+    assert CheckpointManager(tmp_path / "none").load_latest() is None
+
+
+# -- schedule ----------------------------------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    f = warmup_cosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert [f(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+# -- validation metrics ------------------------------------------------------------------------------
+
+
+def test_maf_bins_follow_the_half_open_edges():
+    af = torch.tensor([0.0, 0.004, 0.005, 0.0099, 0.01, 0.049, 0.05, 0.5, 0.97, 0.999])
+    assert maf_bin(af).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 2, 0]
+
+
+def test_dosage_r2_pairs_the_two_haplotypes_of_each_sample():
+    g = torch.Generator().manual_seed(0)
+    n_samples, length = 6, 8
+    target = (torch.rand(2 * n_samples, length, generator=g) < 0.4).to(torch.uint8)
+    logits = torch.randn(2 * n_samples, length, generator=g) + 3 * (target.float() - 0.5)
+    masked = torch.tensor([True, True, False, True, True, True, False, True])
+    af = torch.full((length,), 0.3)  # one MAF bin: [.05, .5]
+    acc = ValAccumulator()
+    acc.add_window(logits, target, masked, af)
+    got = acc.result()
+
+    p = torch.sigmoid(logits.double())[:, masked]
+    dose = (p[0::2] + p[1::2]).flatten().numpy()
+    true = (target[0::2] + target[1::2])[:, masked].flatten().double().numpy()
+    assert got["val_r2_maf_0.050-0.500"] == pytest.approx(np.corrcoef(dose, true)[0, 1] ** 2, rel=1e-9)
+    assert got["val_n_maf_0.050-0.500"] == n_samples * int(masked.sum())
+    assert math.isnan(got["val_r2_maf_0.000-0.005"])  # no site there
+
+    pred, truth = logits[:, masked] > 0, target[:, masked].bool()
+    tp, fp, fn = (pred & truth).sum().item(), (pred & ~truth).sum().item(), (~pred & truth).sum().item()
+    assert got["val_f1_alt"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert got["val_acc"] == pytest.approx((pred == truth).float().mean().item())
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, masked], target[:, masked].float())
+    assert got["val_loss"] == pytest.approx(bce.item(), rel=1e-6)
+
+
+def test_r2_is_undefined_without_variance_rather_than_a_number():
+    assert math.isnan(aggregate_r2(4, 4.0, 2.0, 4.0, 2.0, 2.0))  # constant prediction
+    assert aggregate_r2(3, 3.0, 3.0, 5.0, 5.0, 5.0) == pytest.approx(1.0)
