@@ -122,8 +122,10 @@ class NearestHaplotypePredictor:
 
 
 def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> HaplotypePredictor:
-    """The trained model as a ``HaplotypePredictor`` (wired by the model's author)."""
-    raise NotImplementedError("model predictor: see rag_hpc.model")
+    """The trained model as a ``HaplotypePredictor``."""
+    from rag_hpc.model.predict import model_predictor
+
+    return model_predictor(checkpoint, config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,10 +459,7 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint is not None:
             if not args.checkpoint.is_file():
                 raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
-            try:
-                predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
-            except NotImplementedError as exc:
-                raise RuntimeError(f"{exc}: --checkpoint is not wired yet; use --baseline nearest") from None
+            predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
         else:
             predictor = NearestHaplotypePredictor.from_config(config, k=args.k, panel=panel)
         summary = impute(
