@@ -76,6 +76,15 @@ class MaskConfig(_Section):
     )
     epochs_per_level: int = Field(2, gt=0)
     val_rate: float = Field(0.5, gt=0.0, lt=1.0, description="fixed validation mask rate")
+    array_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="share of training haplotypes masked like a genotyping array (only typed sites observed), "
+        "the way imputation queries look",
+    )
+    array_density: float = Field(
+        0.025, gt=0.0, le=1.0,
+        description="sites typed by the simulated array when no target VCF is configured (common sites only)",
+    )
 
     @model_validator(mode="after")
     def _rates(self) -> "MaskConfig":

@@ -84,13 +84,11 @@ class NearestHaplotypePredictor:
     name = "nearest"
 
     def __init__(self, cache: "WindowCache", k: int = 1):
-        from rag_hpc.data.panel import SPLIT_TRAIN
-
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.cache = cache
         self.k = k
-        self._reference = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_TRAIN)
+        self._reference = cache.panel.reference_haplotypes()
         if self._reference.size < k:
             raise ValueError(f"k={k} but the panel's train split has only {self._reference.size} haplotypes")
 

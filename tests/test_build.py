@@ -187,3 +187,13 @@ def test_index_cli_builds_named_windows(tiny_panel, tmp_path):
     assert "2 windows: 2 built, 0 cached" in out.stdout
     bad = subprocess.run([*cmd[:-3], "--windows", "x-y"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --windows 'x-y': expected ids and ranges like 0-9,12"]
+
+
+def test_reference_search_order_is_a_fixed_shuffle_of_the_train_split(tiny_panel):
+    with Panel(tiny_panel) as panel:
+        order = panel.reference_haplotypes(0)
+        train = np.flatnonzero(panel.haplotype_split() == SPLIT_TRAIN)
+        assert np.array_equal(np.sort(order), train)
+        assert not np.array_equal(order, train)  # not panel order: ties must not all go to the first population
+        assert np.array_equal(order, panel.reference_haplotypes(0))
+        assert not np.array_equal(order, panel.reference_haplotypes(1))

@@ -13,7 +13,7 @@ import pytest
 
 from rag_hpc.cli import run_main
 from rag_hpc.config import RagConfig, load_config
-from rag_hpc.data.panel import SPLIT_TRAIN, Panel
+from rag_hpc.data.panel import Panel
 from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.data.vcf import VcfError, VcfWriter, read_phased_vcf
 from rag_hpc.data.windows import make_windows
@@ -229,7 +229,8 @@ def test_nearest_copy_equals_a_brute_force_hamming_copy_from_the_train_split(con
     query = np.zeros((summary.targets.haplotypes.shape[0], summary.n_panel_sites), np.uint8)
     query[:, summary.targets.panel_index] = summary.targets.haplotypes
     with Panel(config.panel_h5) as panel:
-        reference = panel.haplotypes(0, panel.n_sites)[panel.haplotype_split() == SPLIT_TRAIN]
+        # in the search order: exact ties go to the reference searched first
+        reference = panel.haplotypes(0, panel.n_sites)[panel.reference_haplotypes()]
         predictor = NearestHaplotypePredictor.from_config(config, k=3, panel=panel)
         expected = np.empty(query.shape)
         for w in make_windows(panel.n_sites, WINDOW):

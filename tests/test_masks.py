@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from rag_hpc.config import MaskConfig
-from rag_hpc.data.masks import curriculum_rate, train_mask, uniforms, val_mask
+from rag_hpc.data.masks import array_mask, curriculum_rate, train_mask, uniforms, val_mask
 
 AF = np.linspace(0.0, 1.0, 511, dtype=np.float32)
 
@@ -55,7 +55,7 @@ def test_uniforms_look_uniform_and_independent():
 
 
 def test_rare_sites_are_masked_at_least_at_the_rare_rate():
-    cfg = MaskConfig(seed=0, levels=[0.1], rare_rate=0.7, af_threshold=0.05)
+    cfg = MaskConfig(seed=0, levels=[0.1], rare_rate=0.7, af_threshold=0.05, array_share=0.0)
     af = np.where(np.arange(511) % 2 == 0, 0.01, 0.3).astype(np.float32)
     m = train_mask(cfg, 0, np.arange(4000), 0, af)
     assert abs(m[:, 0::2].mean() - 0.7) < 0.01  # rare sites (MAF 0.01)
@@ -75,3 +75,23 @@ def test_validation_mask_is_fixed_per_window_at_its_rate():
     assert abs(np.mean(rates) - 0.5) < 0.01
     assert np.array_equal(val_mask(cfg, 4, 511), val_mask(cfg, 4, 511))
     assert not np.array_equal(val_mask(cfg, 4, 511), val_mask(cfg, 5, 511))
+
+
+def test_array_share_of_haplotypes_see_only_common_sites_at_the_array_density():
+    cfg = MaskConfig(seed=0, levels=[0.3], array_share=0.5, array_density=0.025, af_threshold=0.05)
+    af = np.where(np.arange(511) % 4 == 0, 0.01, 0.3).astype(np.float32)  # a quarter rare
+    m = train_mask(cfg, 0, np.arange(2000), 0, af)
+    array_like = m.mean(axis=1) > 0.9
+    assert abs(array_like.mean() - 0.5) < 0.05
+    observed = ~m[array_like]
+    assert not observed[:, 0::4].any()  # arrays type common sites only
+    assert abs(observed.sum(axis=1).mean() - 0.025 * 511) < 1.0
+
+
+def test_a_known_target_array_is_the_array_mask():
+    cfg = MaskConfig(seed=0, array_share=1.0)
+    typed = np.zeros(511, dtype=bool)
+    typed[::40] = True
+    m = train_mask(cfg, 3, np.arange(8), 2, AF, typed)
+    assert np.array_equal(m, np.broadcast_to(~typed, m.shape))
+    assert np.array_equal(array_mask(cfg, 3, np.arange(8), 2, AF, typed), m)

@@ -18,7 +18,7 @@ import numpy as np
 from rag_hpc.config import MaskConfig
 
 RNG_NAME = "splitmix64-v1"  # part of every cache key that depends on a mask
-_TRAIN, _VAL = 1, 2  # purposes: streams that must never coincide
+_TRAIN, _VAL, _ARRAY_PICK, _ARRAY_SITES = 1, 2, 3, 4  # purposes: streams that must never coincide
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -62,10 +62,33 @@ def curriculum_rate(epoch: int, cfg: MaskConfig) -> float:
     return cfg.levels[level]
 
 
-def train_mask(cfg: MaskConfig, window: int, haplotypes: np.ndarray, epoch: int, af: np.ndarray) -> np.ndarray:
-    """Per-haplotype training masks [B, L] for ``epoch`` (curriculum level and AF guidance applied)."""
+def array_mask(
+    cfg: MaskConfig, window: int, haplotypes: np.ndarray, epoch: int, af: np.ndarray, typed: np.ndarray | None = None
+) -> np.ndarray:
+    """Masks [B, L] that hide everything but an array's typed sites: ``typed`` (bool [L], the
+    target array's sites in this window) when known, else a random draw of common sites at
+    ``array_density`` per haplotype and epoch."""
+    batch, length = len(haplotypes), len(af)
+    if typed is not None:
+        return np.broadcast_to(~np.asarray(typed, dtype=bool), (batch, length)).copy()
+    common = minor_allele_frequency(af) >= cfg.af_threshold
+    p = min(1.0, cfg.array_density * length / max(int(common.sum()), 1))
+    observed = common[None, :] & (uniforms(cfg.seed, _ARRAY_SITES, window, haplotypes, epoch, length) < p)
+    return ~observed
+
+
+def train_mask(
+    cfg: MaskConfig, window: int, haplotypes: np.ndarray, epoch: int, af: np.ndarray, typed: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-haplotype training masks [B, L] for ``epoch``: a share ``array_share`` of haplotypes
+    array-like (what imputation queries look like: ~2 % of sites observed), the rest at the
+    curriculum level with AF guidance (which teaches the model the panel's LD at every density)."""
     rates = site_rates(curriculum_rate(epoch, cfg), af, cfg)
-    return uniforms(cfg.seed, _TRAIN, window, haplotypes, epoch, len(af)) < rates[None, :]
+    masks = uniforms(cfg.seed, _TRAIN, window, haplotypes, epoch, len(af)) < rates[None, :]
+    if cfg.array_share > 0:
+        pick = uniforms(cfg.seed, _ARRAY_PICK, window, haplotypes, epoch, 1)[:, 0] < cfg.array_share
+        masks[pick] = array_mask(cfg, window, haplotypes[pick], epoch, af, typed)
+    return masks
 
 
 def val_mask(cfg: MaskConfig, window: int, length: int) -> np.ndarray:

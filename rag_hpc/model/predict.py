@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from rag_hpc.config import ModelConfig, RagConfig
-from rag_hpc.data.panel import SPLIT_TRAIN
 from rag_hpc.index.build import WindowCache
 from rag_hpc.model.rag import RagImputer, retrieve
 
@@ -46,12 +45,12 @@ class ModelPredictor:
     """P(ALT) per site for target haplotypes: retrieve from the reference (train split) of the
     window under the target's observed sites, then run the model."""
 
-    def __init__(self, model: RagImputer, cache: WindowCache, batch_size: int = 64):
+    def __init__(self, model: RagImputer, cache: WindowCache, seed: int = 0, batch_size: int = 64):
         self.model = model
         self.cache = cache
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        self._reference = cache.panel.haplotype_split() == SPLIT_TRAIN
+        self._reference = cache.panel.reference_haplotypes(seed)  # the order training searched in
 
     @torch.no_grad()
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -77,4 +76,4 @@ def model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> Mo
             f"checkpoint was trained with windows.window_size={saved['windows']['window_size']} but the config "
             f"says {config.windows.window_size}: impute with the training window size"
         )
-    return ModelPredictor(model, WindowCache(config))
+    return ModelPredictor(model, WindowCache(config), seed=saved["train"]["seed"])

@@ -306,7 +306,9 @@ class Trainer:
             )
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
-        self.loader = _WindowLoader(self.cache, self.train_ids, self.device, capacity=self.sampler.mix_windows)
+        self.loader = _WindowLoader(
+            self.cache, panel.reference_haplotypes(self.cfg.seed), self.device, capacity=self.sampler.mix_windows
+        )
         self.panel_id = {"source_sha256": panel.info.source_sha256, "split": panel.split_digest()}
 
         torch.manual_seed(self.cfg.seed)
@@ -424,7 +426,7 @@ class Trainer:
         """Forward + backward of one micro-batch; returns this rank's share of the step loss."""
         env, cfg = self.env, self.cfg
         data = self.loader(mb.window)
-        masks = train_mask(self.config.masks, mb.window, mb.haplotypes, mb.epoch, data.af_np)
+        masks = train_mask(self.config.masks, mb.window, mb.haplotypes, mb.epoch, data.af_np, self._typed(mb.window))
         n_global = int(masks.sum())
         per = len(mb.haplotypes) // env.world_size
         masked = torch.from_numpy(masks[env.rank * per : (env.rank + 1) * per]).to(self.device)
@@ -436,6 +438,14 @@ class Trainer:
         scale = 1.0 / (max(n_global, 1) * cfg.grad_accum)
         (bce_sum * (scale * env.world_size)).backward()
         return bce_sum.detach().double() * scale
+
+    def _typed(self, window: int) -> np.ndarray | None:
+        """The target array's sites in ``window`` when the config names targets: train on the real array."""
+        typed = self.cache.target_observed()
+        if typed is None:
+            return None
+        w = self.cache.windows[window]
+        return typed[w.start : w.stop]
 
     def train_step(self) -> tuple[Tensor, float]:
         """One optimizer step at ``self.step``: (this rank's loss share, grad norm)."""
