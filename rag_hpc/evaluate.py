@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, run_main
+from rag_hpc.fsutil import atomic_write
 from rag_hpc.data.vcf import VcfError, check_container, match_sites
 
 # [lo, hi) except the last, which is closed: MAF is at most 0.5.
@@ -356,18 +357,6 @@ def evaluate(
 # report
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_r2_by_maf(evaluations: dict[str, Evaluation], out_png: Path) -> Path:
     """Mean r² per MAF bin (lines, one per method) over the per-site r² (dots) on a log MAF axis."""
     try:
@@ -420,8 +409,8 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], *, plo
         raise ValueError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     files = {"report": out / "report.md", "metrics": out / "metrics.json"}
-    _atomic_write(files["report"], evaluation.markdown(title).encode())
-    _atomic_write(files["metrics"], (json.dumps(evaluation.to_dict(), indent=2) + "\n").encode())
+    atomic_write(files["report"], evaluation.markdown(title).encode())
+    atomic_write(files["metrics"], (json.dumps(evaluation.to_dict(), indent=2) + "\n").encode())
     if plot:
         files["plot"] = plot_r2_by_maf({title: evaluation}, out / "r2_by_maf.png")
     return files

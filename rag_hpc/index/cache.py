@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from rag_hpc.fsutil import fsync_dir, write_durable
+
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -52,21 +54,6 @@ class Artifact:
     @property
     def key(self) -> str:
         return artifact_key({"kind": self.kind, "format_version": ARTIFACT_FORMAT_VERSION, **self.fields})
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 class ArtifactStore:
@@ -191,9 +178,9 @@ class ArtifactStore:
         try:
             os.mkdir(tmp)  # default mode: the user's umask decides who may read the cache
             for name, data in files.items():
-                _write_file(tmp / name, data)
-            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
-            _fsync_dir(tmp)
+                write_durable(tmp / name, data)
+            write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
+            fsync_dir(tmp)
             self._publish(tmp, final, artifact)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -224,4 +211,4 @@ class ArtifactStore:
             os.rename(final, trash)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rag_hpc.fsutil import atomic_write
+
 log = logging.getLogger("rag_hpc.train")
 
 CHECKPOINT_FORMAT = 1
@@ -47,29 +49,6 @@ class CheckpointFile:
     @property
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + ".sha256")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` never holds partial bytes."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------------------------
