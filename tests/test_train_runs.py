@@ -90,8 +90,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _metrics(workdir: Path) -> list[dict[str, str]]:
-    with open(workdir / "runs" / "default" / "metrics.csv", newline="") as fh:
+def _metrics(workdir: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
+    with open(workdir / "runs" / "default" / name, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -141,6 +141,10 @@ def test_interrupted_run_resumes_at_the_next_batch_with_identical_parameters(tin
     # Epoch rows (the resumed epoch included, whose loss spans both processes) match, timings aside.
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
     assert timeless(_metrics(workdir)) == timeless(_metrics(uninterrupted))
+    # The loss curve (one row per step here) holds each step once, with the uninterrupted run's losses.
+    curve = lambda rows: [(r["step"], r["loss"]) for r in rows]  # noqa: E731
+    assert curve(_metrics(workdir, "steps.csv")) == curve(_metrics(uninterrupted, "steps.csv"))
+    assert [r["step"] for r in _metrics(uninterrupted, "steps.csv")] == [str(s) for s in range(1, TOTAL + 1)]
 
 
 def test_sigterm_mid_run_checkpoints_at_the_next_step_and_the_rerun_ends_like_the_uninterrupted_run(

@@ -121,35 +121,69 @@ EPOCH_COLUMNS = (
     "epoch", "step", "mask_rate", "lr", "train_loss", "val_loss", "val_acc", "val_f1_alt",
     *(f"val_r2_maf_{b}" for b in MAF_BINS), *(f"val_n_maf_{b}" for b in MAF_BINS), "epoch_seconds",
 )  # fmt: skip
+# One row per log window (train.log_every steps): the loss curve.
+STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "steps_per_s")
 
 
 class MetricsCsv:
-    """``metrics.csv``: one row per epoch. Rows of epochs after the resumed checkpoint (written by a
-    run that died before checkpointing them) are dropped at start, so the file never holds an
-    epoch twice."""
+    """A CSV of metric rows (``metrics.csv`` per epoch, ``steps.csv`` per log window). Rows whose
+    ``key`` column is at or past ``resume_at`` were written by a run that died before checkpointing
+    them and are dropped at start, so a resumed run never holds a row twice."""
 
-    def __init__(self, path: Path, completed_epochs: int):
+    def __init__(self, path: Path, columns: tuple[str, ...], key: str, resume_at: int):
         self.path = path
+        self.columns = columns
         rows: list[dict[str, str]] = []
         if path.is_file():
             with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < completed_epochs]
+                rows = [r for r in csv.DictReader(fh) if int(r[key]) < resume_at]
         self._write_all(rows)
 
     def _write_all(self, rows: list[dict[str, Any]]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=EPOCH_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=EPOCH_COLUMNS, extrasaction="ignore").writerow(
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
             fh.flush()
+
+
+def plot_loss_curve(run_dir: Path, out_png: Path) -> Path:
+    """Training loss per log window (steps.csv) and validation loss per epoch (metrics.csv) vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(name: str, column: str) -> tuple[list[int], list[float]]:
+        path = run_dir / name
+        if not path.is_file():
+            return [], []
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get(column) not in (None, "", "nan")]
+        return [int(r["step"]) for r in rows], [float(r[column]) for r in rows]
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(*read("steps.csv", "loss"), "-", color="C0", label="train loss (per log window)")
+    ax.plot(*read("metrics.csv", "val_loss"), "o-", color="C1", label="validation loss (fixed 50% mask)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked-site cross-entropy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
 
 
 def open_tensorboard(log_dir: Path, purge_step: int | None) -> Any:

@@ -43,7 +43,7 @@ from rag_hpc.index.retrieval import own_sample_exclusion
 from rag_hpc.model.rag import RagImputer, imputation_loss, retrieve
 from rag_hpc.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
-from rag_hpc.train.metrics import MetricsCsv, ValAccumulator, open_tensorboard
+from rag_hpc.train.metrics import EPOCH_COLUMNS, STEP_COLUMNS, MetricsCsv, ValAccumulator, open_tensorboard
 from rag_hpc.train.sampler import MicroBatch, WindowBatchSampler
 
 log = logging.getLogger("rag_hpc.train")
@@ -327,9 +327,11 @@ class Trainer:
         self.net = wrap_model(self.model, env)
 
         self.csv: MetricsCsv | None = None
+        self.steps_csv: MetricsCsv | None = None
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-            self.csv = MetricsCsv(self.run_dir / "metrics.csv", completed_epochs=self.step // self.steps_per_epoch)
+            self.csv = MetricsCsv(self.run_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.step // self.steps_per_epoch)
+            self.steps_csv = MetricsCsv(self.run_dir / "steps.csv", STEP_COLUMNS, "step", self.step + 1)
             if self.cfg.tensorboard:
                 self.tb = open_tensorboard(self.run_dir / "tb", purge_step=self.step if self.resumed_from else None)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -565,6 +567,9 @@ class Trainer:
             self.step, self.total_steps, (self.step - 1) // self.steps_per_epoch, loss, lr, grad_norm, rate,
             rate * self.cfg.batch_size * self.cfg.grad_accum,
         )  # fmt: skip
+        assert self.steps_csv is not None
+        self.steps_csv.append({"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss, "lr": lr,
+                               "grad_norm": grad_norm, "steps_per_s": rate})  # fmt: skip
         if self.tb is not None:
             for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm), ("train/steps_per_s", rate)):
                 self.tb.add_scalar(name, value, self.step)
