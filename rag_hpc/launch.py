@@ -1,0 +1,580 @@
+"""``python -m rag_hpc.launch``: the whole pipeline as SLURM jobs (or on this machine).
+
+    data (demo panel when none is given) -> memory guard -> index prebuild array -> training job
+
+The prebuild array holds only windows whose cached artifacts are not all valid; the training job
+depends on it with ``afterok`` and ``kill_on_invalid_dep`` so a failed task cancels training instead
+of leaving it pending forever. Training is a submitit ``Checkpointable``: preemption (SIGUSR2) and the
+time limit checkpoint to disk and requeue; the requeued job resumes from the newest checkpoint in the
+run dir, never from pickled state.
+
+Requeue inside a container: images rarely hold ``scontrol`` or the munge socket, so the job cannot
+requeue itself. Every sbatch script therefore carries a host-side EXIT trap: a job that finds no
+``scontrol`` writes a request file instead, and the batch shell (on the host, outside the image)
+requeues the job once the step has ended. With ``scontrol`` present, submitit's own path is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+
+from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.config import RagConfig, load_config
+from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, parse_bytes, render
+
+RUN_RECORD = "launch.json"
+REQUEUE_ENV = "RAG_HPC_REQUEUE_FILE"
+# Overridable so tests can stand in for apptainer (not installable here) with a wrapper script.
+APPTAINER_ENV = "RAG_HPC_APPTAINER"
+DEMO_SEED = 1
+# The demo must run end to end in minutes on 2 CPU cores; applied only when no config file is given
+# and the simulated demo panel is used; --set still wins.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "windows": {"window_size": 255, "max_seq_len": 256},
+    "masks": {"epochs_per_level": 1, "levels": [0.5]},
+    "model": {"dims": 32, "layers": 2, "heads": 4, "k": 4, "match_scales": [4, 16]},
+    "index": {"windows_per_task": 4},
+    "train": {"batch_size": 32, "epochs": 1, "warmup_steps": 20, "lr": 1e-3, "checkpoint_every_steps": 50,
+              "log_every": 20, "tensorboard": False},
+}  # fmt: skip
+
+
+class LaunchError(RuntimeError):
+    """A launch that cannot go ahead; the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster facts
+
+
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    name: str
+    mem_per_node: int | None  # bytes; None when SLURM does not know it
+    gpus_per_node: int
+    time_limit: str
+
+
+def slurm_partitions() -> list[str]:
+    out = _run(["sinfo", "-h", "-o", "%P"])
+    if out.returncode != 0:
+        raise LaunchError(f"sinfo failed: {out.stderr.strip()}")
+    return sorted({p.strip().rstrip("*") for p in out.stdout.split() if p.strip()})
+
+
+def default_partition() -> str:
+    out = _run(["sinfo", "-h", "-o", "%P"])
+    for p in out.stdout.split():
+        if p.endswith("*"):
+            return p.rstrip("*")
+    parts = slurm_partitions()
+    if not parts:
+        raise LaunchError("sinfo lists no partition")
+    return parts[0]
+
+
+def _gres_gpus(gres: str) -> int:
+    total = 0
+    for item in gres.split(","):
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total
+
+
+def partition_info(name: str) -> PartitionInfo:
+    out = _run(["sinfo", "-p", name, "-h", "-o", "%m %G %l"])
+    lines = [x for x in out.stdout.splitlines() if x.strip()]
+    if out.returncode != 0 or not lines:
+        raise LaunchError(f"partition {name!r} does not exist; partitions here: {', '.join(slurm_partitions())}")
+    mems, gpus, limit = [], [], "infinite"
+    for line in lines:
+        mem, gres, limit = (line.split() + ["", "", ""])[:3]
+        if mem.rstrip("+").isdigit():
+            mems.append(int(mem.rstrip("+")) * 2**20)
+        gpus.append(_gres_gpus(gres))
+    # The smallest node bounds what a job can be sure to get.
+    return PartitionInfo(name, min(mems) if mems else None, min(gpus) if gpus else 0, limit)
+
+
+def max_array_size() -> int:
+    for line in _run(["scontrol", "show", "config"]).stdout.splitlines():
+        if line.startswith("MaxArraySize"):
+            return int(line.split("=")[1])
+    return 1001
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
+    """Fill in the demo panel when none is given, and prepare the panel HDF5 when missing."""
+    from rag_hpc.data.prepare import prepare_panel
+    from rag_hpc.data.simulate import simulate_panel
+
+    workdir = config.paths.workdir.absolute()
+    config.paths.workdir = workdir
+    if config.data.panel_vcf is None and config.data.panel_h5 is None:
+        demo = simulate_panel(workdir / "demo" / config.data.demo_preset, config.data.demo_preset, DEMO_SEED, verbose=False)
+        config.data.panel_vcf = demo / "panel.vcf.gz"
+        config.data.populations = demo / "populations.tsv"
+        config.data.targets_vcf = config.data.targets_vcf or demo / "targets.array.vcf.gz"
+        config.data.truth_vcf = config.data.truth_vcf or demo / "targets.truth.vcf.gz"
+        log(f"demo panel: {demo}")
+    if not config.panel_h5.exists():
+        if config.data.panel_vcf is None:
+            raise LaunchError(f"data.panel_h5 {config.panel_h5} does not exist and data.panel_vcf is not set")
+        t0 = time.perf_counter()
+        prepare_panel(config.data.panel_vcf, config.panel_h5, config.data.populations, config.data.val_fraction,
+                      config.data.split_seed, config.data.skip_non_snps)  # fmt: skip
+        log(f"prepared {config.panel_h5} in {time.perf_counter() - t0:.1f} s")
+    return config
+
+
+def uncached_windows(config: RagConfig) -> tuple[list[int], int]:
+    """(ids of windows with any invalid or missing artifact, number of windows)."""
+    from rag_hpc.index.build import WindowCache
+
+    cache = WindowCache(config)
+    try:
+        todo = [w.id for w in cache.windows if any(cache.store.problem(a) is not None for a in cache.artifacts(w).values())]
+        return todo, len(cache.windows)
+    finally:
+        cache.panel.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory guard
+
+
+@dataclass
+class GuardResult:
+    plan: Plan
+    estimate: Estimate
+    budget: Budget
+    table: str
+    ok: bool
+    index_mem_mb: int
+    train_mem_mb: int
+
+
+def _disk_free(path: Path) -> int:
+    import psutil
+
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return int(psutil.disk_usage(str(probe)).free)
+
+
+def run_guard(config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | None, tasks_per_node: int) -> GuardResult:
+    from rag_hpc.data.panel import Panel
+
+    with Panel(config.panel_h5) as panel:
+        haplotypes, sites = panel.n_haplotypes, panel.n_sites
+    gpus = config.cluster.gpus_per_node
+    plan = Plan(
+        haplotypes=haplotypes, sites=sites, window_size=config.windows.window_size, dims=config.model.dims,
+        layers=config.model.layers, heads=config.model.heads, k=config.model.k,
+        batch_size=max(1, config.train.batch_size // max(1, config.cluster.nodes * tasks_per_node)),
+        val_fraction=config.data.val_fraction, val_rate=config.masks.val_rate,
+        windows_per_task=config.index.windows_per_task, cached_windows=n_cached,
+        bf16=config.train.bf16 if config.train.bf16 is not None else gpus > 0,
+        activation_checkpointing=config.model.activation_checkpointing,
+    )  # fmt: skip
+    est = estimate(plan)
+    # Every training rank of a node shares the node's memory.
+    node_train = Estimate(**{**est.__dict__, "train_host_ram": est.train_host_ram * tasks_per_node})
+    budget = Budget(mem=mem, disk_free=_disk_free(config.paths.cache), gpu_mem=gpu_mem)
+    rows = check(plan, node_train, budget)
+    # Headroom over the estimate: allocator fragmentation and library buffers the model leaves out.
+    index_mb = math.ceil(est.index_task_ram * 1.5 / 2**20)
+    train_mb = math.ceil(node_train.train_host_ram * 1.5 / 2**20)
+    return GuardResult(plan, node_train, budget, render(plan, node_train, rows), all(r.ok for r in rows), index_mb, train_mb)
+
+
+# ------------------------------------------------------------------------------------------------
+# what runs inside jobs
+
+
+def build_window_range(config: RagConfig, window_ids: list[int]) -> dict[str, Any]:
+    """One array task: build (or find cached) every artifact of ``window_ids``."""
+    from rag_hpc.index.build import build_windows
+
+    t0 = time.perf_counter()
+    results = build_windows(config, window_ids, progress=False)
+    return {"windows": window_ids, "built": [r.window_id for r in results if r.status == "built"],
+            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+
+
+def _requeue_by_request_file() -> None:
+    """Without scontrol in the job (a container), submitit's in-job requeue would fail: leave a
+    request for the batch script's host-side EXIT trap instead."""
+    from submitit.slurm import slurm
+
+    request = os.environ.get(REQUEUE_ENV)
+    if not request or shutil.which("scontrol") is not None:
+        return
+
+    def requeue(self: Any, countdown: int) -> None:
+        Path(request).write_text(f"{self.job_id} {countdown} {time.time()}\n")
+
+    slurm.SlurmJobEnvironment._requeue = requeue  # type: ignore[method-assign]
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Training as a requeueable job. Holds only the config: progress lives in the run dir's
+    checkpoints, so the resubmitted copy of this object resumes from whatever is newest on disk."""
+
+    def __init__(self, config: RagConfig):
+        self.config = config
+
+    def __call__(self) -> str:
+        from rag_hpc.train import train
+
+        _requeue_by_request_file()
+        if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.config.cluster.gpus_per_node > 0)
+        checkpoint = train(self.config)
+        # Done: a time-limit or preemption signal from now on must not kill the process (the job
+        # would read FAILED) nor requeue a finished run.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return str(checkpoint)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # train() has already written the checkpoint on SIGUSR2 before chaining to submitit's
+        # handler, which calls this; the request only matters if that handler ran first.
+        from rag_hpc.train import request_checkpoint
+
+        request_checkpoint(stop=True, reason="submitit checkpoint")
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+# ------------------------------------------------------------------------------------------------
+# executors
+
+
+def container_python(image: Path, binds: Sequence[Path], apptainer: str | None = None) -> str:
+    """The command submitit runs instead of ``python``: apptainer exec in the image, with every
+    path the job touches bound at the same place. Quoted: paths may hold spaces or ';'."""
+    exe = apptainer or os.environ.get(APPTAINER_ENV) or "apptainer"
+    unique = list(dict.fromkeys(str(Path(b).absolute()) for b in binds))
+    parts = [exe, "exec", "--nv"]
+    for b in unique:
+        parts += ["--bind", f"{b}:{b}"]
+    parts += [str(Path(image).absolute()), "python"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _requeue_trap(folder: Path) -> list[str]:
+    request = shlex.quote(str(folder.absolute())) + '/requeue-"$SLURM_JOB_ID"'
+    return [
+        f"export {REQUEUE_ENV}={request}",
+        f'trap \'if [ -e "${REQUEUE_ENV}" ]; then rm -f "${REQUEUE_ENV}"; '
+        f'scontrol requeue "$SLURM_JOB_ID" && echo "rag_hpc: requeued $SLURM_JOB_ID from the host"; fi\' EXIT',
+    ]
+
+
+def _timeout_min(time_spec: str) -> int:
+    """SLURM time formats ('30', 'MM:SS', 'HH:MM:SS', 'D-HH:MM:SS') -> whole minutes, >= 1."""
+    days = 0
+    if "-" in time_spec:
+        d, time_spec = time_spec.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in time_spec.split(":")]
+    if len(parts) == 1:
+        minutes = parts[0]
+    elif len(parts) == 2:
+        minutes = parts[0] + math.ceil(parts[1] / 60)
+    else:
+        minutes = parts[0] * 60 + parts[1] + math.ceil(parts[2] / 60)
+    return max(1, days * 1440 + minutes)
+
+
+@dataclass
+class LaunchOptions:
+    cluster: str
+    partition: str | None = None
+    wait: bool = False
+    dry_run: bool = False
+    mem: int | None = None
+    gpu_mem: int | None = None
+    cpus_per_task: int = 1
+    signal_delay_s: int | None = None
+    # Requeues at the time limit before submitit gives up; a long training run under a short
+    # partition limit legitimately needs many.
+    max_timeouts: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _executor(config: RagConfig, opts: LaunchOptions, folder: Path, name: str) -> submitit.AutoExecutor:
+    c = config.cluster
+    kwargs: dict[str, Any] = {}
+    if opts.cluster == "slurm" and c.container is not None:
+        binds = [config.paths.workdir, config.paths.cache, folder, config.panel_h5.parent,
+                 config.train.resolved_run_dir(config.paths.workdir)]
+        binds += [Path(p).parent for p in (config.data.panel_vcf, config.data.populations, config.data.targets_vcf,
+                                             config.data.truth_vcf) if p is not None]  # fmt: skip
+        # A constructor argument of AutoExecutor, not an update_parameters one.
+        kwargs["slurm_python"] = container_python(c.container, binds)
+    if opts.cluster == "slurm":
+        kwargs["slurm_max_num_timeout"] = opts.max_timeouts
+    executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, **kwargs)
+    params: dict[str, Any] = {"name": name, "timeout_min": _timeout_min(c.time), "cpus_per_task": opts.cpus_per_task}
+    if opts.cluster == "slurm":
+        setup = [f"export OMP_NUM_THREADS={opts.cpus_per_task}", *_requeue_trap(folder)]
+        if c.container is None:
+            # Jobs unpickle functions by reference: the package must import on the node.
+            root = str(Path(__file__).resolve().parents[1])
+            setup.insert(0, f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}")
+        params.update(slurm_partition=opts.partition, slurm_setup=setup)
+        if c.account:
+            params["slurm_account"] = c.account
+        if c.qos:
+            params["slurm_qos"] = c.qos
+        limit = params["timeout_min"] * 60
+        # submitit's default 90 s warning would exceed short limits; a third of the limit leaves the run time to work.
+        params["slurm_signal_delay_s"] = opts.signal_delay_s or min(90, max(10, limit // 3))
+    executor.update_parameters(**params)
+    return executor
+
+
+# ------------------------------------------------------------------------------------------------
+# the launch
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _record(workdir: Path, record: dict[str, Any]) -> Path:
+    path = workdir / RUN_RECORD
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append(record)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> dict[str, Any]:
+    """Guard, then submit the prebuild array and the training job; returns the run record."""
+    from rag_hpc.data.windows import window_ranges
+
+    if shutil.which("sbatch") is None and opts.cluster == "slurm":
+        raise LaunchError("--cluster slurm but sbatch is not on PATH")
+    c = config.cluster
+    partition = opts.partition or c.partition or (default_partition() if opts.cluster == "slurm" else None)
+    opts.partition = partition
+    tasks_per_node = max(1, c.gpus_per_node)
+    info = partition_info(partition) if opts.cluster == "slurm" else None
+    if info is not None and c.gpus_per_node > info.gpus_per_node:
+        raise LaunchError(f"--gpus-per-node {c.gpus_per_node}, but nodes of partition {partition} have {info.gpus_per_node} GPU(s)")
+    todo, n_windows = uncached_windows(config)
+    if info is None:
+        import psutil
+
+        mem = opts.mem or psutil.virtual_memory().total  # debug: everything runs in this process
+    else:
+        mem = opts.mem or info.mem_per_node
+    guard = run_guard(config, n_windows - len(todo), mem, opts.gpu_mem, tasks_per_node)
+    log(guard.table)
+    if not guard.ok:
+        raise LaunchError("memory guard: over budget (OVER rows above); nothing was submitted")
+
+    workdir = config.paths.workdir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = workdir / "submitit" / stamp
+    groups = window_ranges(todo, config.index.windows_per_task)
+    record: dict[str, Any] = {"time": stamp, "cluster": opts.cluster, "partition": partition, "folder": str(folder),
+                              "run_dir": str(config.train.resolved_run_dir(workdir)), "cache": str(config.paths.cache),
+                              "windows_total": n_windows, "windows_todo": len(todo), "array_ids": [], "array_tasks": 0,
+                              "train_id": None, "index_mem_mb": guard.index_mem_mb, "train_mem_mb": guard.train_mem_mb,
+                              "config": config.model_dump(mode="json")}  # fmt: skip
+    if opts.dry_run:
+        log(f"dry run: would submit {len(groups)} array task(s) over {len(todo)} uncached window(s) of {n_windows}, then training")
+        return record
+
+    arrays = []
+    if groups:
+        ex = _executor(config, opts, folder, "rag_hpc-index")
+        if opts.cluster == "slurm":
+            ex.update_parameters(slurm_array_parallelism=c.array_parallelism, slurm_mem=f"{guard.index_mem_mb}M")
+        for chunk in _chunks(groups, max_array_size() if opts.cluster == "slurm" else len(groups)):
+            jobs = ex.map_array(build_window_range, [config] * len(chunk), chunk)
+            arrays.append(jobs)
+            record["array_ids"].append(jobs[0].job_id.split("_")[0])
+        record["array_tasks"] = len(groups)
+    ex = _executor(config, opts, folder, "rag_hpc-train")
+    params: dict[str, Any] = {"nodes": c.nodes, "tasks_per_node": tasks_per_node}
+    if opts.cluster == "slurm":
+        extra = dict(opts.extra)
+        if record["array_ids"]:
+            extra.update(dependency="afterok:" + ":".join(record["array_ids"]), kill_on_invalid_dep="yes")
+        params.update(slurm_mem=f"{guard.train_mem_mb}M", slurm_additional_parameters=extra)
+        if c.gpus_per_node:
+            params["slurm_gpus_per_node"] = c.gpus_per_node
+    ex.update_parameters(**params)
+    train_job = ex.submit(TrainJob(config))
+    record["train_id"] = train_job.job_id
+    _record(workdir, record)
+    log(f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
+        f"({record['array_tasks']} task(s), {len(todo)}/{n_windows} windows to build, --mem {guard.index_mem_mb}M each)")  # fmt: skip
+    log(f"training job: {train_job.job_id} ({c.nodes} node(s) x {tasks_per_node} task(s), --mem {guard.train_mem_mb}M)")
+    log(f"logs: {folder}/%A_%a_0_log.out (array), {folder}/%j_0_log.out (training)")
+    log(f"cache: {config.paths.cache}")
+    log(f"watch: python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}")
+    if opts.wait:
+        failed = []
+        for jobs in arrays:
+            for j in jobs:
+                try:
+                    j.result()
+                except Exception as exc:  # noqa: BLE001 - any task error is reported, with its log
+                    failed.append(f"index task {j.job_id} failed ({type(exc).__name__}): see {j.paths.stderr}")
+        try:
+            record["checkpoint"] = train_job.results()[0]
+        except Exception as exc:  # noqa: BLE001
+            why = "; ".join(failed) or f"see {train_job.paths.stderr}"
+            raise LaunchError(f"training job {train_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
+        log(f"training finished: {record['checkpoint']}")
+    return record
+
+
+def run_local(config: RagConfig, log: Any = print) -> dict[str, Path]:
+    """The whole pipeline on this machine: prebuild -> train -> impute -> evaluate."""
+    from rag_hpc.evaluate import evaluate, write_report
+    from rag_hpc.impute import impute, load_model_predictor
+    from rag_hpc.index.build import build_windows
+    from rag_hpc.train import train
+    from rag_hpc.train.metrics import plot_loss_curve
+
+    t0 = time.perf_counter()
+    results = build_windows(config, None, progress=True)
+    built = sum(r.status == "built" for r in results)
+    log(f"index: {built} window(s) built, {len(results) - built} cached, in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    checkpoint = train(config)
+    log(f"training: {checkpoint} in {time.perf_counter() - t0:.1f} s")
+    run_dir = config.train.resolved_run_dir(config.paths.workdir)
+    files: dict[str, Path] = {"checkpoint": checkpoint, "metrics_csv": run_dir / "metrics.csv"}
+    if config.data.targets_vcf is None or config.data.truth_vcf is None:
+        log("no data.targets_vcf / data.truth_vcf: skipping imputation and evaluation")
+        return files
+    predictor, name = load_model_predictor(checkpoint, config), "model"
+    out_dir = run_dir / "report"
+    t0 = time.perf_counter()
+    imputed = impute(config, predictor, config.data.targets_vcf, out_dir / "imputed.vcf.gz", progress=True)
+    log(f"imputation: {imputed.out} in {time.perf_counter() - t0:.1f} s")
+    evaluation = evaluate(imputed.out, config.data.truth_vcf, config.panel_h5, exclude_sites_vcf=config.data.targets_vcf)
+    files.update(write_report(evaluation, out_dir, title=f"Imputation accuracy ({name})"))
+    files["loss_curve"] = plot_loss_curve(run_dir, out_dir / "loss_curve.png")
+    log(evaluation.markdown(f"Imputation accuracy ({name})"))
+    for key, path in files.items():
+        log(f"{key}: {path}")
+    return files
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rag_hpc.launch", description=__doc__.split("\n\n")[0])
+    add_config_args(p)
+    p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="default: slurm when sbatch is on PATH, else local")
+    p.add_argument("--partition", help="SLURM partition (default: cluster.partition, else the cluster's default)")
+    p.add_argument("--container", type=Path, help="Apptainer image: every job runs `apptainer exec --nv ... IMAGE python`")
+    p.add_argument("--dry-run", action="store_true", help="data and guard only; submit nothing")
+    p.add_argument("--windows-per-task", type=int, help="windows per index array task (index.windows_per_task)")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--time", help="time limit of each job (SLURM format: MM, HH:MM:SS, D-HH:MM:SS)")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--mem", help="memory budget per job instead of the partition's per-node memory, e.g. 64G")
+    p.add_argument("--gpu-mem", help="memory per GPU for the guard, e.g. 80G (unchecked when not given)")
+    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--max-timeouts", type=int, default=10, help="time-limit requeues allowed per job (default 10)")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
+    return p
+
+
+def config_for_launch(args: argparse.Namespace) -> RagConfig:
+    overrides = list(args.overrides)
+    for flag, key in (("windows_per_task", "index.windows_per_task"), ("nodes", "cluster.nodes"),
+                      ("gpus_per_node", "cluster.gpus_per_node"), ("time", "cluster.time"), ("account", "cluster.account"),
+                      ("qos", "cluster.qos"), ("partition", "cluster.partition"), ("container", "cluster.container")):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            # JSON-quoted: YAML would read --time 10 as an int and a path with ': ' as a mapping.
+            overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
+    config = config_from_args(argparse.Namespace(config=args.config, overrides=overrides))
+    no_file = args.config is None and not os.environ.get("RAG_HPC_CONFIG")
+    if no_file and config.data.panel_vcf is None and config.data.panel_h5 is None:
+        config = load_config(None, [*_flatten_overrides(DEMO_OVERRIDES), *overrides])
+    return config
+
+
+def _flatten_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _flatten_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_for_launch(args)
+    kind = args.cluster or config.cluster.kind or ("slurm" if shutil.which("sbatch") else "local")
+    config = ensure_data(config)
+    if kind == "local":
+        import psutil
+
+        todo, n_windows = uncached_windows(config)
+        mem = parse_bytes(args.mem) if args.mem else psutil.virtual_memory().total
+        guard = run_guard(config, n_windows - len(todo), mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1)
+        print(guard.table)
+        if not guard.ok:
+            print("error: memory guard: over budget on this machine (OVER rows above); nothing was run", file=sys.stderr)
+            return 1
+        run_local(config)
+        return 0
+    opts = LaunchOptions(
+        cluster=kind, partition=args.partition or config.cluster.partition, wait=args.wait or kind == "debug",
+        dry_run=args.dry_run, mem=parse_bytes(args.mem) if args.mem else None,
+        gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem else None, cpus_per_task=args.cpus_per_task,
+        max_timeouts=args.max_timeouts,
+    )  # fmt: skip
+    try:
+        launch_slurm(config, opts)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, build_parser()))
+

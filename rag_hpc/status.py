@@ -1,0 +1,142 @@
+"""``python -m rag_hpc.status [--workdir DIR]``: what the launches recorded in DIR are doing.
+
+Per launch: its jobs and their SLURM states (sacct, squeue for the pending reason), windows cached /
+total, the newest checkpoint step and the last metrics row. A training job cancelled because an index
+task failed is called out with the failed task's log, since SLURM alone only says "CANCELLED".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rag_hpc.launch import RUN_RECORD
+
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """job id (``123`` or ``123_4``) -> state; sacct first, squeue's pending reason on top."""
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}
+    states: dict[str, str] = {}
+    for line in _run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)]).splitlines():
+        if "|" in line:
+            jid, state = line.split("|", 1)
+            states[jid] = state.split()[0]
+    for line in _run(["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(ids)]).splitlines():
+        jid, state, reason = (line.split("|") + ["", ""])[:3]
+        states[jid] = f"{state} ({reason})" if reason and reason != "None" else state
+    return states
+
+
+def newest_checkpoint_step(run_dir: Path) -> int | None:
+    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
+    return max(steps) if steps else None
+
+
+def last_metrics(run_dir: Path) -> dict[str, str] | None:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return None
+    rows = list(csv.DictReader(path.open()))
+    return rows[-1] if rows else None
+
+
+def run_status(record: dict[str, Any]) -> dict[str, Any]:
+    """One launch record -> its current status (what ``render`` prints)."""
+    array_ids = record.get("array_ids", [])
+    train_id = record.get("train_id")
+    states = job_states([*array_ids, *([train_id] if train_id else [])])
+    tasks = {j: s for j, s in states.items() if j.split("_")[0] in array_ids and "_" in j}
+    failed = sorted(j for j, s in tasks.items() if s.split()[0] in FAILED)
+    status: dict[str, Any] = {
+        "launched": record.get("time"),
+        "array": {a: states.get(a) for a in array_ids},
+        "array_tasks": tasks,
+        "train": {train_id: states.get(train_id, "unknown")} if train_id else {},
+        "windows_total": record.get("windows_total"),
+        "run_dir": record.get("run_dir"),
+        "checkpoint_step": newest_checkpoint_step(Path(record["run_dir"])) if record.get("run_dir") else None,
+        "last_metrics": last_metrics(Path(record["run_dir"])) if record.get("run_dir") else None,
+        "problems": [],
+    }
+    if record.get("config"):
+        try:
+            from rag_hpc.config import RagConfig
+            from rag_hpc.launch import uncached_windows
+
+            todo, total = uncached_windows(RagConfig(**record["config"]))
+            status["windows_cached"] = total - len(todo)
+        except Exception as exc:  # noqa: BLE001 - the status must print even when the cache cannot be read
+            status["problems"].append(f"cannot read the cache: {exc}")
+    folder = Path(record.get("folder", "."))
+    for jid in failed:
+        status["problems"].append(f"index task {jid} {tasks[jid]}: see {folder / f'{jid}_0_log.err'}")
+    train_state = states.get(train_id or "", "")
+    if train_state.startswith("CANCELLED") and failed:
+        status["problems"].append(f"training job {train_id} was cancelled because index task(s) {', '.join(failed)} failed (afterok)")
+    elif "DependencyNeverSatisfied" in train_state:
+        status["problems"].append(f"training job {train_id} can never start: an index task failed")
+    return status
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"launch {status['launched']}: run dir {status['run_dir']}"]
+    for jid, state in status["train"].items():
+        lines.append(f"  training job {jid}: {state}")
+    for aid in status["array"]:
+        tasks = {j: s for j, s in status["array_tasks"].items() if j.startswith(f"{aid}_")}
+        counts: dict[str, int] = {}
+        for s in tasks.values():
+            counts[s.split()[0]] = counts.get(s.split()[0], 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no task seen yet"
+        lines.append(f"  index array {aid}: {summary}")
+    if not status["array"]:
+        lines.append("  index array: none (all windows were cached)")
+    if "windows_cached" in status:
+        lines.append(f"  windows cached: {status['windows_cached']} / {status['windows_total']}")
+    lines.append(f"  newest checkpoint step: {status['checkpoint_step'] if status['checkpoint_step'] is not None else 'none yet'}")
+    m = status["last_metrics"]
+    if m:
+        lines.append("  last metrics: " + ", ".join(f"{k}={v}" for k, v in m.items() if v not in ("", None)))
+    lines.extend(f"  PROBLEM: {p}" for p in status["problems"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rag_hpc.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("rag_hpc_work"), help="paths.workdir of the launches")
+    parser.add_argument("--all", action="store_true", help="every launch recorded, not only the newest")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    path = args.workdir / RUN_RECORD
+    if not path.exists():
+        print(f"error: no launch recorded in {args.workdir} ({path} missing)", file=sys.stderr)
+        return 2
+    records = json.loads(path.read_text())
+    statuses = [run_status(r) for r in (records if args.all else records[-1:])]
+    if args.json:
+        print(json.dumps(statuses, indent=2, default=str))
+    else:
+        print("\n".join(render(s) for s in statuses))
+    return 1 if any(s["problems"] for s in statuses) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Helpers for tests that submit real jobs to the single-node SLURM test cluster (slurm/up.sh), and the
+tiny panel + tiny CPU model every launcher test runs (``tiny_sets``).
+
+Without a usable cluster they skip, except under CI=true, where that is a failure: CI exists to run them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").strip().lower() == "true"
+USABLE = {"idle", "mixed", "allocated", "completing"}
+# States that are not final (submitit.core.core.InfoWatcher.is_done, plus sacct's REQUEUED).
+UNFINISHED = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED", "CONFIGURING", "SUSPENDED"}
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"SLURM test cluster unavailable under CI=true: {reason}", pytrace=False)
+    pytest.skip(f"SLURM test cluster unavailable: {reason}")
+
+
+def run(cmd: list[str], timeout: float = 30, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+
+
+def node_states() -> set[str] | None:
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = run(["sinfo", "-h", "-N", "-o", "%T"], timeout=15)
+    except subprocess.TimeoutExpired:
+        return None
+    states = set(out.stdout.split())
+    return states if out.returncode == 0 and states else None
+
+
+def healthy() -> bool:
+    states = node_states()
+    return bool(states) and states <= USABLE and shutil.which("sbatch") is not None
+
+
+def ensure_cluster() -> dict[str, int]:
+    """Brings the test cluster up when it is not answering (root only); skips or fails otherwise."""
+    if not healthy():
+        if os.geteuid() != 0:
+            unavailable("sinfo does not answer with a usable node and only root can run slurm/up.sh")
+        try:
+            up = run(["bash", str(REPO / "slurm" / "up.sh")], timeout=900)
+        except subprocess.TimeoutExpired:
+            unavailable("slurm/up.sh did not finish within 900 s")
+        if up.returncode != 0:
+            unavailable(f"slurm/up.sh exited {up.returncode}:\n{up.stdout[-2000:]}\n{up.stderr[-6000:]}")
+        if not healthy():
+            unavailable(f"slurm/up.sh succeeded but sinfo reports {node_states()}")
+    return {"cpus": int(run(["sinfo", "-h", "-N", "-o", "%c"]).stdout.split()[0])}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str], interval: float = 0.5) -> Any:
+    """Polls predicate until truthy; ``what`` (or a callable describing the state at failure) names what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def sacct(job_id: str, fields: str = "JobID,State", all_runs: bool = False) -> list[list[str]]:
+    cmd = ["sacct", "-n", "-X", "-P", "-o", fields, "-j", job_id] + (["-D"] if all_runs else [])
+    out = run(cmd)
+    assert out.returncode == 0, f"sacct failed: {out.stderr}"
+    return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+def state_of(job_id: str) -> str:
+    rows = [r for r in sacct(job_id) if r[0] == job_id]
+    return rows[-1][1].split()[0] if rows else "UNKNOWN"
+
+
+def final_state(job_id: str, timeout: float) -> str:
+    return wait_for(lambda: (s := state_of(job_id)) not in UNFINISHED and s, timeout, lambda: f"job {job_id} to finish (now {state_of(job_id)})")
+
+
+def squeue_ids() -> set[str]:
+    return set(run(["squeue", "-h", "-o", "%i"]).stdout.split())
+
+
+# ---------------------------------------------------------------- the launcher's tiny run
+
+
+def tiny_sets(sim: Path, workdir: Path, cache: Path | None = None, epochs: int = 1, *extra: str) -> list[str]:
+    return [
+        f"data.panel_vcf={sim / 'panel.vcf.gz'}", f"data.populations={sim / 'populations.tsv'}",
+        f"data.targets_vcf={sim / 'targets.array.vcf.gz'}", f"data.truth_vcf={sim / 'targets.truth.vcf.gz'}",
+        f"paths.workdir={workdir}", f"paths.cache_dir={cache or workdir / 'cache'}",
+        "windows.window_size=100", "masks.epochs_per_level=1",
+        "model.dims=32", "model.layers=2", "model.heads=4", "model.k=4", "model.match_scales=[2, 8]",
+        "train.batch_size=8", f"train.epochs={epochs}", "train.warmup_steps=5", "train.lr=1e-3",
+        "train.checkpoint_every_steps=4", "train.log_every=5", "train.progress=false", "train.tensorboard=false",
+        "cluster.gpus_per_node=0", *extra,
+    ]  # fmt: skip
+
+
+def as_flags(sets: list[str]) -> list[str]:
+    return [x for s in sets for x in ("--set", s)]
+
+
+def launcher(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    full_env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "rag_hpc.launch", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO, check=False)  # fmt: skip

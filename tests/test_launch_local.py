@@ -1,0 +1,21 @@
+"""``--cluster local``: the whole pipeline on this machine, ending in an accuracy report."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from tests.slurm_helpers import as_flags, launcher, tiny_sets
+
+
+def test_local_launch_prepares_builds_trains_imputes_and_reports(tiny_simulation: Path, tmp_path: Path) -> None:
+    out = launcher("--cluster", "local", *as_flags(tiny_sets(tiny_simulation, tmp_path / "work")), timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run_dir = tmp_path / "work" / "runs" / "default"
+    report = run_dir / "report"
+    for path in (report / "report.md", report / "metrics.json", report / "r2_by_maf.png", report / "loss_curve.png",
+                 run_dir / "metrics.csv", run_dir / "steps.csv"):
+        assert path.exists() and path.stat().st_size > 0, path
+    assert list(csv.DictReader((run_dir / "metrics.csv").open())), "no epoch row in metrics.csv"
+    assert "index: 3 window(s) built" in out.stdout
+    assert str(report / "report.md") in out.stdout, "the launcher must say where the report is"
