@@ -220,21 +220,8 @@ def run_beagle(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> Met
     return result
 
 
-def _model_unavailable(config: RagConfig) -> str | None:
-    """Why the model column cannot run, checked before any training time is spent; None when it can."""
-    try:
-        from rag_hpc.train import train  # noqa: F401
-    except ImportError as exc:
-        return f"rag_hpc.train does not import ({exc})"
-    return None
-
-
 def run_model(config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_vcf: Path, budget_min: float, ambiguous: str) -> MethodResult:
     result = MethodResult("model", "model", info={"budget_min": budget_min})
-    reason = _model_unavailable(config)
-    if reason is not None:
-        result.status = f"not available: {reason}"
-        return result
     from rag_hpc.data.panel import Panel
     from rag_hpc.impute import impute, load_model_predictor
     from rag_hpc.train import TrainingInterrupted, request_checkpoint, train

@@ -10,65 +10,21 @@ missing cluster is a failure: CI exists to run these.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-submitit = pytest.importorskip("submitit")
+from tests.slurm_helpers import REPO, UNFINISHED, ensure_cluster, run, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("CI", "").strip().lower() == "true"
-USABLE = {"idle", "mixed", "allocated", "completing"}
+submitit = pytest.importorskip("submitit")
 
 pytestmark = pytest.mark.slow
 
 
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"SLURM test cluster unavailable under CI=true: {reason}", pytrace=False)
-    pytest.skip(f"SLURM test cluster unavailable: {reason}")
-
-
-def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _node_states() -> set[str] | None:
-    if shutil.which("sinfo") is None:
-        return None
-    try:
-        out = _run(["sinfo", "-h", "-N", "-o", "%T"], timeout=15)
-    except subprocess.TimeoutExpired:
-        return None
-    states = set(out.stdout.split())
-    return states if out.returncode == 0 and states else None
-
-
-def _healthy() -> bool:
-    states = _node_states()
-    return bool(states) and states <= USABLE and shutil.which("sbatch") is not None
-
-
 @pytest.fixture(scope="module")
-def cluster() -> dict:
-    if not _healthy():
-        if os.geteuid() != 0:
-            _unavailable("sinfo does not answer with a usable node and only root can run slurm/up.sh")
-        try:
-            # A fresh CI machine installs the packages here: minutes at worst.
-            up = _run(["bash", str(REPO / "slurm" / "up.sh")], timeout=900)
-        except subprocess.TimeoutExpired:
-            _unavailable("slurm/up.sh did not finish within 900 s")
-        if up.returncode != 0:
-            _unavailable(f"slurm/up.sh exited {up.returncode}:\n{up.stdout[-2000:]}\n{up.stderr[-6000:]}")
-        print(f"\n{up.stdout.strip()}")
-        if not _healthy():
-            _unavailable(f"slurm/up.sh succeeded but sinfo reports {_node_states()}")
-    cpus = int(_run(["sinfo", "-h", "-N", "-o", "%c"]).stdout.split()[0])
-    return {"cpus": cpus}
+def cluster() -> dict[str, int]:
+    return ensure_cluster()
 
 
 def _executor(folder: Path, **params) -> "submitit.AutoExecutor":
@@ -83,23 +39,6 @@ def _executor(folder: Path, **params) -> "submitit.AutoExecutor":
     return executor
 
 
-def _wait(predicate, timeout: float, what, interval: float = 0.5):
-    """Polls predicate until truthy; `what` (a string, or a callable for a message that describes
-    the state at the moment of failure) names what was awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
-
-
-# States submitit treats as "not finished yet" (submitit.core.core.InfoWatcher.is_done).
-UNFINISHED = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED"}
-
-
 def _final_state(job, timeout: float = 90) -> str:
     """Waits until sacct, read through submitit's own watcher, shows the job finished.
 
@@ -111,7 +50,7 @@ def _final_state(job, timeout: float = 90) -> str:
         state = job.watcher.get_state(job.job_id, mode="force")
         return state if state.split()[0] not in UNFINISHED else None
 
-    state = _wait(
+    state = wait_for(
         finished, timeout, lambda: f"job {job.job_id} to finish (last state {job.state}; {_accounting()})"
     )
     assert job.done(), f"sacct says {state} but submitit's done() is still False"
@@ -120,13 +59,13 @@ def _final_state(job, timeout: float = 90) -> str:
 
 def _accounting() -> str:
     # UNKNOWN forever for array tasks is what the jobcomp-based sacct shim gives: say so on failure.
-    out = _run(["scontrol", "show", "config"]).stdout
+    out = run(["scontrol", "show", "config"]).stdout
     line = next((x for x in out.splitlines() if x.startswith("AccountingStorageType")), "")
     return " ".join(line.split()) or "AccountingStorageType unknown"
 
 
 def _sacct_states(job_id: str) -> dict[str, str]:
-    out = _run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id])
+    out = run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id])
     assert out.returncode == 0, f"sacct failed: {out.stderr}"
     return dict(line.split("|", 1) for line in out.stdout.splitlines() if line)
 
@@ -203,7 +142,7 @@ def test_a_gpu_job_runs_on_the_fake_gres(cluster, tmp_path):
     env = job.result()
     # One of the two fake devices, as a real GPU node would expose it.
     assert env["CUDA_VISIBLE_DEVICES"] in {"0", "1"}, env
-    tres = _run(["sacct", "-n", "-X", "-P", "-o", "AllocTRES", "-j", job.job_id]).stdout
+    tres = run(["sacct", "-n", "-X", "-P", "-o", "AllocTRES", "-j", job.job_id]).stdout
     assert "gres/gpu=1" in tres, (tres, _accounting())
 
 
@@ -236,19 +175,19 @@ def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
     t_submit = time.time()
     job = low.submit(Preemptible(), str(work), steps)
     starts = work / "starts"
-    _wait(lambda: starts.exists() and (work / "progress").exists(), 60, "the preemptable job to start working")
+    wait_for(lambda: starts.exists() and (work / "progress").exists(), 60, "the preemptable job to start working")
     t_running = float(starts.read_text().split()[0])
 
     urgent = _executor(tmp_path / "submitit_urgent", slurm_partition="urgent", cpus_per_task=1)
     t_urgent_submit = time.time()
     urgent_job = urgent.submit(urgent_work, 3)
     marker = work / "checkpointed"
-    _wait(marker.exists, 60, "checkpoint() of the preempted job")
+    wait_for(marker.exists, 60, "checkpoint() of the preempted job")
     t_checkpoint = float(marker.read_text().split()[0])
 
     assert _final_state(urgent_job, 90) == "COMPLETED"
     t_urgent_done = urgent_job.result()
-    _wait(lambda: len(starts.read_text().splitlines()) >= 2, 90, "the requeued job to resume")
+    wait_for(lambda: len(starts.read_text().splitlines()) >= 2, 90, "the requeued job to resume")
     assert _final_state(job, 90) == "COMPLETED"
     result = job.result()
     t_done = result["finished"]
@@ -261,7 +200,7 @@ def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
     assert t_running < t_checkpoint < t_resumed < t_done
     assert t_urgent_done <= t_resumed, "the low-priority job resumed while the urgent one still ran"
     # -D keeps the first, preempted run: real accounting records it as REQUEUED.
-    runs = _run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job.job_id]).stdout.split()
+    runs = run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job.job_id]).stdout.split()
     assert runs[-1] == "COMPLETED" and {"REQUEUED", "PREEMPTED"} & set(runs[:-1]), runs
     # --open-mode=append (submitit's default) keeps both runs' output in one log.
     log = job.paths.stderr.read_text()
