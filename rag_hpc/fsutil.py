@@ -3,8 +3,33 @@ reports): a reader sees the old bytes or the new bytes, never a mix, after any c
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+class DiskFullError(RuntimeError):
+    """A write ran out of space (ENOSPC/EDQUOT). A RuntimeError so every CLI prints it as one line."""
+
+
+@contextmanager
+def disk_space_for(directory: Path, needed_bytes: int, what: str) -> Iterator[None]:
+    """Turn a full disk or quota while writing ``what`` into ``directory`` into one error that names
+    the directory, the bytes needed and the bytes free. The caller's cleanup (``finally``) still
+    removes its partial temp files, so nothing half-written is left looking valid."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(directory).free if directory.exists() else 0
+        raise DiskFullError(
+            f"no space left in {directory} writing {what}: needs about {needed_bytes / 2**20:,.1f} MiB, "
+            f"{free / 2**20:,.1f} MiB free; free space there or point the config at a larger filesystem"
+        ) from exc
 
 
 def fsync_dir(path: Path) -> None:

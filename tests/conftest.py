@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import math
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -17,3 +21,53 @@ TINY_SIM_SEED = 7
 def tiny_simulation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of a complete tiny simulation (panel, targets, truth, populations, manifest). Read-only: copy to modify."""
     return simulate_panel(tmp_path_factory.mktemp("sim") / "tiny", TINY_SIM_PRESET, TINY_SIM_SEED, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_panel(tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny simulation prepared into an HDF5 panel (tests/train_helpers.py trains on it). Read-only."""
+    from rag_hpc.data.prepare import prepare_panel
+
+    out = tmp_path_factory.mktemp("panel") / "panel.h5"
+    return prepare_panel(tiny_simulation / "panel.vcf.gz", out, populations=tiny_simulation / "populations.tsv")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> dict[str, int]:
+    """The single-node SLURM test cluster (slurm/up.sh), started when it is not answering: {"cpus": N}."""
+    from tests.slurm_helpers import ensure_cluster
+
+    return ensure_cluster()
+
+
+@pytest.fixture(scope="session")
+def epochs_for(cluster: dict[str, int], tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[float, int, int], int]:
+    """``epochs(seconds, lo, hi)``: epochs of the launcher's tiny run that take about ``seconds`` of
+    training on this machine now, clamped to [lo, hi].
+
+    The other engineers' runs share these 2 cores, so the step rate varies ~10x over a day; SLURM
+    tests that must catch a running job (preemption, time limit, a dying node) size their runs from
+    a rate measured here."""
+    from tests.slurm_helpers import as_flags, plain_env, run, run_dir, tiny_sets
+
+    work = tmp_path_factory.mktemp("calibrate")
+    out = run([sys.executable, "-m", "rag_hpc.launch", "--cluster", "local", *as_flags(tiny_sets(tiny_simulation, work))],
+              timeout=300, env=plain_env(cluster["cpus"]))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = next(csv.DictReader((run_dir(work) / "metrics.csv").open()))
+    steps_per_s = int(row["step"]) / float(row["epoch_seconds"])
+    print(f"\ncalibration: {steps_per_s:.1f} steps/s on the tiny run")
+
+    def epochs(seconds: float, lo: int, hi: int) -> int:
+        return max(lo, min(hi, math.ceil(seconds * steps_per_s / int(row["step"]))))
+
+    return epochs
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests import reliability
+
+    if reliability.ROWS:
+        path = reliability.write(reliability.ROWS)
+        terminalreporter.write_sep("=", f"reliability (fault-injection tests of this run; also {path})")
+        terminalreporter.write_line(reliability.table(reliability.ROWS))

@@ -2,7 +2,8 @@
 
 ``build_windows(config, window_ids)`` is what one index-prebuild array task runs. Everything a
 window's artifacts depend on is in their cache keys, so a rerun skips exactly the windows that are
-complete and valid, and train/val/target artifacts can never overwrite one another.
+complete and valid (every checksum verified), and train/val/target artifacts can never overwrite one
+another. A corrupted artifact is reported (one warning line naming it) and rebuilt.
 
 Shard: alleles of every panel haplotype, bit-packed along sites (1 bit per haplotype per site),
 with positions and AF. Indexes: the train-split (reference) haplotypes under the fixed validation
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
@@ -31,6 +33,8 @@ from rag_hpc.index.retrieval import FixedMaskIndex
 
 SHARD = "shard"
 INDEX = "index"
+
+log = logging.getLogger("rag_hpc.index")
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class WindowCache:
         bad = [i for i in ids if not 0 <= i < len(self.windows)]
         if bad:
             raise ValueError(f"window ids {bad} out of range: this panel has {len(self.windows)} windows (0..{len(self.windows) - 1})")
+        self.store.sweep_stale()  # temporaries of writers killed mid-commit on this host
         results = []
         for wid in tqdm(ids, desc="windows", unit="win", disable=not progress, leave=False):
             results.append(self._build_one(self.windows[wid]))
@@ -166,7 +171,14 @@ class WindowCache:
     def _build_one(self, window: Window) -> WindowResult:
         t0 = time.perf_counter()
         artifacts = self.artifacts(window)
-        missing = [name for name, art in artifacts.items() if self.store.problem(art) is not None]
+        missing = []
+        for name, art in artifacts.items():
+            why = self.store.problem(art, checksums=True)
+            if why is None:
+                continue
+            if why != "missing":
+                log.warning("window %d: %s artifact %s is invalid: %s; rebuilding it", window.id, name, self.store.path(art), why)
+            missing.append(name)
         if not missing:
             return WindowResult(window.id, "cached", seconds=time.perf_counter() - t0)
         built = []
@@ -175,7 +187,7 @@ class WindowCache:
         for name in missing:
             art = artifacts[name]
             with self.store.lock(art):
-                if self.store.problem(art) is None:
+                if self.store.problem(art, checksums=True) is None:
                     continue  # another task published it while we waited
                 if shard is None:
                     shard = _make_shard(self.panel, window)

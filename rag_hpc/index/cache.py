@@ -12,7 +12,9 @@ lock; where the filesystem has no locks, both build and the first rename wins, t
 discarded — identical bytes, no corruption.
 
 Readers trust nothing: a missing manifest, a manifest for other fields, a wrong size (truncation)
-or, when the bytes are read for use, a wrong checksum makes the artifact invalid and it is rebuilt.
+or, when the bytes are read (for use, or by a build that verifies what it skips), a wrong checksum
+makes the artifact invalid and it is rebuilt. A full disk while publishing raises ``DiskFullError``
+naming the cache directory and the bytes the artifact needs; its temporary directory is removed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from rag_hpc.fsutil import fsync_dir, write_durable
+from rag_hpc.fsutil import disk_space_for, fsync_dir, write_durable
 
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,12 +81,18 @@ class ArtifactStore:
             return None
         return manifest
 
-    def problem(self, artifact: Artifact) -> str | None:
-        """Why the artifact cannot be used without reading its bytes (None = looks complete).
+    def problem(self, artifact: Artifact, checksums: bool = False) -> str | None:
+        """Why the artifact cannot be used (None = valid).
 
-        Checks manifest, key, fields and sizes: cheap enough to run over every window of a
-        chromosome before deciding what to rebuild. Checksums are checked on ``read``.
+        Without ``checksums``: manifest, key, fields and sizes only, cheap enough to run over every
+        window of a chromosome (a bit flip passes it). With ``checksums``: also the sha256 of every
+        file modified since it was committed (mtime differs from the manifest's stamp): that catches
+        anything that rewrote a file, truncated or not, while a warm rerun over a whole chromosome
+        does not re-hash gigabytes. Corruption that leaves mtime alone (bit rot) is caught by
+        ``read``, which always hashes.
         """
+        if checksums:
+            return self._verified(artifact, only_modified=True)[1]
         directory = self.path(artifact)
         if not directory.is_dir():
             return "missing"
@@ -102,20 +110,30 @@ class ArtifactStore:
 
     def read(self, artifact: Artifact) -> dict[str, bytes] | None:
         """All files of a valid artifact, checksums verified; None if anything is wrong."""
-        if self.problem(artifact) is not None:
-            return None
+        return self._verified(artifact)[0]
+
+    def _verified(self, artifact: Artifact, only_modified: bool = False) -> tuple[dict[str, bytes] | None, str | None]:
+        """(files, None) when every checksum matches, else (None, why); with ``only_modified``, files
+        whose mtime still equals the manifest's stamp are trusted and left out of ``files``."""
+        why = self.problem(artifact)
+        if why is not None:
+            return None, why
         manifest = self._manifest(artifact)
-        assert manifest is not None
+        if manifest is None:  # replaced between the two reads
+            return None, "manifest missing or for other inputs"
         out: dict[str, bytes] = {}
         for name, meta in manifest["files"].items():
+            path = self.path(artifact) / name
             try:
-                data = (self.path(artifact) / name).read_bytes()
+                if only_modified and path.stat().st_mtime_ns == meta.get("mtime_ns"):
+                    continue
+                data = path.read_bytes()
             except OSError:
-                return None
+                return None, f"{name} unreadable"
             if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                return None
+                return None, f"{name} fails its sha256 checksum (corrupted on disk)"
             out[name] = data
-        return out
+        return out, None
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -123,8 +141,9 @@ class ArtifactStore:
     def lock(self, artifact: Artifact) -> Iterator[None]:
         """Advisory lock per key so two builders of one window don't both do the work."""
         lock_dir = self.root / ".locks"
-        self._mkdir(lock_dir)
-        fd = os.open(lock_dir / f"{artifact.key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        with disk_space_for(self.root, 0, f"the lock file of {artifact.kind} {artifact.key[:12]}"):
+            self._mkdir(lock_dir)
+            fd = os.open(lock_dir / f"{artifact.key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -138,6 +157,8 @@ class ArtifactStore:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the caller's disk_space_for names the bytes it needed
             raise CacheError(f"cannot create cache directory {path}: {exc.strerror}; set paths.cache_dir") from None
 
     def sweep_stale(self) -> int:
@@ -163,7 +184,6 @@ class ArtifactStore:
     def commit(self, artifact: Artifact, files: Mapping[str, bytes]) -> Path:
         """Publish ``files`` as the artifact, atomically; returns its directory."""
         final = self.path(artifact)
-        self._mkdir(final.parent)
         tmp = final.parent / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         manifest = {
             "key": artifact.key,
@@ -175,22 +195,23 @@ class ArtifactStore:
             "host": socket.gethostname(),
             "pid": os.getpid(),
         }
+        # The manifest's own size is a rounding error here; the stamps added below are a few bytes.
+        needed = sum(len(d) for d in files.values()) + len(json.dumps(manifest, indent=1, default=str))
         try:
-            os.mkdir(tmp)  # default mode: the user's umask decides who may read the cache
-            for name, data in files.items():
-                write_durable(tmp / name, data)
-            write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
-            fsync_dir(tmp)
-            self._publish(tmp, final, artifact)
+            # The MiB figure rounds a small artifact to 0.0, so the exact bytes go in ``what`` too.
+            with disk_space_for(self.root, needed, f"{artifact.kind} {artifact.key[:12]} ({needed:,} bytes)"):
+                self._mkdir(final.parent)
+                os.mkdir(tmp)  # default mode: the user's umask decides who may read the cache
+                for name, data in files.items():
+                    write_durable(tmp / name, data)
+                    # A rename keeps mtime: an unchanged stamp later means "not rewritten since its checksum".
+                    manifest["files"][name]["mtime_ns"] = (tmp / name).stat().st_mtime_ns
+                manifest_bytes = json.dumps(manifest, indent=1, default=str).encode()
+                write_durable(tmp / MANIFEST, manifest_bytes)
+                fsync_dir(tmp)
+                self._publish(tmp, final, artifact)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                needed = sum(len(d) for d in files.values())
-                free = shutil.disk_usage(self.root).free if self.root.exists() else 0
-                raise CacheError(
-                    f"disk full in cache directory {self.root}: writing {artifact.kind} {artifact.key[:12]} "
-                    f"needs {needed:,} bytes, {free:,} free; free space or set paths.cache_dir elsewhere"
-                ) from None
             raise CacheError(f"cannot write to cache directory {self.root}: {exc}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
