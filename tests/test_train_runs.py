@@ -18,59 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from rag_hpc.config import load_config
-from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.train import TrainingInterrupted, request_checkpoint, train
+from tests.train_helpers import EPOCHS, ROOT, STEPS_PER_EPOCH, load_checkpoint, max_diff, run_cli, train_cmd, train_env, train_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 27  # 3 windows (259 sites / 100) x 74 train haplotypes // batch 8 = 9 batches each
-EPOCHS = 4
 TOTAL = STEPS_PER_EPOCH * EPOCHS
-
-
-@pytest.fixture(scope="module")
-def tiny_panel(tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("panel") / "panel.h5"
-    return prepare_panel(tiny_simulation / "panel.vcf.gz", out, populations=tiny_simulation / "populations.tsv")
-
-
-def _overrides(panel: Path, workdir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.panel_h5={panel}", f"paths.workdir={workdir}", f"paths.cache_dir={workdir.parent / 'cache'}",
-        "windows.window_size=100", "masks.epochs_per_level=1",
-        "model.dims=32", "model.layers=2", "model.heads=4", "model.k=4", "model.match_scales=[2, 8]",
-        "train.batch_size=8", f"train.epochs={EPOCHS}", "train.warmup_steps=5", "train.lr=1e-3",
-        "train.checkpoint_every_steps=4", "train.keep_checkpoints=50", "train.log_every=1",
-        "train.progress=false", "train.tensorboard=false", *extra,
-    ]  # fmt: skip
-
-
-def _cmd(panel: Path, workdir: Path, *extra: str, max_steps: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "rag_hpc.train"]
-    for item in _overrides(panel, workdir, *extra):
-        cmd += ["--set", item]
-    return cmd + (["--max-steps", str(max_steps)] if max_steps else [])
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
-def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=240)
-
-
-def _ckpt(workdir: Path, step: int) -> dict:
-    return torch.load(workdir / "runs" / "default" / "checkpoints" / f"step_{step:09d}.pt", weights_only=True)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -99,7 +52,7 @@ def _metrics(workdir: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
 def uninterrupted(tiny_panel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Workdir of one complete uninterrupted run (with TensorBoard on), the yardstick of the others."""
     workdir = tmp_path_factory.mktemp("uninterrupted") / "work"
-    out = _run(_cmd(tiny_panel, workdir, "train.tensorboard=true"))
+    out = run_cli(train_cmd(tiny_panel, workdir, "train.tensorboard=true"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(workdir / "runs" / "default" / "checkpoints" / f"step_{TOTAL:09d}.pt")
     return workdir
@@ -126,18 +79,18 @@ def test_each_epoch_reports_loss_accuracy_f1_and_dosage_r2_by_maf_bin(uninterrup
 
 def test_interrupted_run_resumes_at_the_next_batch_with_identical_parameters(tiny_panel, uninterrupted, tmp_path):
     workdir = tmp_path / "work"
-    first = _run(_cmd(tiny_panel, workdir, max_steps=40))  # stops mid-epoch 1, in a process of its own
+    first = run_cli(train_cmd(tiny_panel, workdir, max_steps=40))  # stops mid-epoch 1, in a process of its own
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().endswith("step_000000040.pt")
-    second = _run(_cmd(tiny_panel, workdir))
+    second = run_cli(train_cmd(tiny_panel, workdir))
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stderr and "step_000000040.pt: next step 40 (epoch 1, micro-batch 13)" in second.stderr
 
-    want, got = _ckpt(uninterrupted, TOTAL), _ckpt(workdir, TOTAL)
-    assert _max_diff(want["model"], got["model"]) <= 1e-6
+    want, got = load_checkpoint(uninterrupted, TOTAL), load_checkpoint(workdir, TOTAL)
+    assert max_diff(want["model"], got["model"]) <= 1e-6
     assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
     for key, state in want["optimizer"]["state"].items():
-        assert _max_diff(state, got["optimizer"]["state"][key]) <= 1e-6
+        assert max_diff(state, got["optimizer"]["state"][key]) <= 1e-6
     # Epoch rows (the resumed epoch included, whose loss spans both processes) match, timings aside.
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
     assert timeless(_metrics(workdir)) == timeless(_metrics(uninterrupted))
@@ -151,19 +104,19 @@ def test_sigterm_mid_run_checkpoints_at_the_next_step_and_the_rerun_ends_like_th
     tiny_panel, uninterrupted, tmp_path
 ):
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(_cmd(tiny_panel, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(train_cmd(tiny_panel, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env(), cwd=ROOT)
     _wait_for(workdir / "runs" / "default" / "train.log", f"step 6/{TOTAL} ", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     stopped = int(err.split("interrupted (SIGTERM) at step ")[1].split(";")[0])
     assert 6 <= stopped < TOTAL
-    assert _ckpt(workdir, stopped)["step"] == stopped
+    assert load_checkpoint(workdir, stopped)["step"] == stopped
 
-    rerun = _run(_cmd(tiny_panel, workdir))
+    rerun = run_cli(train_cmd(tiny_panel, workdir))
     assert rerun.returncode == 0, rerun.stderr
     assert f"next step {stopped} " in rerun.stderr
-    assert _max_diff(_ckpt(uninterrupted, TOTAL)["model"], _ckpt(workdir, TOTAL)["model"]) <= 1e-6
+    assert max_diff(load_checkpoint(uninterrupted, TOTAL)["model"], load_checkpoint(workdir, TOTAL)["model"]) <= 1e-6
 
 
 def _two_ranks(cmd: list[str]) -> list[subprocess.Popen]:
@@ -171,7 +124,7 @@ def _two_ranks(cmd: list[str]) -> list[subprocess.Popen]:
     return [
         subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            env=train_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
         )  # fmt: skip
         for r in range(2)
     ]
@@ -179,23 +132,23 @@ def _two_ranks(cmd: list[str]) -> list[subprocess.Popen]:
 
 def test_two_gloo_ranks_reach_the_parameters_of_one_process_with_the_same_global_batch(tiny_panel, uninterrupted, tmp_path):
     workdir = tmp_path / "work"
-    procs = _two_ranks(_cmd(tiny_panel, workdir, max_steps=4))  # each rank takes 4 of the 8 queries per batch
+    procs = _two_ranks(train_cmd(tiny_panel, workdir, max_steps=4))  # each rank takes 4 of the 8 queries per batch
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
     assert "2 rank(s) on cpu (gloo)" in outs[0][1]
-    one, two = _ckpt(uninterrupted, 4), _ckpt(workdir, 4)
+    one, two = load_checkpoint(uninterrupted, 4), load_checkpoint(workdir, 4)
     assert two["world_size"] == 2
     # Same batches, same loss normalisation: only the summation order differs (gradients all-reduced
     # over 2 ranks vs summed in one process). AdamW turns rounding noise on parameters whose true
     # gradient is 0 (attention key biases) into ~lr * 1e-2 steps, so parameters agree to 1e-5 here
     # (measured ~5e-6 after 4 steps) rather than to float32 epsilon; the losses agree to 1e-6.
-    assert _max_diff(one["model"], two["model"]) <= 1e-5
+    assert max_diff(one["model"], two["model"]) <= 1e-5
     assert two["epoch_accum"]["loss_sum"] == pytest.approx(one["epoch_accum"]["loss_sum"], rel=1e-6)
 
 
 def test_a_signal_to_rank_1_alone_stops_both_ranks_at_the_same_step_with_one_checkpoint(tiny_panel, tmp_path):
     workdir = tmp_path / "work"
-    procs = _two_ranks(_cmd(tiny_panel, workdir))
+    procs = _two_ranks(train_cmd(tiny_panel, workdir))
     _wait_for(workdir / "runs" / "default" / "train.log", f"step 3/{TOTAL} ", procs[0])
     procs[1].send_signal(signal.SIGUSR2)  # e.g. SLURM signalling one task, or a handler on a non-zero rank
     outs = [p.communicate(timeout=120) for p in procs]
@@ -206,9 +159,9 @@ def test_a_signal_to_rank_1_alone_stops_both_ranks_at_the_same_step_with_one_che
     written = (workdir / "runs" / "default" / "train.log").read_text().count(f"step_{steps[0]:09d}.pt written")
     assert written == 1
     # The checkpoint carries the run on any world size: one process takes it from here.
-    resumed = _run(_cmd(tiny_panel, workdir, max_steps=steps[0] + 2))
+    resumed = run_cli(train_cmd(tiny_panel, workdir, max_steps=steps[0] + 2))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"next step {steps[0]} " in resumed.stderr and _ckpt(workdir, steps[0] + 2)["world_size"] == 1
+    assert f"next step {steps[0]} " in resumed.stderr and load_checkpoint(workdir, steps[0] + 2)["world_size"] == 1
 
 
 # -- the in-process API the launcher wraps ------------------------------------------------------------
@@ -229,7 +182,7 @@ def _when_logged(log: Path, text: str, action) -> threading.Thread:  # noqa: ANN
 
 
 def test_the_handler_a_signal_replaced_runs_only_after_the_checkpoint_is_on_disk(tiny_panel, tmp_path):
-    config = load_config(overrides=_overrides(tiny_panel, tmp_path / "work"))
+    config = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work"))
     ckpt_dir = tmp_path / "work" / "runs" / "default" / "checkpoints"
     seen: list[list[str]] = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(sorted(p.name for p in ckpt_dir.iterdir())))
@@ -245,7 +198,7 @@ def test_the_handler_a_signal_replaced_runs_only_after_the_checkpoint_is_on_disk
 
 
 def test_request_checkpoint_without_stop_writes_one_and_training_goes_on(tiny_panel, tmp_path):
-    config = load_config(overrides=_overrides(tiny_panel, tmp_path / "work", "train.checkpoint_every_steps=0", "train.max_steps=20"))
+    config = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.checkpoint_every_steps=0", "train.max_steps=20"))
     _when_logged(tmp_path / "work" / "runs" / "default" / "train.log", f"step 2/{TOTAL} ", lambda: request_checkpoint(stop=False))
     final = train(config)
     steps = sorted(int(p.stem.split("_")[1]) for p in final.parent.glob("step_*.pt"))
@@ -253,14 +206,14 @@ def test_request_checkpoint_without_stop_writes_one_and_training_goes_on(tiny_pa
 
 
 def test_resuming_under_a_config_that_changes_the_trajectory_is_refused_naming_the_fields(tiny_panel, tmp_path):
-    train(load_config(overrides=_overrides(tiny_panel, tmp_path / "work", "train.max_steps=1")))
-    changed = load_config(overrides=_overrides(tiny_panel, tmp_path / "work", "train.max_steps=2", "model.dims=64", "train.lr=0.01"))
+    train(load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=1")))
+    changed = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=2", "model.dims=64", "train.lr=0.01"))
     with pytest.raises(ValueError, match="different config") as exc:
         train(changed)
     assert "model.dims: checkpoint 32, now 64" in str(exc.value) and "train.lr: checkpoint 0.001, now 0.01" in str(exc.value)
 
 
 def test_the_cli_reports_a_missing_panel_in_one_line(tmp_path):
-    out = _run([sys.executable, "-m", "rag_hpc.train", "--set", f"data.panel_h5={tmp_path / 'nope.h5'}", "--set", f"paths.workdir={tmp_path}"])
+    out = run_cli([sys.executable, "-m", "rag_hpc.train", "--set", f"data.panel_h5={tmp_path / 'nope.h5'}", "--set", f"paths.workdir={tmp_path}"])
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: prepared panel {tmp_path / 'nope.h5'} does not exist")

@@ -20,8 +20,10 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rag_hpc.fsutil import atomic_write
+from rag_hpc.fsutil import atomic_write, disk_space_for
 
 log = logging.getLogger("rag_hpc.train")
 
@@ -122,14 +124,25 @@ class CheckpointManager:
         return self.directory / f"step_{step:09d}.pt"
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        """Serialize ``state`` for ``step``, publish it atomically, then prune to the newest ``keep``."""
+        """Serialize ``state`` for ``step``, publish it atomically, then prune to the newest ``keep``.
+
+        A full disk raises ``DiskFullError`` naming the directory and the checkpoint's size, and
+        leaves no file of this checkpoint behind: older checkpoints are only pruned after a success.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
+        sidecar = f"{hashlib.sha256(data).hexdigest()}  {len(data)}\n".encode()
         ckpt = CheckpointFile(step, self.path_for(step))
-        atomic_write(ckpt.path, data)
-        atomic_write(ckpt.sidecar, f"{hashlib.sha256(data).hexdigest()}  {len(data)}\n".encode())
+        with disk_space_for(self.directory, len(data) + len(sidecar), f"checkpoint {ckpt.path.name}"):
+            atomic_write(ckpt.path, data)
+            try:
+                atomic_write(ckpt.sidecar, sidecar)
+            except BaseException:
+                # Never trusted without its sidecar, but it would hold the space the next attempt needs.
+                ckpt.path.unlink(missing_ok=True)
+                raise
         self._prune()
         return ckpt.path
 
@@ -162,9 +175,23 @@ class CheckpointManager:
 
     def _deserialize(self, ckpt: CheckpointFile, data: bytes, map_location: str | torch.device) -> dict[str, Any]:
         try:
-            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():
+                # A foreign pickle's protocol draws a multi-line warning before the refusal below says it all.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not loadable"
-            raise CheckpointError(f"{ckpt.path.name} does not load with weights_only=True: {exc}") from None
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            if isinstance(exc, pickle.UnpicklingError):
+                # torch's message wraps the one line that matters in advice to retry with weights_only=False,
+                # which is exactly what must not happen here.
+                boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+                detail = next((line for line in lines if not line.startswith(boilerplate)), lines[0])
+                raise CheckpointError(
+                    f"{ckpt.path} refused: it holds pickled objects no rag_hpc checkpoint contains ({detail}), so it was "
+                    "not written by rag_hpc.train or was altered; never load it with weights_only=False: use a "
+                    "checkpoint from a run directory only you can write"
+                ) from None
+            raise CheckpointError(f"{ckpt.path.name} does not load with weights_only=True: {lines[0]}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{ckpt.path.name} is not a rag_hpc training checkpoint of format {CHECKPOINT_FORMAT}")
         return state
