@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,13 +26,24 @@ class ConfigError(ValueError):
     """A config that cannot work; the message names each offending field."""
 
 
+def _no_control_characters(path: Path) -> Path:
+    # A newline in a path would split the #SBATCH line of every job script it is written into.
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise ValueError(f"{str(path)!r} contains a control character (newline, tab, ...); use a path without one")
+    return path
+
+
+# Every path field: they end up in job scripts and container command lines.
+ConfigPath = Annotated[Path, AfterValidator(_no_control_characters)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PathsConfig(_Section):
-    workdir: Path = Field(Path("rag_hpc_work"), description="root of everything a run writes")
-    cache_dir: Path | None = Field(None, description="window shards and indexes (default: workdir/cache)")
+    workdir: ConfigPath = Field(Path("rag_hpc_work"), description="root of everything a run writes")
+    cache_dir: ConfigPath | None = Field(None, description="window shards and indexes (default: workdir/cache)")
 
     @property
     def cache(self) -> Path:
@@ -40,11 +51,11 @@ class PathsConfig(_Section):
 
 
 class DataConfig(_Section):
-    panel_vcf: Path | None = Field(None, description="phased reference panel; None = the simulated demo panel")
-    panel_h5: Path | None = Field(None, description="prepared panel (default: workdir/panel.h5)")
-    populations: Path | None = Field(None, description="TSV 'sample<TAB>population' for per-population AF")
-    targets_vcf: Path | None = Field(None, description="phased targets on array sites")
-    truth_vcf: Path | None = Field(None, description="targets' true genotypes at all sites (evaluation)")
+    panel_vcf: ConfigPath | None = Field(None, description="phased reference panel; None = the simulated demo panel")
+    panel_h5: ConfigPath | None = Field(None, description="prepared panel (default: workdir/panel.h5)")
+    populations: ConfigPath | None = Field(None, description="TSV 'sample<TAB>population' for per-population AF")
+    targets_vcf: ConfigPath | None = Field(None, description="phased targets on array sites")
+    truth_vcf: ConfigPath | None = Field(None, description="targets' true genotypes at all sites (evaluation)")
     demo_preset: Literal["demo", "kgp-like"] = "demo"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of panel samples held out for validation")
     split_seed: int = 0
@@ -131,12 +142,12 @@ class ClusterConfig(_Section):
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(1, ge=0)
     array_parallelism: int = Field(32, gt=0)
-    container: Path | None = None
+    container: ConfigPath | None = None
 
 
 class TrainConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name: the run directory is <workdir>/runs/<name>")
-    run_dir: Path | None = Field(None, description="checkpoints, logs, metrics (default: <workdir>/runs/<name>)")
+    run_dir: ConfigPath | None = Field(None, description="checkpoints, logs, metrics (default: <workdir>/runs/<name>)")
     seed: int = Field(0, description="model init, batch order and dropout; masks have their own masks.seed")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else CPU")
     batch_size: int = Field(32, gt=0, description="query haplotypes per micro-batch over ALL ranks (split evenly across them)")
@@ -244,7 +255,13 @@ def load_config(config_file: str | os.PathLike[str] | None = None, overrides: Se
         try:
             content = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+            # PyYAML's own message spans several lines (it quotes the offending text); keep where and what.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"config error: {path} is not valid YAML{where}: {what}; fix it there (configs/default.yaml shows the layout)"
+            ) from None
         if content is not None and not isinstance(content, dict):
             raise ConfigError(f"config error: {path} must hold a mapping of sections, got {type(content).__name__}")
     RagConfig._yaml_file = path

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, run_main
-from rag_hpc.fsutil import atomic_write
+from rag_hpc.fsutil import atomic_write, current_umask
 from rag_hpc.data.vcf import VcfError, check_container, match_sites
 
 # [lo, hi) except the last, which is closed: MAF is at most 0.5.
@@ -392,7 +392,7 @@ def plot_r2_by_maf(evaluations: dict[str, Evaluation], out_png: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600, widened only as far as the umask allows
         os.replace(tmp, out_png)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

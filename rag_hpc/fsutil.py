@@ -11,6 +11,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def human_bytes(n: float) -> str:
+    """Bytes for people: 1.5 GiB, 340.0 KiB, 512 B."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class DiskFullError(RuntimeError):
     """A write ran out of space (ENOSPC/EDQUOT). A RuntimeError so every CLI prints it as one line."""
 
@@ -27,8 +41,8 @@ def disk_space_for(directory: Path, needed_bytes: int, what: str) -> Iterator[No
             raise
         free = shutil.disk_usage(directory).free if directory.exists() else 0
         raise DiskFullError(
-            f"no space left in {directory} writing {what}: needs about {needed_bytes / 2**20:,.1f} MiB, "
-            f"{free / 2**20:,.1f} MiB free; free space there or point the config at a larger filesystem"
+            f"no space left in {directory} writing {what}: needs about {human_bytes(needed_bytes)}, "
+            f"{human_bytes(free)} free; free space there or point the config at a larger filesystem"
         ) from exc
 
 

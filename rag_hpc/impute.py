@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The panel is data.panel_h5 (else <workdir>/panel.h5); windows are windows.window_size sites.",
     )
     method = parser.add_mutually_exclusive_group()
-    method.add_argument("--checkpoint", type=Path, help="trained model checkpoint (rag_hpc.train)")
+    method.add_argument("--checkpoint", type=Path, help="trained model checkpoint (rag_hpc.train), or a run directory: its newest valid checkpoint")
     method.add_argument("--baseline", choices=["nearest"], help="no model: copy the nearest reference haplotype(s)")
     parser.add_argument("--k", type=int, default=1, help="--baseline nearest: average the k nearest haplotypes (default 1)")
     parser.add_argument("--targets", type=Path, help="phased target VCF (.vcf.gz); default: data.targets_vcf")
@@ -455,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline nearest")
     with Panel(config.panel_h5) as panel:
         if args.checkpoint is not None:
-            if not args.checkpoint.is_file():
+            if not args.checkpoint.exists():  # a file, or a run / checkpoint directory (its newest valid checkpoint)
                 raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
             predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
         else:

@@ -6,15 +6,21 @@ Without a usable cluster they skip, except under CI=true, where that is a failur
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").strip().lower() == "true"
@@ -117,8 +123,81 @@ def as_flags(sets: list[str]) -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 
 
+def cli(module: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m rag_hpc.<module> ARGS`` as a user runs it: from the repository, one thread, no SLURM_* variables."""
+    return subprocess.run([sys.executable, "-m", f"rag_hpc.{module}", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**plain_env(1), **(env or {})}, cwd=REPO, check=False)  # fmt: skip
+
+
 def launcher(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    full_env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "rag_hpc.launch", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=REPO, check=False)  # fmt: skip
+    return cli("launch", *args, timeout=timeout, env=env)
+
+
+def train_tiny(sim: Path, workdir: Path) -> Path:
+    """The tiny run trained through the CLIs (prepare, then train) in ``workdir``; returns its final checkpoint."""
+    flags = as_flags(tiny_sets(sim, workdir))
+    for module, args in (("prepare", ["--quiet"]), ("train", [])):
+        out = cli(module, *args, *flags)
+        assert out.returncode == 0, f"{module}: {out.stderr[-3000:]}"
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def plain_env(threads: int) -> dict[str, str]:
+    """Environment of a plain (non-SLURM) run of this package with ``threads`` CPU threads: a job with
+    ``--cpus-per-task threads`` computes bit-for-bit the same."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+
+
+def fake_apptainer(folder: Path) -> Path:
+    """Stands in for apptainer: drops ``exec --nv --bind ... IMAGE python`` and runs this python with
+    a PATH that has no scontrol, as inside an image."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    script = folder / "apptainer"
+    script.write_text(
+        "#!/bin/bash\n"
+        'shift; binds=(); while [ "$1" = --nv ] || [ "$1" = --bind ]; do [ "$1" = --bind ] && { binds+=("$2"); shift; }; shift; done\n'
+        f'shift; shift; echo "fake apptainer: ${{#binds[@]}} binds" >&2\n'
+        f"export PATH={bin_dir}\n"
+        f"export PYTHONPATH={REPO}\n"
+        f'exec {bin_dir}/python "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def submit_urgent(out: Path) -> str:
+    """A short job in partition ``urgent``, which preempts whatever runs in ``gpu``; returns its id."""
+    urgent = run(["sbatch", "--parsable", "-p", "urgent", "-c", "1", "-o", str(out), "--wrap", "sleep 2"])
+    assert urgent.returncode == 0, urgent.stderr
+    return urgent.stdout.strip().split(";")[0]
+
+
+# ---------------------------------------------------------------- what a launch leaves in its workdir
+
+
+def launch_records(workdir: Path) -> list[dict[str, Any]]:
+    return json.loads((workdir / "launch.json").read_text())
+
+
+def run_dir(workdir: Path) -> Path:
+    return workdir / "runs" / "default"
+
+
+def final_model(workdir: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    newest = max((run_dir(workdir) / "checkpoints").glob("step_*.pt"))
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def log_time(line: str) -> float:
+    """Epoch seconds of a train.log line (its timestamp has whole seconds)."""
+    return datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S").timestamp()

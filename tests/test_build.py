@@ -15,15 +15,8 @@ import pytest
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.data.masks import val_mask
 from rag_hpc.data.panel import SPLIT_TRAIN, Panel
-from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.index.build import WindowCache, build_windows
 from rag_hpc.index.retrieval import masked_topk
-
-
-@pytest.fixture(scope="module")
-def tiny_panel(tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("panel") / "panel.h5"
-    return prepare_panel(tiny_simulation / "panel.vcf.gz", out, populations=tiny_simulation / "populations.tsv")
 
 
 def _config(panel: Path, cache: Path, *extra: str, targets: Path | None = None) -> RagConfig:

@@ -28,7 +28,6 @@ from rag_hpc.index.build import WindowCache, build_windows
 from rag_hpc.index.cache import MANIFEST, Artifact
 from tests import reliability
 from tests.slurm_helpers import IN_CI, REPO
-from tests.test_build import tiny_panel  # noqa: F401  (the module-scoped prepared tiny panel)
 
 # 4-site windows: 65 windows and 148 artifacts, so a build writes for a measurable fraction of a
 # second after the ~2 s interpreter start-up instead of finishing within one poll.
@@ -40,7 +39,7 @@ Audit = tuple[dict[tuple[int, str], ArtifactFiles], list[str]]
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_panel: Path, tiny_simulation: Path) -> list[str]:  # noqa: F811
+def settings(tiny_panel: Path, tiny_simulation: Path) -> list[str]:
     """Config overrides of every build here, less the cache directory: targets add a third artifact kind."""
     return [
         f"data.panel_h5={tiny_panel}",

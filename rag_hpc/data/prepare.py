@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rag_hpc.data.panel import PANEL_FORMAT_VERSION, SPLIT_LABELS, SPLIT_TRAIN, SPLIT_VAL
-from rag_hpc.data.vcf import VcfReader, current_umask
+from rag_hpc.data.vcf import VcfReader
+from rag_hpc.fsutil import current_umask
 
 # GT chunks of at most ~8 MB: a chunk is the unit h5py decompresses, and windows read a few hundred sites.
 GT_CHUNK_BYTES = 8 * 2**20

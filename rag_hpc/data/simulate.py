@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_hpc.data.vcf import VcfWriter, current_umask
+from rag_hpc.data.vcf import VcfWriter
+from rag_hpc.fsutil import current_umask
 
 SIM_FORMAT = "rag_hpc.simulate"
 SIM_FORMAT_VERSION = 1

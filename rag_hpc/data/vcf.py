@@ -9,13 +9,18 @@ meaning of every window, cache key and imputed VCF downstream.
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from rag_hpc.fsutil import current_umask
 
 if TYPE_CHECKING:
     from rag_hpc.data.panel import Panel
@@ -67,9 +72,21 @@ class PhasedVcf:
         return np.ascontiguousarray(self.gt.reshape(self.gt.shape[0], -1).T).astype(np.uint8, copy=False)
 
 
+# Files people pass as a VCF by mistake, by their first bytes: htslib refuses them with stderr lines of its own.
+_OTHER_FORMATS = {
+    b"\x89HDF\r\n\x1a\n": "an HDF5 file (a prepared panel? pass the VCF it was made from)",
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"PK\x03\x04": "a zip archive",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+}
+FIX_FORMAT = "expected a bgzipped VCF: compress a VCF with `bgzip in.vcf`, or convert with `bcftools view in.bcf -Oz -o in.vcf.gz`"
+
+
 def check_container(path: str | os.PathLike[str]) -> None:
-    """Refuse missing, empty and truncated files before htslib sees them: htslib's own reaction to a cut-off
-    bgzip file is a multi-line stderr dump or, depending on where the cut falls, a silently shorter panel."""
+    """Refuse missing, empty, truncated and non-VCF files and duplicate sample IDs before htslib sees them:
+    htslib's own reaction is a multi-line stderr dump or, for a cut-off bgzip file depending on where the cut
+    falls, a silently shorter panel."""
     p = Path(path)
     if not p.exists():
         raise VcfError(f"{p} does not exist")
@@ -88,6 +105,39 @@ def check_container(path: str | os.PathLike[str]) -> None:
                     f"{p} is truncated (the bgzip end-of-file block is missing): the copy or download was cut short; "
                     "fetch or write it again"
                 )
+    _check_header(p, head)
+
+
+def _check_header(p: Path, head: bytes) -> None:
+    """The first line must declare a VCF, and the #CHROM line's sample IDs must be unique."""
+    gzipped = head[:2] == b"\x1f\x8b"
+    kind = next((what for magic, what in _OTHER_FORMATS.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise VcfError(f"{p} is not a VCF: it is {kind}; {FIX_FORMAT}")
+    try:
+        with gzip.open(p, "rb") if gzipped else open(p, "rb") as fh:
+            first = fh.readline(1 << 16)
+            if first.startswith(b"BCF"):
+                return  # binary BCF: htslib reads it
+            if not first.startswith(b"##fileformat=VCF"):
+                inside = "gzip-compressed, but " if gzipped else ""
+                raise VcfError(f"{p} is not a VCF: {inside}its first line is not ##fileformat=VCFv4.x; {FIX_FORMAT}")
+            for line in fh:
+                if line.startswith(b"#CHROM"):
+                    counts = Counter(line.rstrip(b"\r\n").split(b"\t")[9:])
+                    repeated = [(name.decode(errors="replace"), n) for name, n in counts.items() if n > 1]
+                    if repeated:
+                        name, n = repeated[0]
+                        more = f" (and {len(repeated) - 1} more repeated IDs)" if len(repeated) > 1 else ""
+                        raise VcfError(
+                            f"{p}: sample ID {name} appears {n} times in the #CHROM line{more}; sample IDs must be unique: "
+                            "rename the repeated ones there (or drop the columns of a sample listed twice)"
+                        )
+                    return
+                if not line.startswith(b"#"):
+                    return
+    except (OSError, EOFError, zlib.error):
+        return  # corrupt compressed data: the record reader reports it with the record it failed at
 
 
 def _open_cyvcf2(path: Path, threads: int):  # -> cyvcf2.VCF
@@ -95,7 +145,7 @@ def _open_cyvcf2(path: Path, threads: int):  # -> cyvcf2.VCF
 
     try:
         return cyvcf2.VCF(str(path), lazy=True, threads=threads)
-    except OSError:
+    except Exception:  # OSError, or a bare Exception for a header htslib rejects
         raise VcfError(f"{path} is not a VCF (htslib cannot parse its header): expected a bgzipped VCF with a #CHROM line") from None
 
 
@@ -421,12 +471,6 @@ def target_panel_sites(panel: "Panel", targets_vcf: str | os.PathLike[str]) -> n
     observed = np.zeros(panel.n_sites, bool)
     observed[match.index[match.matched]] = True
     return observed
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # -- writing -------------------------------------------------------------------------------------------------
