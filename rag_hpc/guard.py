@@ -19,22 +19,70 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from rag_hpc.fsutil import human_bytes
+
+if TYPE_CHECKING:
+    from rag_hpc.config import RagConfig
+    from rag_hpc.data.panel import Panel
 
 GiB = 2**30
 MiB = 2**20
+KiB = 2**10
 
-# Resident size of a worker process after importing torch, faiss, h5py and numpy (CPU build),
-# measured with psutil: ~250 MB. The HDF5 chunk cache the panel reader asks for is on top.
-PROCESS_BASE_BYTES = 250 * MiB
+# -- process baselines: resident size measured with psutil on this project's CPU builds (torch 2.13,
+# faiss 1.15; bench/guard_bench.py). A job imports rag_hpc.launch (submitit, pydantic) and then the
+# index builder or the trainer, which pull in numpy, h5py, torch and faiss: 254-257 MiB before any work.
+JOB_IMPORT_BYTES = 256 * MiB
+# Library pages (FAISS, BLAS, OpenMP thread pools, autograd kernels) first touched by the work itself:
+# steady RSS after the first window / first steps less the RSS after the imports.
+INDEX_FIRST_USE_BYTES = 10 * MiB
+TRAIN_FIRST_USE_BYTES = 12 * MiB
+# Constructing a torch.optim optimizer imports torch._dynamo (measured: +72 MiB for AdamW).
+OPTIMIZER_IMPORT_BYTES = 72 * MiB
+# torch.utils.tensorboard and its event writer, when train.tensorboard is on.
+TENSORBOARD_BYTES = 13 * MiB
+# cyvcf2 and the target VCF's site arrays, when data.targets_vcf is set (its sites are read by both jobs).
+TARGETS_READER_BYTES = 6 * MiB
+# The HDF5 chunk cache each panel reader asks for (rag_hpc/data/panel.py: rdcc_nbytes) and the GT
+# chunking prepare writes (rag_hpc/data/prepare.py: at most 1,024 sites and ~8 MiB per chunk).
 H5_CHUNK_CACHE_BYTES = 64 * MiB
+GT_CHUNK_SITES = 1024
+GT_CHUNK_BYTES = 8 * MiB
 # Host memory of a CUDA training process beyond the imports (CUDA context, pinned staging).
 CUDA_HOST_BYTES = 1 * GiB
 CUDA_CONTEXT_BYTES = 600 * MiB  # per GPU, not usable by tensors
-# Activation bytes per (token x dim x layer) of a pre-LN block under bf16 autocast with fused
-# attention (Korthikanti et al. 2022: 34 s·b·h without the s² attention term), and fp32 without.
+# Activation bytes per (token x dim x layer) of a pre-LN block: under bf16 autocast with fused
+# attention (Korthikanti et al. 2022: 34 s·b·h without the s² attention term), and fp32 as measured on
+# CPU (the first step's RSS growth between 4 and 8 layers: 72; their count gives 68).
 ACT_BYTES_BF16 = 34
-ACT_BYTES_FP32 = 68
+ACT_BYTES_FP32 = 72
+# Outside the encoder, per (query token x dim): the query's embedding, the fusion's projections and MLP,
+# the head; per (retrieved token x dim): the k references' embeddings and key projection. Fitted on
+# the first step's RSS growth on CPU (fp32) across dims 64-128, batch 16-32, k 1-8; kept at fp32 under
+# bf16 autocast too (LayerNorm and softmax stay fp32 there), which errs high.
+QUERY_BYTES = 120
+RETRIEVED_BYTES = 28
+# Without autograd (validation, imputation) nothing is saved for backward: at the fusion's peak the
+# retrieved embeddings, their key projection and the copy einsum makes to batch it are live, fp32
+# each. The same no-grad run peaks 10-15 % apart from one run to the next (allocator timing), so this
+# rounds up rather than fitting the lower run.
+RETRIEVED_BYTES_NO_GRAD = 12
+
+# -- disk. Every cache artifact is a directory holding its data file and manifest.json, under a
+# fan-out directory (one per 256 keys at most), with a lock file: a filesystem block (4 KiB) each for
+# the two directories and the manifest, and on average half a block of the data file's tail.
+ARTIFACT_OVERHEAD_BYTES = 14 * KiB
+# A checkpoint is torch.save of the fp32 weights and both AdamW moments (12 bytes per parameter), plus
+# per parameter tensor its three zip records and the optimizer's step counter (~1.1 KiB, measured),
+# plus the RNG states and the config (~24 KiB); each has a sha256 sidecar (one block).
+CHECKPOINT_BYTES_PER_TENSOR = 1152
+CHECKPOINT_FIXED_BYTES = 28 * KiB
+# A run directory's logs: config.yaml, train.log, metrics.csv, steps.csv and TensorBoard events (one
+# block each, with the run, checkpoints and tb directories), and ~0.5 KiB per logged row across them.
+RUN_LOG_FIXED_BYTES = 32 * KiB
+RUN_LOG_ROW_BYTES = 512
 
 
 def parse_bytes(text: str) -> int:
@@ -46,13 +94,6 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** "_KMGTP".index(unit)) if unit else int(value)
 
 
-def human(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n:,.0f} B"
-
-
 @dataclass(frozen=True)
 class Plan:
     haplotypes: int
@@ -62,7 +103,7 @@ class Plan:
     layers: int = 10
     heads: int = 6
     k: int = 1
-    batch_size: int = 32
+    batch_size: int = 32  # per training rank
     index: Literal["compact", "flat-lxd"] = "compact"
     val_fraction: float = 0.1
     val_rate: float = 0.5
@@ -70,6 +111,15 @@ class Plan:
     cached_windows: int = 0
     bf16: bool = True
     activation_checkpointing: bool = False
+    train_on_gpu: bool = True
+    mix_windows: int = 4
+    val_batch_size: int = 64
+    keep_checkpoints: int = 3
+    steps: int = 100_000  # optimizer steps of the run (its logs grow with them)
+    log_every: int = 50
+    tensorboard: bool = True
+    target_sites: int = 0  # panel sites the target array types; 0 = no targets index
+    match_scales: int = 3
 
     @property
     def windows(self) -> int:
@@ -83,6 +133,11 @@ class Plan:
     def observed(self) -> int:
         return max(1, round(self.window_size * (1 - self.val_rate)))
 
+    @property
+    def target_observed(self) -> int:
+        """Typed sites per window of the target array (its fixed-mask index's dimension)."""
+        return math.ceil(self.target_sites / self.windows) if self.target_sites else 0
+
 
 @dataclass
 class Estimate:
@@ -92,7 +147,38 @@ class Estimate:
     train_host_ram: int
     gpu_per_device: int
     params: int
+    train_disk: int = 0  # the run directory: kept checkpoints and logs
+    checkpoint_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_node: int) -> Plan:
+    """The plan of a launch: this panel under this config, as its jobs will run (one place, so the
+    launcher and bench/guard_bench.py size the same thing)."""
+    from rag_hpc.data.panel import SPLIT_TRAIN
+
+    train_haplotypes = int((panel.haplotype_split() == SPLIT_TRAIN).sum())
+    target_sites = 0
+    if config.data.targets_vcf is not None:
+        from rag_hpc.data.vcf import target_panel_sites
+
+        target_sites = int(target_panel_sites(panel, config.data.targets_vcf).sum())
+    t = config.train
+    on_gpu = config.cluster.gpus_per_node > 0 and t.device != "cpu"
+    windows = math.ceil(panel.n_sites / config.windows.window_size)
+    # WindowBatchSampler: every window gives (train haplotypes // batch) micro-batches per epoch.
+    steps = t.epochs * windows * (train_haplotypes // t.batch_size) // t.grad_accum
+    return Plan(
+        haplotypes=panel.n_haplotypes, sites=panel.n_sites, window_size=config.windows.window_size,
+        dims=config.model.dims, layers=config.model.layers, heads=config.model.heads, k=config.model.k,
+        batch_size=max(1, t.batch_size // max(1, config.cluster.nodes * tasks_per_node)),
+        val_fraction=1 - train_haplotypes / panel.n_haplotypes, val_rate=config.masks.val_rate,
+        windows_per_task=config.index.windows_per_task, cached_windows=cached_windows,
+        bf16=t.bf16 if t.bf16 is not None else on_gpu, activation_checkpointing=config.model.activation_checkpointing,
+        train_on_gpu=on_gpu, mix_windows=t.mix_windows, val_batch_size=t.val_batch_size,
+        keep_checkpoints=t.keep_checkpoints, steps=min(steps, t.max_steps or steps), log_every=t.log_every,
+        tensorboard=t.tensorboard, target_sites=target_sites, match_scales=len(config.model.match_scales),
+    )  # fmt: skip
 
 
 def model_params(dims: int, layers: int, fusion_scales: int = 3) -> int:
@@ -103,14 +189,69 @@ def model_params(dims: int, layers: int, fusion_scales: int = 3) -> int:
     return layers * block + embed + fusion + 2 * d + d + 1
 
 
+def model_tensors(layers: int) -> int:
+    """Parameter tensors: 12 per block (4 Linear, 2 LayerNorm), 22 in embedding, fusion and head."""
+    return 12 * layers + 22
+
+
+def checkpoint_bytes(plan: Plan) -> int:
+    params = model_params(plan.dims, plan.layers, plan.match_scales)
+    return 12 * params + CHECKPOINT_BYTES_PER_TENSOR * model_tensors(plan.layers) + CHECKPOINT_FIXED_BYTES
+
+
 def lxd_window_bytes(plan: Plan) -> int:
     """One window of the predecessor's index: reference panel as flattened float32 L×D vectors."""
     return plan.haplotypes * plan.window_size * plan.dims * 4
 
 
+def _index_file_bytes(plan: Plan, observed: int) -> int:
+    """A FixedMaskIndex file: float32 vectors in FAISS, the bit-packed alleles kept for exact
+    re-ranking, the observed-site bits and float64 weights, and a header."""
+    return plan.reference * observed * 4 + plan.reference * math.ceil(observed / 8) + 9 * plan.window_size + KiB
+
+
+def _chunk_cache_bytes(plan: Plan) -> int:
+    """The HDF5 chunk cache while a window is read: the GT chunks the window overlaps, decompressed.
+    HDF5 evicts fully read chunks first, so it does not fill up over the windows of a task."""
+    chunk_sites = max(1, min(GT_CHUNK_SITES, GT_CHUNK_BYTES // plan.haplotypes))
+    chunks = math.ceil(plan.window_size / chunk_sites) + 1
+    return min(H5_CHUNK_CACHE_BYTES, chunks * chunk_sites * plan.haplotypes)
+
+
+def _panel_bytes(plan: Plan) -> int:
+    """What a panel reader keeps for the whole chromosome: positions (int64), AF (float32) and the
+    target array's sites (bool), plus the reader for the targets VCF when there is one."""
+    return 13 * plan.sites + (TARGETS_READER_BYTES if plan.target_sites else 0)
+
+
+def _step_bytes(plan: Plan, batch: int, amp: bool, training: bool) -> int:
+    """Memory of one forward (+ backward when ``training``) beyond the weights, on the training device."""
+    L, D = plan.window_size, plan.dims
+    tokens = batch * (L + 1)
+    act_unit = ACT_BYTES_BF16 if amp else ACT_BYTES_FP32
+    if training:
+        layers_held = 1 if plan.activation_checkpointing else plan.layers
+        recompute = 2 * plan.layers if plan.activation_checkpointing else 0
+        # + one layer's worth while backward holds the gradients of the layer it is in.
+        encoder = tokens * D * (act_unit * (layers_held + 1) + recompute)
+    else:
+        encoder = tokens * D * act_unit  # no graph: one block's tensors at a time
+    outside = tokens * D * QUERY_BYTES + tokens * plan.k * D * (RETRIEVED_BYTES if training else RETRIEVED_BYTES_NO_GRAD)
+    # Exact retrieval: float64 distances to every reference (GEMM output, the running top-k concatenated
+    # to it, tie masks and their cumsum), and the retrieved alleles as float64 then int64.
+    retrieval = batch * min(plan.reference, 16384) * 8 * 4 + batch * plan.k * L * 16
+    return encoder + outside + retrieval
+
+
 def estimate(plan: Plan) -> Estimate:
-    L, H = plan.window_size, plan.haplotypes
+    L, H, R = plan.window_size, plan.haplotypes, plan.reference
     notes: list[str] = []
+    params = model_params(plan.dims, plan.layers, plan.match_scales)
+    ckpt = checkpoint_bytes(plan)
+    # The run dir holds keep_checkpoints checkpoints with their sidecars, and the logs.
+    train_disk = (plan.keep_checkpoints * (ckpt + 4 * KiB) + RUN_LOG_FIXED_BYTES
+                  + RUN_LOG_ROW_BYTES * (plan.steps // max(1, plan.log_every) + 1))  # fmt: skip
+    amp = plan.bf16
     if plan.index == "flat-lxd":
         emb = lxd_window_bytes(plan)
         # Predecessor, per window: complete + masked embeddings + the FAISS copy, and int64 tokens
@@ -118,27 +259,41 @@ def estimate(plan: Plan) -> Estimate:
         per_window_ram = 3 * emb + 2 * H * L * 8
         held = plan.windows * per_window_ram
         disk_per_window = emb
-        index_ram = PROCESS_BASE_BYTES + held
-        train_ram = PROCESS_BASE_BYTES + CUDA_HOST_BYTES + held
+        index_ram = JOB_IMPORT_BYTES + held
+        train_ram = JOB_IMPORT_BYTES + CUDA_HOST_BYTES + held
         notes.append("flat-lxd holds every window's L×D embeddings in RAM (the predecessor's design)")
     else:
-        shard = H * math.ceil(L / 8) + L * 12 + 4096
-        vectors = plan.reference * plan.observed * 4
-        index_file = vectors + plan.reference * math.ceil(plan.observed / 8) + L * 8 + 4096
-        disk_per_window = shard + index_file
-        # Working set of one window while building: GT slab and haplotypes (1 byte each), the
-        # reference rows, and the float vectors three times (array, FAISS copy, serialised bytes).
-        window_ram = 2 * H * L + plan.reference * L + 3 * vectors + 2 * index_file
-        index_ram = PROCESS_BASE_BYTES + H5_CHUNK_CACHE_BYTES + window_ram
-        # Training keeps the current window's shard unpacked and the panel reader's chunk cache.
-        train_ram = PROCESS_BASE_BYTES + CUDA_HOST_BYTES + H5_CHUNK_CACHE_BYTES + 4 * H * L
-    params = model_params(plan.dims, plan.layers)
-    tokens = plan.batch_size * (L + 1)
-    act_unit = ACT_BYTES_BF16 if plan.bf16 else ACT_BYTES_FP32
-    layers_held = 1 if plan.activation_checkpointing else plan.layers
-    activations = tokens * plan.dims * (act_unit * layers_held + (2 * plan.layers if plan.activation_checkpointing else 0))
-    retrieved = plan.batch_size * plan.k * (L + 1) * plan.dims * 4 * 4  # embedded refs, fp32, 4 live copies
-    gpu = CUDA_CONTEXT_BYTES + 16 * params + activations + retrieved
+        t = plan.target_observed
+        shard_file = H * math.ceil(L / 8) + 12 * L + 2 * KiB  # npz: packed alleles, positions, AF
+        disk_per_window = shard_file + _index_file_bytes(plan, plan.observed) + 2 * ARTIFACT_OVERHEAD_BYTES
+        if t:
+            disk_per_window += _index_file_bytes(plan, t) + ARTIFACT_OVERHEAD_BYTES
+        # One window at a time: the shard's alleles (H·L bytes), the reference rows (R·L) and their
+        # observed columns, and the float32 vectors three times (the array given to FAISS, FAISS's copy,
+        # the serialised bytes); the heap rarely returns freed blocks between these steps, so they add up.
+        window_ram = H * L + R * L + R * plan.observed + 3 * R * plan.observed * 4
+        if t:
+            window_ram += R * t + 3 * R * t * 4
+        index_ram = JOB_IMPORT_BYTES + INDEX_FIRST_USE_BYTES + _panel_bytes(plan) + _chunk_cache_bytes(plan) + window_ram
+        # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, and at a checkpoint
+        # torch.save's BytesIO plus the bytes copied out of it.
+        train_ram = (JOB_IMPORT_BYTES + TRAIN_FIRST_USE_BYTES + OPTIMIZER_IMPORT_BYTES + _panel_bytes(plan)
+                     + (TENSORBOARD_BYTES if plan.tensorboard else 0))  # fmt: skip
+        save = 2 * ckpt
+        # A window's tensors: alleles (uint8) for the queries, the reference rows as float64 for the
+        # exact search; mix_windows of them stay loaded (_WindowLoader).
+        window = H * L + R * L * 8
+        if plan.train_on_gpu:
+            # Weights, optimizer state and windows live on the GPU; the host stages one shard (its
+            # npz bytes and the unpacked alleles) on the way there.
+            train_ram += CUDA_HOST_BYTES + max(save, H * math.ceil(L / 8) + 2 * H * L)
+        else:
+            val_batch = min(plan.val_batch_size, max(2, H - R))
+            train_ram += (16 * params + min(plan.mix_windows, plan.windows) * window
+                          + max(save, _step_bytes(plan, plan.batch_size, amp, True),
+                                _step_bytes(plan, val_batch, amp, False)))  # fmt: skip
+    gpu = CUDA_CONTEXT_BYTES + 16 * params + _step_bytes(plan, plan.batch_size, amp, True)
+    gpu += min(plan.mix_windows, plan.windows) * (H * L + R * L * 8)
     if plan.index == "flat-lxd":
         gpu += lxd_window_bytes(plan)  # the predecessor searched a window's L×D index on the GPU
     return Estimate(
@@ -148,6 +303,8 @@ def estimate(plan: Plan) -> Estimate:
         train_host_ram=int(train_ram),
         gpu_per_device=int(gpu),
         params=params,
+        train_disk=int(train_disk),
+        checkpoint_bytes=int(ckpt),
         notes=notes,
     )
 
@@ -180,6 +337,9 @@ def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
         Row("disk for uncached windows", est.disk_to_build, budget.disk_free,
             "use --index compact" if lxd else
             "free space at the cache dir, or set paths.cache_dir to a larger filesystem"),
+        # The run dir usually shares the cache's filesystem (both under paths.workdir): counted together.
+        Row("disk, + the training run", est.disk_to_build + est.train_disk, budget.disk_free,
+            "free space, lower train.keep_checkpoints, or put train.run_dir / paths.cache_dir elsewhere"),
         Row("RAM for training (host)", est.train_host_ram, budget.mem,
             "use --index compact: training needs no prebuilt embeddings" if lxd else
             "ask for more --mem, or a partition with more memory per node"),
@@ -197,8 +357,9 @@ def render(plan: Plan, est: Estimate, rows: list[Row]) -> str:
     ]
     for r in rows:
         status = "ok" if r.ok else f"OVER -> {r.advice}"
-        lines.append(f"{r.figure:<28}{human(r.need):>12}{(human(r.budget) if r.budget is not None else '-'):>12}  {status}")
-    lines.append(f"disk per window: {human(est.disk_per_window)}")
+        lines.append(f"{r.figure:<28}{human_bytes(r.need):>12}{(human_bytes(r.budget) if r.budget is not None else '-'):>12}  {status}")
+    lines.append(f"disk per window: {human_bytes(est.disk_per_window)}; per checkpoint: {human_bytes(est.checkpoint_bytes)} "
+                 f"(x{plan.keep_checkpoints} kept)")
     lines.extend(f"note: {n}" for n in est.notes)
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ import submitit
 
 from rag_hpc.cli import add_config_args, config_from_args, run_main
 from rag_hpc.config import RagConfig, load_config
-from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, parse_bytes, render
+from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, parse_bytes, plan_for, render
 
 RUN_RECORD = "launch.json"
 REQUEUE_ENV = "RAG_HPC_REQUEUE_FILE"
@@ -104,7 +104,10 @@ def partition_info(name: str) -> PartitionInfo:
     out = _run(["sinfo", "-p", name, "-h", "-o", "%m %G %l"])
     lines = [x for x in out.stdout.splitlines() if x.strip()]
     if out.returncode != 0 or not lines:
-        raise LaunchError(f"partition {name!r} does not exist; partitions here: {', '.join(slurm_partitions())}")
+        raise LaunchError(
+            f"partition {name!r} does not exist; partitions here: {', '.join(slurm_partitions())}: "
+            "pass one of them with --partition (or cluster.partition)"
+        )
     mems, gpus, limit = [], [], "infinite"
     for line in lines:
         mem, gres, limit = (line.split() + ["", "", ""])[:3]
@@ -113,6 +116,19 @@ def partition_info(name: str) -> PartitionInfo:
         gpus.append(_gres_gpus(gres))
     # The smallest node bounds what a job can be sure to get.
     return PartitionInfo(name, min(mems) if mems else None, min(gpus) if gpus else 0, limit)
+
+
+def slurm_target(partition: str | None, gpus_per_node: int) -> PartitionInfo:
+    """The partition jobs go to (the cluster's default when None), checked against the GPUs per node asked for."""
+    if shutil.which("sbatch") is None:
+        raise LaunchError("--cluster slurm but sbatch is not on PATH")
+    info = partition_info(partition or default_partition())
+    if gpus_per_node > info.gpus_per_node:
+        raise LaunchError(
+            f"--gpus-per-node {gpus_per_node}, but nodes of partition {info.name} have {info.gpus_per_node} GPU(s): "
+            f"ask for at most {info.gpus_per_node}, or pick a partition with bigger nodes (--partition)"
+        )
+    return info
 
 
 def max_array_size() -> int:
@@ -190,17 +206,7 @@ def run_guard(config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | 
     from rag_hpc.data.panel import Panel
 
     with Panel(config.panel_h5) as panel:
-        haplotypes, sites = panel.n_haplotypes, panel.n_sites
-    gpus = config.cluster.gpus_per_node
-    plan = Plan(
-        haplotypes=haplotypes, sites=sites, window_size=config.windows.window_size, dims=config.model.dims,
-        layers=config.model.layers, heads=config.model.heads, k=config.model.k,
-        batch_size=max(1, config.train.batch_size // max(1, config.cluster.nodes * tasks_per_node)),
-        val_fraction=config.data.val_fraction, val_rate=config.masks.val_rate,
-        windows_per_task=config.index.windows_per_task, cached_windows=n_cached,
-        bf16=config.train.bf16 if config.train.bf16 is not None else gpus > 0,
-        activation_checkpointing=config.model.activation_checkpointing,
-    )  # fmt: skip
+        plan = plan_for(config, panel, n_cached, tasks_per_node)
     est = estimate(plan)
     # Every training rank of a node shares the node's memory.
     node_train = Estimate(**{**est.__dict__, "train_host_ram": est.train_host_ram * tasks_per_node})
@@ -380,15 +386,11 @@ def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
     """Guard, then submit the prebuild array and the training job; returns the run record."""
     from rag_hpc.data.windows import window_ranges
 
-    if shutil.which("sbatch") is None and opts.cluster == "slurm":
-        raise LaunchError("--cluster slurm but sbatch is not on PATH")
     c = config.cluster
-    partition = opts.partition or c.partition or (default_partition() if opts.cluster == "slurm" else None)
+    info = slurm_target(opts.partition or c.partition, c.gpus_per_node) if opts.cluster == "slurm" else None
+    partition = info.name if info is not None else opts.partition or c.partition
     opts.partition = partition
     tasks_per_node = max(1, c.gpus_per_node)
-    info = partition_info(partition) if opts.cluster == "slurm" else None
-    if info is not None and c.gpus_per_node > info.gpus_per_node:
-        raise LaunchError(f"--gpus-per-node {c.gpus_per_node}, but nodes of partition {partition} have {info.gpus_per_node} GPU(s)")
     todo, n_windows = uncached_windows(config)
     if info is None:
         import psutil
@@ -548,6 +550,9 @@ def _flatten_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
 def main(args: argparse.Namespace) -> int:
     config = config_for_launch(args)
     kind = args.cluster or config.cluster.kind or ("slurm" if shutil.which("sbatch") else "local")
+    if kind == "slurm":
+        # Before any data work: a wrong partition or GPU count must not first cost a panel preparation.
+        slurm_target(config.cluster.partition, config.cluster.gpus_per_node)
     config = ensure_data(config)
     if kind == "local":
         import psutil
