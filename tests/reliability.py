@@ -37,7 +37,8 @@ def record(fault: str, trials: int, survived: int, data_lost: int, note: str = "
 
 def table(rows: list[Row]) -> str:
     lines = ["| fault | trials | survived | data lost | notes |", "|---|---|---|---|---|"]
-    lines += [f"| {r.fault} | {r.trials} | {r.survived} | {r.data_lost} | {r.note} |" for r in rows]
+    # A "|" inside a cell would end it: markdown wants it escaped.
+    lines += [f"| {r.fault} | {r.trials} | {r.survived} | {r.data_lost} | {r.note.replace('|', chr(92) + '|')} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -6,65 +6,21 @@ subprocess, exactly as a user would, and checks what SLURM and the run directory
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
 import re
-import stat
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.slurm_helpers import (
-    REPO, as_flags, ensure_cluster, final_state, launcher, run, sacct, squeue_ids, state_of, tiny_sets, wait_for,
+    REPO, as_flags, fake_apptainer, final_model, final_state, launch_records, launcher, log_time, max_param_diff, plain_env,
+    run, run_dir, sacct, squeue_ids, state_of, submit_urgent, tiny_sets, wait_for,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster() -> dict[str, int]:
-    return ensure_cluster()
-
-
-@pytest.fixture(scope="module")
-def epochs_for(cluster, tiny_simulation, tmp_path_factory):
-    """Epochs of the tiny run that take about ``seconds`` of training on this machine now.
-
-    The other engineers' runs share these 2 cores, so the step rate varies ~10x over a day; tests
-    that must catch a running job (preemption, time limit) size their runs from a measured rate."""
-    work = tmp_path_factory.mktemp("calibrate")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": str(cluster["cpus"])}  # fmt: skip
-    out = run([sys.executable, "-m", "rag_hpc.launch", "--cluster", "local", *as_flags(tiny_sets(tiny_simulation, work))],
-              timeout=300, env=env)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    row = next(csv.DictReader((_run_dir(work) / "metrics.csv").open()))
-    steps_per_s = int(row["step"]) / float(row["epoch_seconds"])
-    print(f"\ncalibration: {steps_per_s:.1f} steps/s on the tiny run")
-
-    def epochs(seconds: float, lo: int, hi: int) -> int:
-        return max(lo, min(hi, math.ceil(seconds * steps_per_s / int(row["step"]))))
-
-    return epochs
-
-
-def _records(workdir: Path) -> list[dict]:
-    return json.loads((workdir / "launch.json").read_text())
-
-
-def _run_dir(workdir: Path) -> Path:
-    return workdir / "runs" / "default"
-
-
-def _final_model(workdir: Path) -> dict[str, torch.Tensor]:
-    newest = max((_run_dir(workdir) / "checkpoints").glob("step_*.pt"))
-    return torch.load(newest, weights_only=True)["model"]
 
 
 def _status(workdir: Path) -> tuple[int, str]:
@@ -72,16 +28,12 @@ def _status(workdir: Path) -> tuple[int, str]:
     return out.returncode, out.stdout + out.stderr
 
 
-def _log_time(line: str) -> float:
-    return datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S").timestamp()
-
-
 def test_launch_builds_the_index_array_then_trains_and_a_relaunch_builds_nothing(cluster, tiny_simulation, tmp_path):
     work = tmp_path / "work"
     flags = [*as_flags(tiny_sets(tiny_simulation, work)), "--windows-per-task", "1", "--time", "10"]
     first = launcher(*flags, "--wait")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    record = _records(work)[-1]
+    record = launch_records(work)[-1]
     assert record["windows_todo"] == 3 and record["array_tasks"] == 3 and len(record["array_ids"]) == 1
     array_id, train_id = record["array_ids"][0], record["train_id"]
     tasks = {r[0]: r for r in sacct(array_id, "JobID,State,End")}
@@ -89,18 +41,18 @@ def test_launch_builds_the_index_array_then_trains_and_a_relaunch_builds_nothing
     assert final_state(train_id, 60) == "COMPLETED"
     (train_row,) = sacct(train_id, "JobID,State,Start")
     assert train_row[2] >= max(t[2] for t in tasks.values()), "training started before the index array ended"
-    assert (_run_dir(work) / "metrics.csv").exists() and list((_run_dir(work) / "checkpoints").glob("step_*.pt"))
+    assert (run_dir(work) / "metrics.csv").exists() and list((run_dir(work) / "checkpoints").glob("step_*.pt"))
     for expected in (f"training job: {train_id}", "_%a_0_log.out", "python -m rag_hpc.status --workdir", "RAM per index-array task"):
         assert expected in first.stdout
 
     second = launcher(*flags, "--wait")
     assert second.returncode == 0, second.stderr[-3000:]
-    again = _records(work)[-1]
+    again = launch_records(work)[-1]
     assert again["array_ids"] == [] and again["windows_todo"] == 0
     assert "none (all windows cached)" in second.stdout
     # --wait returns when the result file exists; sacct may say RUNNING a moment longer.
     assert final_state(again["train_id"], 60) == "COMPLETED"
-    assert "resumed from" in (_run_dir(work) / "train.log").read_text()
+    assert "resumed from" in (run_dir(work) / "train.log").read_text()
     rc, text = _status(work)
     assert rc == 0 and "windows cached: 3 / 3" in text and "COMPLETED" in text, text
 
@@ -123,7 +75,7 @@ def test_a_failing_index_task_cancels_training_and_status_says_why(cluster, tiny
 
     out = launcher(*as_flags(sets), "--windows-per-task", "1", "--time", "10")
     assert out.returncode == 0, out.stderr[-3000:]
-    record = _records(work)[-1]
+    record = launch_records(work)[-1]
     array_id = record["array_ids"][0]
     assert final_state(record["train_id"], 120) == "CANCELLED"
     assert final_state(f"{array_id}_1", 60) == "FAILED"
@@ -131,7 +83,7 @@ def test_a_failing_index_task_cancels_training_and_status_says_why(cluster, tiny
     rc, text = _status(work)
     assert rc != 0
     assert f"index task {array_id}_1 FAILED" in text and "cancelled because index task" in text, text
-    assert not (_run_dir(work) / "checkpoints").exists()
+    assert not (run_dir(work) / "checkpoints").exists()
 
 
 def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(cluster, tiny_simulation, tmp_path, epochs_for):
@@ -140,16 +92,14 @@ def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterru
     t_submit = time.time()
     out = launcher(*as_flags(sets), "--cpus-per-task", str(cluster["cpus"]), "--time", "60")
     assert out.returncode == 0, out.stderr[-3000:]
-    train_id = _records(work)[-1]["train_id"]
-    log = _run_dir(work) / "train.log"
+    train_id = launch_records(work)[-1]["train_id"]
+    log = run_dir(work) / "train.log"
     # Preempt as soon as training runs (its signal handlers are in place once the log says so).
     wait_for(lambda: log.exists() and "epoch 0:" in log.read_text(), 180, lambda: f"training to start ({state_of(train_id)})")
     t_urgent = time.time()
-    urgent = run(["sbatch", "--parsable", "-p", "urgent", "-c", "1", "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 2"])
-    assert urgent.returncode == 0, urgent.stderr
-    urgent_id = urgent.stdout.strip().split(";")[0]
+    urgent_id = submit_urgent(tmp_path / "urgent.out")
     assert final_state(urgent_id, 120) == "COMPLETED"
-    assert final_state(train_id, 300) == "COMPLETED", (_run_dir(work) / "train.log").read_text()[-3000:]
+    assert final_state(train_id, 300) == "COMPLETED", (run_dir(work) / "train.log").read_text()[-3000:]
     runs = [r[0] for r in sacct(train_id, "State", all_runs=True)]
     assert runs[-1] == "COMPLETED" and {"REQUEUED", "PREEMPTED"} & set(runs[:-1]), runs
 
@@ -162,51 +112,29 @@ def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterru
     (urgent_row,) = sacct(urgent_id, "Start,End")
     t_urgent_start = datetime.fromisoformat(urgent_row[0]).timestamp()
     print(
-        f"\npreemption timeline (s after submit): training started {_log_time(started) - t_submit:.1f}, "
-        f"urgent submitted {t_urgent - t_submit:.1f}, checkpoint on SIGUSR2 at step {step} {_log_time(stopped) - t_submit:.1f}, "
-        f"urgent ran {t_urgent_start - t_submit:.1f}, requeued+resumed {_log_time(resumed) - t_submit:.1f}, "
-        f"done {_log_time(finished) - t_submit:.1f}; sacct runs {runs}"
+        f"\npreemption timeline (s after submit): training started {log_time(started) - t_submit:.1f}, "
+        f"urgent submitted {t_urgent - t_submit:.1f}, checkpoint on SIGUSR2 at step {step} {log_time(stopped) - t_submit:.1f}, "
+        f"urgent ran {t_urgent_start - t_submit:.1f}, requeued+resumed {log_time(resumed) - t_submit:.1f}, "
+        f"done {log_time(finished) - t_submit:.1f}; sacct runs {runs}"
     )
     assert "SIGUSR2" in stopped
-    job_log = Path(_records(work)[-1]["folder"]) / f"{train_id}_0_log.out"
+    job_log = Path(launch_records(work)[-1]["folder"]) / f"{train_id}_0_log.out"
     assert "this job is preempted" in job_log.read_text(), "submitit took the signal for a timeout"
 
     # The same run without interruption, same seed and thread count, as a plain process.
     ref = tmp_path / "ref"
     ref_sets = [*sets, f"paths.workdir={ref}", f"data.panel_h5={work / 'panel.h5'}"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": str(cluster["cpus"])}  # fmt: skip
-    plain = run([sys.executable, "-m", "rag_hpc.train", *as_flags(ref_sets)], timeout=600, env=env)
+    plain = run([sys.executable, "-m", "rag_hpc.train", *as_flags(ref_sets)], timeout=600, env=plain_env(cluster["cpus"]))
     assert plain.returncode == 0, plain.stderr[-3000:]
-    a, b = _final_model(work), _final_model(ref)
-    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    diff = max_param_diff(final_model(work), final_model(ref))
     print(f"max |param difference| preempted vs uninterrupted: {diff:.3g}")
     assert diff < 1e-5
-
-
-def _fake_apptainer(folder: Path) -> Path:
-    """Stands in for apptainer: drops ``exec --nv --bind ... IMAGE python`` and runs this python with
-    a PATH that has no scontrol, as inside an image."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "python").symlink_to(sys.executable)
-    script = folder / "apptainer"
-    script.write_text(
-        "#!/bin/bash\n"
-        'shift; binds=(); while [ "$1" = --nv ] || [ "$1" = --bind ]; do [ "$1" = --bind ] && { binds+=("$2"); shift; }; shift; done\n'
-        f'shift; shift; echo "fake apptainer: ${{#binds[@]}} binds" >&2\n'
-        f"export PATH={bin_dir}\n"
-        f"export PYTHONPATH={REPO}\n"
-        f'exec {bin_dir}/python "$@"\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
 
 
 def test_time_limit_requeues_from_a_container_without_scontrol_and_finishes(cluster, tiny_simulation, tmp_path, epochs_for):
     odd = tmp_path / "dir with space;echo injected"
     work = odd / "work"
-    apptainer = _fake_apptainer(tmp_path / "fake")
+    apptainer = fake_apptainer(tmp_path / "fake")
     image = odd / "rag hpc.sif"
     image.parent.mkdir(parents=True, exist_ok=True)
     image.write_text("stand-in image")
@@ -216,9 +144,9 @@ def test_time_limit_requeues_from_a_container_without_scontrol_and_finishes(clus
     out = launcher(*as_flags(sets), "--time", "1", "--container", str(image), "--cpus-per-task", "2",
                    env={"RAG_HPC_APPTAINER": str(apptainer)})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    record = _records(work)[-1]
+    record = launch_records(work)[-1]
     train_id = record["train_id"]
-    assert final_state(train_id, 400) == "COMPLETED", (_run_dir(work) / "train.log").read_text()[-3000:]
+    assert final_state(train_id, 400) == "COMPLETED", (run_dir(work) / "train.log").read_text()[-3000:]
     runs = [r[0] for r in sacct(train_id, "State", all_runs=True)]
     job_log = Path(record["folder"]) / f"{train_id}_0_log.err"
     batch_out = Path(record["folder"]) / f"{train_id}_0_log.out"
@@ -233,10 +161,10 @@ def test_a_two_task_training_job_runs_over_gloo(cluster, tiny_simulation, tmp_pa
     work = tmp_path / "work"
     out = launcher(*as_flags(tiny_sets(tiny_simulation, work, None, 1, "cluster.gpus_per_node=2")), "--time", "10", "--wait")
     assert out.returncode == 0, out.stderr[-3000:]
-    record = _records(work)[-1]
+    record = launch_records(work)[-1]
     assert final_state(record["train_id"], 60) == "COMPLETED"
     assert "training job" in out.stdout and "x 2 task(s)" in out.stdout
-    assert "2 rank(s) on cpu (gloo)" in (_run_dir(work) / "train.log").read_text()
+    assert "2 rank(s) on cpu (gloo)" in (run_dir(work) / "train.log").read_text()
 
 
 def test_the_guard_refuses_an_over_budget_plan_and_submits_nothing(cluster, tiny_simulation, tmp_path):
@@ -246,14 +174,3 @@ def test_the_guard_refuses_an_over_budget_plan_and_submits_nothing(cluster, tiny
     assert "OVER" in out.stdout and "RAM per index-array task" in out.stdout and "nothing was submitted" in out.stderr
     assert not (tmp_path / "work" / "launch.json").exists()
     assert squeue_ids() <= before
-
-
-def test_an_unknown_partition_is_a_clear_error(cluster, tiny_simulation, tmp_path):
-    out = launcher(*as_flags(tiny_sets(tiny_simulation, tmp_path / "work")), "--partition", "nosuch")
-    assert out.returncode != 0
-    assert "partition 'nosuch' does not exist" in out.stderr and "gpu" in out.stderr and "urgent" in out.stderr
-
-
-def test_more_gpus_per_node_than_the_nodes_have_is_a_clear_error(cluster, tiny_simulation, tmp_path):
-    out = launcher(*as_flags(tiny_sets(tiny_simulation, tmp_path / "work")), "--gpus-per-node", "8")
-    assert out.returncode != 0 and "--gpus-per-node 8" in out.stderr and "have 2 GPU(s)" in out.stderr

@@ -15,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_helpers import REPO, UNFINISHED, ensure_cluster, run, wait_for
+from tests.slurm_helpers import REPO, UNFINISHED, run, wait_for
 
 submitit = pytest.importorskip("submitit")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster() -> dict[str, int]:
-    return ensure_cluster()
 
 
 def _executor(folder: Path, **params) -> "submitit.AutoExecutor":
