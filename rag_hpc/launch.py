@@ -557,9 +557,14 @@ def main(args: argparse.Namespace) -> int:
     if kind == "local":
         import psutil
 
+        import torch
+
         todo, n_windows = uncached_windows(config)
         mem = parse_bytes(args.mem) if args.mem else psutil.virtual_memory().total
-        guard = run_guard(config, n_windows - len(todo), mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1)
+        # Sized for this machine: training runs on CPU here unless it has a GPU (run_local trains on one).
+        here = config.model_copy(deep=True)
+        here.cluster.gpus_per_node = min(1, torch.cuda.device_count()) if config.train.device != "cpu" else 0
+        guard = run_guard(here, n_windows - len(todo), mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1)
         print(guard.table)
         if not guard.ok:
             print("error: memory guard: over budget on this machine (OVER rows above); nothing was run", file=sys.stderr)
