@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, run_main
-from rag_hpc.fsutil import atomic_write, current_umask
+from rag_hpc.fsutil import atomic_write, save_figure
 from rag_hpc.data.vcf import VcfError, check_container, match_sites
 
 # [lo, hi) except the last, which is closed: MAF is at most 0.5.
@@ -388,18 +387,10 @@ def plot_r2_by_maf(evaluations: dict[str, Evaluation], out_png: Path) -> Path:
     ax.set_title("Imputation accuracy by MAF")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600, widened only as far as the umask allows
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return save_figure(fig, out_png)
     finally:
         plt.close(fig)
-    return out_png
 
 
 def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], *, plot: bool = True, title: str = "Imputation accuracy") -> dict[str, Path]:

@@ -4,11 +4,13 @@ reports): a reader sees the old bytes or the new bytes, never a mix, after any c
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def human_bytes(n: float) -> str:
@@ -72,3 +74,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as ``path`` (format from its suffix) with ``atomic_write``."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip("."))
+    atomic_write(path, buf.getvalue())
+    return path

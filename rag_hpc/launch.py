@@ -73,22 +73,23 @@ class PartitionInfo:
     time_limit: str
 
 
-def slurm_partitions() -> list[str]:
+def _sinfo_partitions() -> list[str]:
+    """Partition names as sinfo lists them, the default one marked with a trailing '*'."""
     out = _run(["sinfo", "-h", "-o", "%P"])
     if out.returncode != 0:
         raise LaunchError(f"sinfo failed: {out.stderr.strip()}")
-    return sorted({p.strip().rstrip("*") for p in out.stdout.split() if p.strip()})
+    return [p for p in out.stdout.split() if p.strip()]
+
+
+def slurm_partitions() -> list[str]:
+    return sorted({p.rstrip("*") for p in _sinfo_partitions()})
 
 
 def default_partition() -> str:
-    out = _run(["sinfo", "-h", "-o", "%P"])
-    for p in out.stdout.split():
-        if p.endswith("*"):
-            return p.rstrip("*")
-    parts = slurm_partitions()
-    if not parts:
+    listed = _sinfo_partitions()
+    if not listed:
         raise LaunchError("sinfo lists no partition")
-    return parts[0]
+    return next((p for p in listed if p.endswith("*")), sorted(listed)[0]).rstrip("*")
 
 
 def _gres_gpus(gres: str) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -48,11 +47,10 @@ def epochs_for(cluster: dict[str, int], tiny_simulation: Path, tmp_path_factory:
     The other engineers' runs share these 2 cores, so the step rate varies ~10x over a day; SLURM
     tests that must catch a running job (preemption, time limit, a dying node) size their runs from
     a rate measured here."""
-    from tests.slurm_helpers import as_flags, plain_env, run, run_dir, tiny_sets
+    from tests.slurm_helpers import as_flags, cli, run_dir, tiny_sets
 
     work = tmp_path_factory.mktemp("calibrate")
-    out = run([sys.executable, "-m", "rag_hpc.launch", "--cluster", "local", *as_flags(tiny_sets(tiny_simulation, work))],
-              timeout=300, env=plain_env(cluster["cpus"]))  # fmt: skip
+    out = cli("launch", "--cluster", "local", *as_flags(tiny_sets(tiny_simulation, work)), env={"OMP_NUM_THREADS": str(cluster["cpus"])})
     assert out.returncode == 0, out.stderr[-2000:]
     row = next(csv.DictReader((run_dir(work) / "metrics.csv").open()))
     steps_per_s = int(row["step"]) / float(row["epoch_seconds"])

@@ -6,9 +6,7 @@ subprocess, exactly as a user would, and checks what SLURM and the run directory
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,15 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_helpers import (
-    REPO, as_flags, fake_apptainer, final_model, final_state, launch_records, launcher, log_time, max_param_diff, plain_env,
-    run, run_dir, sacct, squeue_ids, state_of, submit_urgent, tiny_sets, wait_for,
+    as_flags, cli, fake_apptainer, final_model, final_state, launch_records, launcher, log_time, max_param_diff, run_dir, sacct, squeue_ids, state_of, submit_urgent, tiny_sets, wait_for,
 )
 
 pytestmark = pytest.mark.slow
 
 
 def _status(workdir: Path) -> tuple[int, str]:
-    out = run([sys.executable, "-m", "rag_hpc.status", "--workdir", str(workdir)], env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = cli("status", "--workdir", str(workdir))
     return out.returncode, out.stdout + out.stderr
 
 
@@ -124,7 +121,7 @@ def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterru
     # The same run without interruption, same seed and thread count, as a plain process.
     ref = tmp_path / "ref"
     ref_sets = [*sets, f"paths.workdir={ref}", f"data.panel_h5={work / 'panel.h5'}"]
-    plain = run([sys.executable, "-m", "rag_hpc.train", *as_flags(ref_sets)], timeout=600, env=plain_env(cluster["cpus"]))
+    plain = cli("train", *as_flags(ref_sets), timeout=600, env={"OMP_NUM_THREADS": str(cluster["cpus"])})
     assert plain.returncode == 0, plain.stderr[-3000:]
     diff = max_param_diff(final_model(work), final_model(ref))
     print(f"max |param difference| preempted vs uninterrupted: {diff:.3g}")

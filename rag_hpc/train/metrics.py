@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rag_hpc.fsutil import save_figure
+
 log = logging.getLogger("rag_hpc.train")
 
 MAF_EDGES = (0.0, 0.005, 0.01, 0.05, 0.5)
@@ -179,11 +181,10 @@ def plot_loss_curve(run_dir: Path, out_png: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    try:
+        return save_figure(fig, out_png)
+    finally:
+        plt.close(fig)
 
 
 def open_tensorboard(log_dir: Path, purge_step: int | None) -> Any:
