@@ -35,20 +35,21 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line  # noqa: E402
+from common import machine_line
 
-from rag_hpc.cli import add_config_args  # noqa: E402
-from rag_hpc.config import RagConfig, load_config  # noqa: E402
-from rag_hpc.evaluate import MAF_BINS, Evaluation, bin_label, evaluate, plot_r2_by_maf, write_report  # noqa: E402
+from rag_hpc.cli import add_config_args
+from rag_hpc.config import RagConfig, load_config
+from rag_hpc.evaluate import MAF_BINS, Evaluation, bin_label, evaluate, plot_r2_by_maf, write_report
 
 BEAGLE_JAR = Path("/usr/share/beagle/beagle.jar")
 BEAGLE_INSTALL = "apt-get install -y --no-install-recommends beagle"
@@ -126,8 +127,14 @@ def prepared_panel(work: Path, data: Dataset, config: RagConfig) -> Path:
     out = work / f"panel-{key}.h5"
     if not out.is_file():
         log(f"preparing {out.name} from {data.ref}")
-        prepare_panel(data.ref, out, populations=data.populations, val_fraction=config.data.val_fraction,
-                      split_seed=config.data.split_seed, skip_non_snps=config.data.skip_non_snps)  # fmt: skip
+        prepare_panel(
+            data.ref,
+            out,
+            populations=data.populations,
+            val_fraction=config.data.val_fraction,
+            split_seed=config.data.split_seed,
+            skip_non_snps=config.data.skip_non_snps,
+        )
     return out
 
 
@@ -144,13 +151,19 @@ def train_split_vcf(panel_h5: Path, work: Path) -> Path:
             return out
         log(f"writing the train-split reference {out.name}")
         train = np.flatnonzero(panel.split == SPLIT_TRAIN)
-        with h5py.File(panel_h5, "r") as h5, VcfWriter(out, contig=panel.info.contig, samples=panel.samples[train].tolist(),
-                                                        source="rag_hpc bench: panel train split") as writer:  # fmt: skip
+        with (
+            h5py.File(panel_h5, "r") as h5,
+            VcfWriter(
+                out, contig=panel.info.contig, samples=panel.samples[train].tolist(), source="rag_hpc bench: panel train split"
+            ) as writer,
+        ):
             gt = h5["calldata/GT"]
             step = 4096
             for start in range(0, panel.n_sites, step):
                 stop = min(start + step, panel.n_sites)
-                writer.write_phased(panel.positions[start:stop], panel.ref[start:stop], panel.alt[start:stop], gt[start:stop][:, train, :])
+                writer.write_phased(
+                    panel.positions[start:stop], panel.ref[start:stop], panel.alt[start:stop], gt[start:stop][:, train, :]
+                )
     return out
 
 
@@ -220,7 +233,9 @@ def run_beagle(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> Met
     return result
 
 
-def run_model(config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_vcf: Path, budget_min: float, ambiguous: str) -> MethodResult:
+def run_model(
+    config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_vcf: Path, budget_min: float, ambiguous: str
+) -> MethodResult:
     result = MethodResult("model", "model", info={"budget_min": budget_min})
     from rag_hpc.data.panel import Panel
     from rag_hpc.impute import impute, load_model_predictor
@@ -260,7 +275,7 @@ def guarded(name: str, fn: Callable[[], MethodResult]) -> MethodResult:
     """Run one method; a crash is reported in its column (with the traceback on stderr), not hidden."""
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001: reported, and the bench exits non-zero
+    except Exception as exc:  # noqa: BLE001 - reported, and the bench exits non-zero
         traceback.print_exc()
         return MethodResult(name, name, status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
@@ -276,17 +291,21 @@ def table(results: list[MethodResult]) -> list[str]:
     width = max(14, *(len(r.label) + 2 for r in results))
     lines = [f"{'MAF bin':<16}{'sites':>8}" + "".join(f"{r.label:>{width}}" for r in results)]
     for i, label in enumerate(labels):
-        n = "" if ref_eval is None else f"{(ref_eval.bins + [ref_eval.overall])[i].n_r2:,}"
+        n = "" if ref_eval is None else f"{([*ref_eval.bins, ref_eval.overall])[i].n_r2:,}"
         cells = []
         for r in results:
             if r.evaluation is None:
                 cells.append("n/a")
                 continue
-            b = (r.evaluation.bins + [r.evaluation.overall])[i]
+            b = ([*r.evaluation.bins, r.evaluation.overall])[i]
             cells.append("–" if b.r2 is None else f"{b.r2:.4f}")
         lines.append(f"{label:<16}{n:>8}" + "".join(f"{c:>{width}}" for c in cells))
-    conc = ["n/a" if r.evaluation is None or r.evaluation.overall.nonref_concordance is None
-            else f"{r.evaluation.overall.nonref_concordance:.4f}" for r in results]  # fmt: skip
+    conc = [
+        "n/a"
+        if r.evaluation is None or r.evaluation.overall.nonref_concordance is None
+        else f"{r.evaluation.overall.nonref_concordance:.4f}"
+        for r in results
+    ]
     lines.append(f"{'non-ref conc.':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in conc))
     secs = ["n/a" if r.seconds is None else f"{r.seconds:.1f}" for r in results]
     lines.append(f"{'runtime (s)':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in secs))
@@ -294,8 +313,10 @@ def table(results: list[MethodResult]) -> list[str]:
         if not r.ok:
             lines.append(f"  {r.label}: {r.status}")
     if scored and len({r.evaluation.overall.n_r2 for r in scored if r.evaluation}) > 1:
-        lines.append("  note: methods were scored on different site counts: " + ", ".join(
-            f"{r.label} {r.evaluation.overall.n_r2:,}" for r in scored if r.evaluation))  # fmt: skip
+        lines.append(
+            "  note: methods were scored on different site counts: "
+            + ", ".join(f"{r.label} {r.evaluation.overall.n_r2:,}" for r in scored if r.evaluation)
+        )
     return lines
 
 
@@ -310,7 +331,9 @@ def main() -> int:
     parser.add_argument("--map", type=Path, help="with --ref: PLINK map (cM) for Beagle; default none (1 cM/Mb)")
     parser.add_argument("--budget-min", type=float, default=10.0, help="training time for the model (minutes)")
     parser.add_argument("--k", type=int, default=1, help="nearest-copy baseline: average the k nearest haplotypes")
-    parser.add_argument("--ambiguous", choices=["skip", "keep"], default="skip", help="strand-ambiguous typed sites, for our methods")
+    parser.add_argument(
+        "--ambiguous", choices=["skip", "keep"], default="skip", help="strand-ambiguous typed sites, for our methods"
+    )
     parser.add_argument("--threads", type=int, default=2, help="Beagle nthreads")
     parser.add_argument("--methods", default="nearest,beagle,model", help="comma-separated subset of nearest,beagle,model")
     parser.add_argument("--out", type=Path, help="keep the imputed VCFs, reports and plot here")
@@ -330,8 +353,14 @@ def main() -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if all(given):
-        data = Dataset(f"{args.ref.name} / {args.targets.name}", args.ref.resolve(), args.targets.resolve(), args.truth.resolve(),
-                       args.populations.resolve() if args.populations else None, args.map.resolve() if args.map else None)  # fmt: skip
+        data = Dataset(
+            f"{args.ref.name} / {args.targets.name}",
+            args.ref.resolve(),
+            args.targets.resolve(),
+            args.truth.resolve(),
+            args.populations.resolve() if args.populations else None,
+            args.map.resolve() if args.map else None,
+        )
     else:
         data = simulated_dataset(work, args.seed)
     t0 = time.perf_counter()
@@ -343,9 +372,10 @@ def main() -> int:
 
     with Panel(panel_h5) as panel:
         data.facts.update(
-            panel_samples=panel.n_samples, reference_haplotypes=int((panel.haplotype_split() == SPLIT_TRAIN).sum()),
+            panel_samples=panel.n_samples,
+            reference_haplotypes=int((panel.haplotype_split() == SPLIT_TRAIN).sum()),
             panel_sites=panel.n_sites,
-        )  # fmt: skip
+        )
 
     outputs = work / "outputs"
     outputs.mkdir(exist_ok=True)
@@ -353,17 +383,24 @@ def main() -> int:
     for method in methods:
         log(f"--- {method}")
         if method == "nearest":
-            results.append(guarded(method, lambda: run_nearest(config, panel_h5, data, outputs / "nearest.vcf.gz", args.k, args.ambiguous)))
+            results.append(
+                guarded(method, lambda: run_nearest(config, panel_h5, data, outputs / "nearest.vcf.gz", args.k, args.ambiguous))
+            )
         elif method == "beagle":
             assert ref_vcf is not None
             results.append(guarded(method, lambda: run_beagle(ref_vcf, data, outputs, args.threads)))
         else:
-            results.append(guarded(method, lambda: run_model(config, panel_h5, data, work, outputs / "model.vcf.gz", args.budget_min, args.ambiguous)))
+            results.append(
+                guarded(
+                    method,
+                    lambda: run_model(config, panel_h5, data, work, outputs / "model.vcf.gz", args.budget_min, args.ambiguous),
+                )
+            )
         r = results[-1]
         if r.ok and r.vcf is not None:
             try:
                 r.evaluation = evaluate(r.vcf, data.truth, panel_h5, exclude_sites_vcf=data.targets)
-            except Exception as exc:  # noqa: BLE001: reported in the column
+            except Exception as exc:  # noqa: BLE001 - reported in the column
                 traceback.print_exc()
                 r.status = f"failed: evaluation: {exc}"
 
@@ -383,13 +420,17 @@ def main() -> int:
             plot_r2_by_maf(scored, out / "r2_by_maf.png")  # type: ignore[arg-type]
 
     facts = data.facts
-    print(f"accuracy bench: {data.name}: {facts['panel_samples']:,} panel samples ({facts['reference_haplotypes']:,} train-split "
-          f"haplotypes = every method's reference), {facts['panel_sites']:,} panel sites; typed array sites left out of the scores")  # fmt: skip
+    print(
+        f"accuracy bench: {data.name}: {facts['panel_samples']:,} panel samples ({facts['reference_haplotypes']:,} train-split "
+        f"haplotypes = every method's reference), {facts['panel_sites']:,} panel sites; typed array sites left out of the scores"
+    )
     print(f"machine: {machine_line()}")
     first = next((r.evaluation for r in results if r.evaluation is not None), None)
     if first is not None:
-        print(f"targets: {first.samples['matched']:,} samples; sites scored: {first.sites['compared']:,} compared, "
-              f"{first.sites['monomorphic_in_truth']:,} monomorphic in the truth left out, {first.sites['typed_excluded']:,} typed left out")  # fmt: skip
+        print(
+            f"targets: {first.samples['matched']:,} samples; sites scored: {first.sites['compared']:,} compared, "
+            f"{first.sites['monomorphic_in_truth']:,} monomorphic in the truth left out, {first.sites['typed_excluded']:,} typed left out"
+        )
     print("mean dosage r² by panel MAF (sites = sites with an r²)")
     for line in table(results):
         print(line)

@@ -45,7 +45,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line  # noqa: E402
+from common import machine_line
 
 LOW, HIGH = 0.9, 1.25  # predicted / measured: never under by more than 10 %, never over by more than 25 %
 POLL_S = 0.01
@@ -84,33 +84,102 @@ CASES = [
     Case("index 5,008x32,704, 64/task", "index", KGP64, ("index.windows_per_task=64",)),
     Case("index 20,000x4,088, 8/task", "index", WIDE, ("index.windows_per_task=8",)),
     # Validation (40 haplotypes in one no-grad forward) outweighs the training step of 16.
-    Case("train D32 L2 B16 k2, 400 haps", "train", SMALL,
-         (*SHORT, "model.dims=32", "model.layers=2", "model.heads=4", "model.k=2", "train.batch_size=16",
-          "train.checkpoint_every_steps=10")),
-    Case("train D64 L4 B32 k4, 400 haps", "train", SMALL,
-         (*SHORT, "model.dims=64", "model.layers=4", "model.heads=4", "model.k=4", "train.batch_size=32",
-          "train.checkpoint_every_steps=5")),
+    Case(
+        "train D32 L2 B16 k2, 400 haps",
+        "train",
+        SMALL,
+        (
+            *SHORT,
+            "model.dims=32",
+            "model.layers=2",
+            "model.heads=4",
+            "model.k=2",
+            "train.batch_size=16",
+            "train.checkpoint_every_steps=10",
+        ),
+    ),
+    Case(
+        "train D64 L4 B32 k4, 400 haps",
+        "train",
+        SMALL,
+        (
+            *SHORT,
+            "model.dims=64",
+            "model.layers=4",
+            "model.heads=4",
+            "model.k=4",
+            "train.batch_size=32",
+            "train.checkpoint_every_steps=5",
+        ),
+    ),
     # A wide panel at full window length: 4 windows resident (mix_windows), 8 steps; an epoch would be
     # 1,124 steps, so no validation, and train.val_batch_size=8 keeps the guard's validation term below
     # the training step's.
-    Case("train D96 L3 B16 k8, 5,008 haps", "train", KGP4,
-         ("model.dims=96", "model.layers=3", "model.heads=4", "model.k=8", "train.batch_size=16", "train.max_steps=8",
-          "train.val_batch_size=8", "train.checkpoint_every_steps=2")),
+    Case(
+        "train D96 L3 B16 k8, 5,008 haps",
+        "train",
+        KGP4,
+        (
+            "model.dims=96",
+            "model.layers=3",
+            "model.heads=4",
+            "model.k=8",
+            "train.batch_size=16",
+            "train.max_steps=8",
+            "train.val_batch_size=8",
+            "train.checkpoint_every_steps=2",
+        ),
+    ),
     # Held out: sizes and configs not among the cases above, which the guard's measured constants were
     # fitted on; they show whether the model generalises rather than memorises. The first run of
     # "D128 k16" over-predicted 1.54x (validation's retrieved embeddings costed as in training, with
     # autograd's saved tensors), which gave RETRIEVED_BYTES_NO_GRAD; "D96 k12" was added after that.
     Case("held out: index 3,000x6,132, 12/task", "index", KGP12_3K, ("index.windows_per_task=12",)),
-    Case("held out: train D128 L2 B8 k16", "train", SMALL,
-         (*SHORT, "model.dims=128", "model.layers=2", "model.heads=4", "model.k=16", "train.batch_size=8",
-          "train.checkpoint_every_steps=15", "train.tensorboard=false")),
-    Case("held out: train D96 L2 B8 k12", "train", SMALL,
-         (*SHORT, "model.dims=96", "model.layers=2", "model.heads=4", "model.k=12", "train.batch_size=8",
-          "train.checkpoint_every_steps=20")),
-    Case("held out: train D48 L6 B24 k3", "train", SMALL,
-         (*SHORT, "model.dims=48", "model.layers=6", "model.heads=4", "model.k=3", "train.batch_size=24",
-          "train.val_batch_size=16", "train.checkpoint_every_steps=5")),
-]  # fmt: skip
+    Case(
+        "held out: train D128 L2 B8 k16",
+        "train",
+        SMALL,
+        (
+            *SHORT,
+            "model.dims=128",
+            "model.layers=2",
+            "model.heads=4",
+            "model.k=16",
+            "train.batch_size=8",
+            "train.checkpoint_every_steps=15",
+            "train.tensorboard=false",
+        ),
+    ),
+    Case(
+        "held out: train D96 L2 B8 k12",
+        "train",
+        SMALL,
+        (
+            *SHORT,
+            "model.dims=96",
+            "model.layers=2",
+            "model.heads=4",
+            "model.k=12",
+            "train.batch_size=8",
+            "train.checkpoint_every_steps=20",
+        ),
+    ),
+    Case(
+        "held out: train D48 L6 B24 k3",
+        "train",
+        SMALL,
+        (
+            *SHORT,
+            "model.dims=48",
+            "model.layers=6",
+            "model.heads=4",
+            "model.k=3",
+            "train.batch_size=24",
+            "train.val_batch_size=16",
+            "train.checkpoint_every_steps=5",
+        ),
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,16 +215,24 @@ def predict(overrides: list[str]) -> dict[str, Any]:
     config = load_config(overrides=overrides)
     todo, n_windows = uncached_windows(config)
     guard = run_guard(config, n_windows - len(todo), mem=None, gpu_mem=None, tasks_per_node=1)
-    first_task = window_ranges(todo, config.index.windows_per_task)[0] if todo else []
-    return {"first_task": first_task, "n_windows": n_windows, "plan": asdict(guard.plan), "estimate": asdict(guard.estimate),
-            "run_dir": str(config.train.resolved_run_dir(config.paths.workdir)), "cache": str(config.paths.cache)}  # fmt: skip
+    first_task = window_ranges(list(todo), config.index.windows_per_task)[0] if todo else []
+    return {
+        "first_task": first_task,
+        "n_windows": n_windows,
+        "plan": asdict(guard.plan),
+        "estimate": asdict(guard.estimate),
+        "run_dir": str(config.train.resolved_run_dir(config.paths.workdir)),
+        "cache": str(config.paths.cache),
+    }
 
 
 def child(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     t0 = time.perf_counter()
     if spec["kind"] == "setup":
-        out: dict[str, Any] = {"panels": {p["name"]: make_panel(Path(spec["work"]), PanelSpec(**p), spec["seed"]) for p in spec["panels"]}}
+        out: dict[str, Any] = {
+            "panels": {p["name"]: make_panel(Path(spec["work"]), PanelSpec(**p), spec["seed"]) for p in spec["panels"]}
+        }
     elif spec["kind"] == "predict":
         out = {"cases": {name: predict(overrides) for name, overrides in spec["cases"].items()}}
     else:
@@ -265,8 +342,12 @@ def run_cases(cases: list[Case], work: Path, seed: int, cores: int) -> list[dict
         case_dir = case_dirs[case.name] = work / "cases" / re.sub(r"[^A-Za-z0-9.+-]+", "_", case.name)
         shutil.rmtree(case_dir, ignore_errors=True)
         panel = made[case.panel.name]
-        overrides[case.name] = [f"data.panel_h5={panel['panel_h5']}", f"paths.workdir={case_dir}", "cluster.gpus_per_node=0",
-                                *case.overrides]  # fmt: skip
+        overrides[case.name] = [
+            f"data.panel_h5={panel['panel_h5']}",
+            f"paths.workdir={case_dir}",
+            "cluster.gpus_per_node=0",
+            *case.overrides,
+        ]
         if case.targets:
             overrides[case.name].append(f"data.targets_vcf={Path(panel['sim']) / 'targets.array.vcf.gz'}")
         if case.kind == "train":
@@ -304,12 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory guard: predicted vs measured, {args.cores} thread(s) per job; {machine_line()}")
     print(f"{'case':<40}{'RSS pred MB':>12}{'meas MB':>9}{'ratio':>7}{'disk pred MB':>14}{'meas MB':>9}{'ratio':>7}  ok")
     for r in rows:
-        print(f"{r['name']:<40}{r['predicted_rss_mb']:>12.1f}{r['measured_rss_mb']:>9.1f}{r['rss_ratio']:>7.2f}"
-              f"{r['predicted_disk_mb']:>14.2f}{r['measured_disk_mb']:>9.2f}{r['disk_ratio']:>7.2f}  "
-              f"{'yes' if r['within_bounds'] else 'NO'}")  # fmt: skip
+        print(
+            f"{r['name']:<40}{r['predicted_rss_mb']:>12.1f}{r['measured_rss_mb']:>9.1f}{r['rss_ratio']:>7.2f}"
+            f"{r['predicted_disk_mb']:>14.2f}{r['measured_disk_mb']:>9.2f}{r['disk_ratio']:>7.2f}  "
+            f"{'yes' if r['within_bounds'] else 'NO'}"
+        )
     ok = all(r["within_bounds"] for r in rows)
-    print(f"bounds: predicted/measured in [{LOW}, {HIGH}]; all within: {'yes' if ok else 'NO'}; "
-          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(f"bounds: predicted/measured in [{LOW}, {HIGH}]; all within: {'yes' if ok else 'NO'}; {time.perf_counter() - t0:.0f} s")
     if args.json:
         print(json.dumps({"bench": "guard", "cases": rows, "all_within_bounds": ok, "machine": machine_line()}))
     return 0

@@ -29,8 +29,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -39,7 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rag_hpc.index.lxd import (  # noqa: E402
+from common import cpu_model
+
+from rag_hpc.index.lxd import (
     lxd_bytes,
     lxd_embed,
     lxd_exact_distances,
@@ -47,13 +50,13 @@ from rag_hpc.index.lxd import (  # noqa: E402
     lxd_tolerance,
     topk_agreement,
 )
-from rag_hpc.index.retrieval import FixedMaskIndex, embedding_site_weights, masked_topk  # noqa: E402
-from rag_hpc.model.embedding import SiteEmbedding  # noqa: E402
-from common import cpu_model  # noqa: E402
+from rag_hpc.index.retrieval import FixedMaskIndex, embedding_site_weights, masked_topk
+from rag_hpc.model.embedding import SiteEmbedding
 
 
-def ld_haplotypes(rng: np.random.Generator, n: int, sites: int, founders: int = 16,
-                  switch: float = 0.002, mutation: float = 0.001) -> np.ndarray:
+def ld_haplotypes(
+    rng: np.random.Generator, n: int, sites: int, founders: int = 16, switch: float = 0.002, mutation: float = 0.001
+) -> np.ndarray:
     """Mosaics of a few founder haplotypes (recombination) with rare allele flips (mutation).
 
     Same model as tests/test_retrieval.py; rates per site scaled so a 511-site window sees about
@@ -91,8 +94,9 @@ def median_build_s(fn: Callable[[], Any], repeats: int = 5) -> tuple[Any, float]
     return out, ms / 1000.0
 
 
-def agreement_with_lxd(truth: np.ndarray, tol: float, idx: np.ndarray, dist: np.ndarray,
-                       lxd_idx: np.ndarray, lxd_dist: np.ndarray) -> tuple[list[str | None], int, int]:
+def agreement_with_lxd(
+    truth: np.ndarray, tol: float, idx: np.ndarray, dist: np.ndarray, lxd_idx: np.ndarray, lxd_dist: np.ndarray
+) -> tuple[list[str | None], int, int]:
     """Tie-aware agreement of one method with the L×D definition and the L×D index's own answer.
 
     Per query: the method passes topk_agreement against the exact L×D distances, its sorted
@@ -149,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     (lxd_dist, lxd_idx), search_ms = median_ms(
         lambda: lxd_index.search(lxd_embed(embedding, queries, observed, af), k), args.repeats
     )
-    methods["lxd"] = {"name": "L×D IndexFlatL2 (predecessor)", "bytes": lxd_bytes(n_ref, length, dims),
-                      "build_s": build_s, "search_ms": search_ms}
+    methods["lxd"] = {
+        "name": "L×D IndexFlatL2 (predecessor)",
+        "bytes": lxd_bytes(n_ref, length, dims),
+        "build_s": build_s,
+        "search_ms": search_ms,
+    }
     lxd_index.reset()  # frees its ~2 GB before the compact methods are timed
 
     # (ii) compact FAISS index on the observed sites
@@ -160,33 +168,52 @@ def main(argv: list[str] | None = None) -> int:
 
     compact, build_s = median_build_s(lambda: build_compact("flat"))
     (c_dist, c_idx), search_ms = median_ms(lambda: compact.search(queries, k), 5 * args.repeats)
-    methods["compact"] = {"name": "compact FixedMaskIndex (flat)", "bytes": compact.nbytes,
-                          "build_s": build_s, "search_ms": search_ms}
+    methods["compact"] = {
+        "name": "compact FixedMaskIndex (flat)",
+        "bytes": compact.nbytes,
+        "build_s": build_s,
+        "search_ms": search_ms,
+    }
     ivf, build_s = median_build_s(lambda: build_compact("ivf"))
     (v_dist, v_idx), search_ms = median_ms(lambda: ivf.search(queries, k), 5 * args.repeats)
-    methods["compact_ivf"] = {"name": "compact IVF nprobe 16/64 (approx.)", "bytes": ivf.nbytes,
-                              "build_s": build_s, "search_ms": search_ms, "approximate": True}
+    methods["compact_ivf"] = {
+        "name": "compact IVF nprobe 16/64 (approx.)",
+        "bytes": ivf.nbytes,
+        "build_s": build_s,
+        "search_ms": search_ms,
+        "approximate": True,
+    }
 
     # (iii) the GEMM on alleles: "building" is computing the site weights
     ref_t, q_t, obs_t = torch.from_numpy(reference), torch.from_numpy(queries), torch.from_numpy(observed)
     weights, build_s = median_build_s(lambda: embedding_site_weights(embedding, af))
     (g_dist, g_idx), search_ms = median_ms(lambda: masked_topk(q_t, obs_t, ref_t, weights, k), 5 * args.repeats)
-    methods["gemm"] = {"name": "masked_topk GEMM (uint8 alleles)", "bytes": reference.nbytes,
-                       "build_s": build_s, "search_ms": search_ms}
+    methods["gemm"] = {
+        "name": "masked_topk GEMM (uint8 alleles)",
+        "bytes": reference.nbytes,
+        "build_s": build_s,
+        "search_ms": search_ms,
+    }
 
     # Agreement with the L×D definition (exact float64 distances of the L×D embeddings)
     truth, truth_s = timed(lambda: lxd_exact_distances(embedding, queries, reference, observed, af))
     sorted_truth = np.sort(truth, axis=1)
     ties_at_kth = int((sorted_truth[:, k] - sorted_truth[:, k - 1] <= tol).sum())
-    results = {"lxd": (lxd_dist, lxd_idx), "compact": (c_dist.numpy(), c_idx.numpy()),
-               "compact_ivf": (v_dist.numpy(), v_idx.numpy()), "gemm": (g_dist.numpy(), g_idx.numpy())}
+    results = {
+        "lxd": (lxd_dist, lxd_idx),
+        "compact": (c_dist.numpy(), c_idx.numpy()),
+        "compact_ivf": (v_dist.numpy(), v_idx.numpy()),
+        "gemm": (g_dist.numpy(), g_idx.numpy()),
+    }
     for key, (dist, idx) in results.items():
         report, same_sets, same_lists = agreement_with_lxd(truth, tol, idx, dist, lxd_idx, lxd_dist)
         problems = [p for p in report if p is not None]
-        methods[key].update(agree=n_q - len(problems), same_sets_as_lxd=same_sets, same_lists_as_lxd=same_lists,
-                            problems=problems[:3])
-    gemm_equals_compact = bool(np.array_equal(results["gemm"][1], results["compact"][1])
-                               and np.array_equal(results["gemm"][0], results["compact"][0]))
+        methods[key].update(
+            agree=n_q - len(problems), same_sets_as_lxd=same_sets, same_lists_as_lxd=same_lists, problems=problems[:3]
+        )
+    gemm_equals_compact = bool(
+        np.array_equal(results["gemm"][1], results["compact"][1]) and np.array_equal(results["gemm"][0], results["compact"][0])
+    )
 
     # Per-query masks: GEMM vs L×D, each query under its own mask
     n_sub = min(args.per_query_subset, n_q)
@@ -204,34 +231,50 @@ def main(argv: list[str] | None = None) -> int:
     speedup_gemm = lxd_total_ms / (1000 * gemm["build_s"] + gemm["search_ms"])
     topk_identical = comp["agree"] == n_q and gemm["agree"] == n_q and not pq_problems
     machine = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(), "torch": torch.__version__, "faiss": faiss.__version__,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
         "python": platform.python_version(),
     }
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    print(f"window: {n_ref} haplotypes x {length} sites, D={dims}, {int(observed.sum())} sites observed (fixed mask), "
-          f"{n_q} queries, k={k}, seed {args.seed}")
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores (torch {machine['torch_threads']} threads, "
-          f"faiss {machine['faiss_threads']})")
-    print(f"tie-aware tolerance {tol:.3g} (distances up to ~{sorted_truth[:, k - 1].max():.0f}); "
-          f"queries whose k-th and (k+1)-th true distances tie within it: {ties_at_kth}/{n_q}")
+    print(
+        f"window: {n_ref} haplotypes x {length} sites, D={dims}, {int(observed.sum())} sites observed (fixed mask), "
+        f"{n_q} queries, k={k}, seed {args.seed}"
+    )
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores (torch {machine['torch_threads']} threads, "
+        f"faiss {machine['faiss_threads']})"
+    )
+    print(
+        f"tie-aware tolerance {tol:.3g} (distances up to ~{sorted_truth[:, k - 1].max():.0f}); "
+        f"queries whose k-th and (k+1)-th true distances tie within it: {ties_at_kth}/{n_q}"
+    )
     print()
     head = f"{'method':36} {'bytes/window':>14} {'build s':>9} {'search ms':>10} {'agree':>7} {'same set':>9} {'same list':>9}"
     print(head)
     print("-" * len(head))
     for m in methods.values():
         mb = m["bytes"] / 1e6
-        print(f"{m['name']:36} {mb:>11.2f} MB {m['build_s']:>9.3f} {m['search_ms']:>10.2f} "
-              f"{m['agree']:>3}/{n_q:<3} {m['same_sets_as_lxd']:>5}/{n_q:<3} {m['same_lists_as_lxd']:>5}/{n_q:<3}")
+        print(
+            f"{m['name']:36} {mb:>11.2f} MB {m['build_s']:>9.3f} {m['search_ms']:>10.2f} "
+            f"{m['agree']:>3}/{n_q:<3} {m['same_sets_as_lxd']:>5}/{n_q:<3} {m['same_lists_as_lxd']:>5}/{n_q:<3}"
+        )
     print()
     print(f"bytes ratio L×D / compact: {bytes_ratio:,.0f}x    (L×D / GEMM alleles: {lxd['bytes'] / gemm['bytes']:,.0f}x)")
     print(f"build+search speedup vs L×D: compact {speedup:,.0f}x, GEMM {speedup_gemm:,.0f}x")
-    print(f"top-k identical to L×D (tie-aware, all {n_q} queries, compact and GEMM): {topk_identical}; "
-          f"compact == GEMM bit for bit: {gemm_equals_compact}")
-    print(f"per-query masks (subset of {n_sub}: each needs its own L×D embedding of all {n_ref} references, "
-          f"{pq_truth_s / n_sub:.1f} s per query here): GEMM agrees on {n_sub - len(pq_problems)}/{n_sub}, "
-          f"{pq_ms:.2f} ms for the {n_sub}")
+    print(
+        f"top-k identical to L×D (tie-aware, all {n_q} queries, compact and GEMM): {topk_identical}; "
+        f"compact == GEMM bit for bit: {gemm_equals_compact}"
+    )
+    print(
+        f"per-query masks (subset of {n_sub}: each needs its own L×D embedding of all {n_ref} references, "
+        f"{pq_truth_s / n_sub:.1f} s per query here): GEMM agrees on {n_sub - len(pq_problems)}/{n_sub}, "
+        f"{pq_ms:.2f} ms for the {n_sub}"
+    )
     print(f"exact L×D distances for the agreement check: {truth_s:.1f} s; peak RSS {peak_rss_mb:,.0f} MB")
     for key, m in methods.items():
         for p in m["problems"]:
@@ -247,13 +290,24 @@ def main(argv: list[str] | None = None) -> int:
             "topk_identical": topk_identical,
             "compact_equals_gemm": gemm_equals_compact,
             "methods": methods,
-            "per_query_masks": {"queries": n_sub, "agree": n_sub - len(pq_problems), "gemm_ms": pq_ms,
-                                "lxd_truth_s_per_query": pq_truth_s / n_sub, "subset_reason":
-                                "each query's mask needs its own L×D embedding of every reference"},
+            "per_query_masks": {
+                "queries": n_sub,
+                "agree": n_sub - len(pq_problems),
+                "gemm_ms": pq_ms,
+                "lxd_truth_s_per_query": pq_truth_s / n_sub,
+                "subset_reason": "each query's mask needs its own L×D embedding of every reference",
+            },
             "ties_at_kth": ties_at_kth,
             "tolerance": tol,
-            "config": {"haplotypes": n_ref, "sites": length, "dims": dims, "queries": n_q, "k": k,
-                       "seed": args.seed, "observed_sites": int(observed.sum())},
+            "config": {
+                "haplotypes": n_ref,
+                "sites": length,
+                "dims": dims,
+                "queries": n_q,
+                "k": k,
+                "seed": args.seed,
+                "observed_sites": int(observed.sum()),
+            },
             "machine": machine,
             "peak_rss_mb": peak_rss_mb,
         }

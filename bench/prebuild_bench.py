@@ -29,10 +29,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line  # noqa: E402
+from common import machine_line
 
-from rag_hpc.config import load_config  # noqa: E402
-from rag_hpc.data.panel import Panel  # noqa: E402
+from rag_hpc.config import load_config
+from rag_hpc.data.panel import Panel
 
 
 def tile_panel(src: Path, dst: Path, n_sites: int) -> None:
@@ -54,8 +54,11 @@ def tile_panel(src: Path, dst: Path, n_sites: int) -> None:
                 fout.create_dataset(f"variants/{name}", data=np.tile(fin[f"variants/{name}"][:], reps)[:n_sites])
         src_gt = fin["calldata/GT"]
         gt = fout.create_dataset(
-            "calldata/GT", shape=(n_sites, *src_gt.shape[1:]), dtype=src_gt.dtype,
-            chunks=src_gt.chunks, compression=src_gt.compression,
+            "calldata/GT",
+            shape=(n_sites, *src_gt.shape[1:]),
+            dtype=src_gt.dtype,
+            chunks=src_gt.chunks,
+            compression=src_gt.compression,
         )
         step = src_gt.chunks[0] * 8
         for start in range(0, n_sites, step):
@@ -67,7 +70,7 @@ def tile_panel(src: Path, dst: Path, n_sites: int) -> None:
     dst.with_suffix(".tmp").rename(dst)
 
 
-def _build(config_overrides: list[str], cores: int, queue: "mp.Queue[dict]") -> None:
+def _build(config_overrides: list[str], cores: int, queue: mp.Queue[dict]) -> None:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     import faiss
     import torch
@@ -80,12 +83,14 @@ def _build(config_overrides: list[str], cores: int, queue: "mp.Queue[dict]") -> 
     t0 = time.perf_counter()
     results = build_windows(config, progress=False)
     seconds = time.perf_counter() - t0
-    queue.put({
-        "seconds": seconds,
-        "windows": len(results),
-        "built": sum(r.status == "built" for r in results),
-        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    })
+    queue.put(
+        {
+            "seconds": seconds,
+            "windows": len(results),
+            "built": sum(r.status == "built" for r in results),
+            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
 
 
 def run_build(config_overrides: list[str], cores: int) -> dict:

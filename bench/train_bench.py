@@ -43,14 +43,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line  # noqa: E402
-from index_bench import ld_haplotypes  # noqa: E402
+from common import machine_line
+from index_bench import ld_haplotypes
 
-from rag_hpc.config import MaskConfig, ModelConfig, TrainConfig  # noqa: E402
-from rag_hpc.data.masks import train_mask  # noqa: E402
-from rag_hpc.model.rag import RagImputer, imputation_loss  # noqa: E402
-from rag_hpc.train.distributed import resolve_device  # noqa: E402
-from rag_hpc.train.trainer import build_optimizer, forward_batch, window_data  # noqa: E402
+from rag_hpc.config import MaskConfig, ModelConfig, TrainConfig
+from rag_hpc.data.masks import train_mask
+from rag_hpc.model.rag import RagImputer, imputation_loss
+from rag_hpc.train.distributed import resolve_device
+from rag_hpc.train.trainer import build_optimizer, forward_batch, window_data
 
 # Dense tensor-core peaks (FLOP/s) by device-name fragment: (bf16, tf32). SXM figures for H100/H200.
 PEAKS = {
@@ -61,7 +61,17 @@ PEAKS = {
     "L40S": (362.05e12, 183.0e12),
 }
 
-GPU_DEFAULTS = {"dims": 192, "layers": 10, "heads": 6, "batch": 32, "seq": 512, "k": 1, "steps": 50, "warmup": 10, "panel_haps": 4508}
+GPU_DEFAULTS = {
+    "dims": 192,
+    "layers": 10,
+    "heads": 6,
+    "batch": 32,
+    "seq": 512,
+    "k": 1,
+    "steps": 50,
+    "warmup": 10,
+    "panel_haps": 4508,
+}
 CPU_DEFAULTS = {"dims": 64, "layers": 2, "heads": 4, "batch": 8, "seq": 512, "k": 1, "steps": 20, "warmup": 3, "panel_haps": 1000}
 
 
@@ -136,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     all_ids = np.arange(args.panel_haps, dtype=np.int64)
     data = window_data(0, panel, af, all_ids, device)  # the whole synthetic panel is the reference
 
-    model_cfg = ModelConfig(dims=args.dims, layers=args.layers, heads=args.heads, k=args.k,
-                            activation_checkpointing=args.activation_checkpointing)  # fmt: skip
+    model_cfg = ModelConfig(
+        dims=args.dims, layers=args.layers, heads=args.heads, k=args.k, activation_checkpointing=args.activation_checkpointing
+    )
     masks_cfg = MaskConfig(levels=[0.5])
     train_cfg = TrainConfig()
     torch.manual_seed(args.seed)
@@ -191,9 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "train_step",
         "machine": machine_line(),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "config": {"dims": args.dims, "layers": args.layers, "heads": args.heads, "batch": args.batch, "seq": args.seq,
-                   "k": args.k, "panel_haps": args.panel_haps, "bf16": args.bf16,
-                   "activation_checkpointing": args.activation_checkpointing, "threads": torch.get_num_threads()},
+        "config": {
+            "dims": args.dims,
+            "layers": args.layers,
+            "heads": args.heads,
+            "batch": args.batch,
+            "seq": args.seq,
+            "k": args.k,
+            "panel_haps": args.panel_haps,
+            "bf16": args.bf16,
+            "activation_checkpointing": args.activation_checkpointing,
+            "threads": torch.get_num_threads(),
+        },
         "parameters": n_params,
         "timed_batches": args.steps,
         "ms_per_batch": round(ms, 3),
@@ -207,14 +227,20 @@ def main(argv: list[str] | None = None) -> int:
         "achieved_tflops": round(train_flops / (ms / 1000.0) / 1e12, 4),
         "mfu": round(mfu, 4) if mfu is not None else None,
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-    }  # fmt: skip
+    }
     print(f"{row['machine']}; {row['device']}")
-    print(f"model: dims {args.dims}, layers {args.layers}, heads {args.heads}, k {args.k}, seq {args.seq}, "
-          f"batch {args.batch}, bf16 {'on' if args.bf16 else 'off'}: {n_params:,} parameters; panel {args.panel_haps} haplotypes")  # fmt: skip
-    print(f"{row['ms_per_batch']:.1f} ms/batch (median of {args.steps}, {row['includes']}), "
-          f"{row['samples_per_s']:.1f} samples/s, {row['tokens_per_s']:.0f} tokens/s")  # fmt: skip
-    print(f"peak memory {row['peak_memory_mib']:.0f} MiB ({mem_kind}); model FLOPs {train_flops / 1e9:.2f} GFLOP/batch, "
-          f"{row['achieved_tflops']:.3f} TFLOP/s" + (f", MFU {100 * mfu:.1f} %" if mfu is not None else ", MFU n/a (no GPU peak)"))  # fmt: skip
+    print(
+        f"model: dims {args.dims}, layers {args.layers}, heads {args.heads}, k {args.k}, seq {args.seq}, "
+        f"batch {args.batch}, bf16 {'on' if args.bf16 else 'off'}: {n_params:,} parameters; panel {args.panel_haps} haplotypes"
+    )
+    print(
+        f"{row['ms_per_batch']:.1f} ms/batch (median of {args.steps}, {row['includes']}), "
+        f"{row['samples_per_s']:.1f} samples/s, {row['tokens_per_s']:.0f} tokens/s"
+    )
+    print(
+        f"peak memory {row['peak_memory_mib']:.0f} MiB ({mem_kind}); model FLOPs {train_flops / 1e9:.2f} GFLOP/batch, "
+        f"{row['achieved_tflops']:.3f} TFLOP/s" + (f", MFU {100 * mfu:.1f} %" if mfu is not None else ", MFU n/a (no GPU peak)")
+    )
     if args.json:
         print(json.dumps(row))
     return 0

@@ -9,8 +9,9 @@ config otherwise surfaces hours later inside a job.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,9 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-
-class ConfigError(ValueError):
-    """A config that cannot work; the message names each offending field."""
+# Re-exported: ``from rag_hpc.config import ConfigError`` is where callers have always found it.
+from rag_hpc.errors import ConfigError as ConfigError
 
 
 def _no_control_characters(path: Path) -> Path:
@@ -67,7 +67,7 @@ class WindowConfig(_Section):
     max_seq_len: int = Field(512, gt=1, description="model sequence length: SOS + window_size must fit")
 
     @model_validator(mode="after")
-    def _fits(self) -> "WindowConfig":
+    def _fits(self) -> WindowConfig:
         if self.window_size + 1 > self.max_seq_len:
             raise ValueError(
                 f"window_size + 1 > max_seq_len ({self.window_size} + 1 > {self.max_seq_len}): "
@@ -88,17 +88,21 @@ class MaskConfig(_Section):
     epochs_per_level: int = Field(2, gt=0)
     val_rate: float = Field(0.5, gt=0.0, lt=1.0, description="fixed validation mask rate")
     array_share: float = Field(
-        0.5, ge=0.0, le=1.0,
+        0.5,
+        ge=0.0,
+        le=1.0,
         description="share of training haplotypes masked like a genotyping array (only typed sites observed), "
         "the way imputation queries look",
     )
     array_density: float = Field(
-        0.025, gt=0.0, le=1.0,
+        0.025,
+        gt=0.0,
+        le=1.0,
         description="sites typed by the simulated array when no target VCF is configured (common sites only)",
     )
 
     @model_validator(mode="after")
-    def _rates(self) -> "MaskConfig":
+    def _rates(self) -> MaskConfig:
         bad = [r for r in self.levels if not 0.0 < r < 1.0]
         if bad:
             raise ValueError(f"levels must lie in (0, 1); got {bad}")
@@ -111,7 +115,9 @@ class ModelConfig(_Section):
     heads: int = Field(6, gt=0)
     k: int = Field(1, gt=0, description="reference haplotypes retrieved per query")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    activation_checkpointing: bool = Field(False, description="recompute encoder activations in backward: less memory, ~30% more compute")
+    activation_checkpointing: bool = Field(
+        False, description="recompute encoder activations in backward: less memory, ~30% more compute"
+    )
     match_scales: list[int] = Field(
         default_factory=lambda: [4, 16, 64],
         min_length=1,
@@ -119,7 +125,7 @@ class ModelConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.dims % self.heads:
             raise ValueError(f"dims ({self.dims}) must be divisible by heads ({self.heads})")
         return self
@@ -153,8 +159,12 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="query haplotypes per micro-batch over ALL ranks (split evenly across them)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     mix_windows: int = Field(4, gt=0, description="windows whose batches are interleaved (their shards stay loaded together)")
-    epochs: int = Field(16, gt=0, description="length of the run and of the LR schedule (masks.levels step every epochs_per_level)")
-    max_steps: int | None = Field(None, gt=0, description="stop (with a checkpoint) at this global step; the schedule still spans `epochs`")
+    epochs: int = Field(
+        16, gt=0, description="length of the run and of the LR schedule (masks.levels step every epochs_per_level)"
+    )
+    max_steps: int | None = Field(
+        None, gt=0, description="stop (with a checkpoint) at this global step; the schedule still spans `epochs`"
+    )
     lr: float = Field(3e-4, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays the LR to lr * min_lr_ratio")
     warmup_steps: int = Field(200, ge=0)
@@ -169,6 +179,12 @@ class TrainConfig(_Section):
     log_every: int = Field(50, gt=0, description="steps between log lines / TensorBoard scalars")
     progress: bool = Field(True, description="tqdm bar on rank 0")
     tensorboard: bool = Field(True, description="TensorBoard scalars in <run_dir>/tb when the package is installed")
+    min_step_seconds: float = Field(
+        0.0,
+        ge=0.0,
+        description="FOR TESTS AND BENCHMARKS ONLY: hold each optimizer step for at least this long (a sleep that changes "
+        "no number), so a run outlives a time limit or a signal by construction, whatever the machine's speed",
+    )
 
     def resolved_run_dir(self, workdir: Path) -> Path:
         return self.run_dir if self.run_dir is not None else workdir / "runs" / self.name

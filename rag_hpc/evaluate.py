@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, run_main
-from rag_hpc.fsutil import atomic_write, save_figure
 from rag_hpc.data.vcf import VcfError, check_container, match_sites
+from rag_hpc.errors import ConfigError, InputError
+from rag_hpc.fsutil import atomic_write, save_figure
 
 # [lo, hi) except the last, which is closed: MAF is at most 0.5.
 MAF_BINS: tuple[tuple[float, float], ...] = ((0.0, 0.005), (0.005, 0.01), (0.01, 0.05), (0.05, 0.5))
@@ -96,8 +97,10 @@ def read_calls(path: str | os.PathLike[str], *, dosage_field: str | None = "DS")
         for rec in vcf:
             if contig is None:
                 contig = rec.CHROM
-            elif rec.CHROM != contig:
-                raise VcfError(f"{p}: {rec.CHROM}:{rec.POS} is on a second contig after {contig}; evaluate one chromosome at a time")
+            elif contig != rec.CHROM:
+                raise VcfError(
+                    f"{p}: {rec.CHROM}:{rec.POS} is on a second contig after {contig}; evaluate one chromosome at a time"
+                )
             alts = rec.ALT
             if len(alts) != 1 or len(rec.REF) != 1 or len(alts[0]) != 1:
                 skipped += 1
@@ -111,7 +114,7 @@ def read_calls(path: str | os.PathLike[str], *, dosage_field: str | None = "DS")
             dosage.append(c if d is None else d[:, 0].astype(np.float32))
     except VcfError:
         raise
-    except Exception as exc:  # cyvcf2 raises bare Exception on corrupt records
+    except Exception as exc:  # noqa: BLE001 - cyvcf2 raises bare Exception on corrupt records
         raise VcfError(f"{p}: cannot read it ({exc}); the file is corrupt or truncated") from None
     finally:
         vcf.close()
@@ -221,8 +224,7 @@ class Evaluation:
             f"- truth: `{self.truth}`",
             f"- panel (MAF = train-split AF): `{self.panel}`",
             f"- samples compared: {self.samples['matched']:,} (imputed {self.samples['imputed']:,}, truth {self.samples['truth']:,})",
-            "- sites: "
-            + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.sites.items()),
+            "- sites: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.sites.items()),
             "",
             "| MAF bin | sites | monomorphic in truth (left out) | sites with r² | mean dosage r² | genotype concordance | non-ref concordance |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -234,7 +236,16 @@ class Evaluation:
         return "\n".join(rows) + "\n"
 
 
-def _bin_metrics(label: str, lo: float, hi: float, r2: np.ndarray, match: np.ndarray, total: np.ndarray, nr_match: np.ndarray, nr_total: np.ndarray) -> BinMetrics:
+def _bin_metrics(
+    label: str,
+    lo: float,
+    hi: float,
+    r2: np.ndarray,
+    match: np.ndarray,
+    total: np.ndarray,
+    nr_match: np.ndarray,
+    nr_total: np.ndarray,
+) -> BinMetrics:
     has = np.isfinite(r2)
     t, nt = int(total.sum()), int(nr_total.sum())
     return BinMetrics(
@@ -257,7 +268,7 @@ def evaluate(
     *,
     exclude_sites_vcf: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
-    """Score ``imputed_vcf`` against ``truth_vcf`` (see the module doc). Raises VcfError / ValueError on inputs
+    """Score ``imputed_vcf`` against ``truth_vcf`` (see the module doc). Raises VcfError / InputError on inputs
     that cannot be compared: no common sample, no common site, another contig than the panel's."""
     from rag_hpc.data.panel import Panel
 
@@ -269,7 +280,7 @@ def evaluate(
     truth_index = {s: i for i, s in enumerate(truth.samples)}
     imp_cols = [i for i, s in enumerate(imp.samples) if s in truth_index]
     if not imp_cols:
-        raise ValueError(
+        raise InputError(
             f"no sample of {imp.path} ({', '.join(imp.samples[:3])}{', ...' if len(imp.samples) > 3 else ''}) is in "
             f"{truth.path} ({', '.join(truth.samples[:3])}{', ...' if len(truth.samples) > 3 else ''}): samples are matched by name"
         )
@@ -297,7 +308,7 @@ def evaluate(
     n_not_in_panel = int((keep & ~in_panel).sum())
     keep &= in_panel
     if not keep.any():
-        raise ValueError(
+        raise InputError(
             f"{imp.path} and {truth.path} share no site that is also in the panel {panel_path} "
             f"({int(m.matched.sum()):,} sites in common, {n_typed_excluded:,} of them excluded as typed)"
         )
@@ -324,7 +335,16 @@ def evaluate(
 
     which = maf_bin(maf)
     bins = [
-        _bin_metrics(bin_label(lo, hi), lo, hi, r2[which == b], match[which == b], total[which == b], nr_match[which == b], nr_total[which == b])
+        _bin_metrics(
+            bin_label(lo, hi),
+            lo,
+            hi,
+            r2[which == b],
+            match[which == b],
+            total[which == b],
+            nr_match[which == b],
+            nr_total[which == b],
+        )
         for b, (lo, hi) in enumerate(MAF_BINS)
     ]
     overall = _bin_metrics("all", 0.0, 0.5, r2, match, total, nr_match, nr_total)
@@ -361,7 +381,7 @@ def plot_r2_by_maf(evaluations: dict[str, Evaluation], out_png: Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("the r² plot needs matplotlib: `pip install matplotlib`, or pass --no-plot") from None
+        raise ConfigError("the r² plot needs matplotlib: `pip install matplotlib`, or pass --no-plot") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -393,11 +413,13 @@ def plot_r2_by_maf(evaluations: dict[str, Evaluation], out_png: Path) -> Path:
         plt.close(fig)
 
 
-def write_report(evaluation: Evaluation, out_dir: str | os.PathLike[str], *, plot: bool = True, title: str = "Imputation accuracy") -> dict[str, Path]:
+def write_report(
+    evaluation: Evaluation, out_dir: str | os.PathLike[str], *, plot: bool = True, title: str = "Imputation accuracy"
+) -> dict[str, Path]:
     """Write report.md, metrics.json and (with ``plot``) r2_by_maf.png into out_dir; return their paths."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise InputError(f"--out {out} exists and is not a directory: give a directory for the report")
     out.mkdir(parents=True, exist_ok=True)
     files = {"report": out / "report.md", "metrics": out / "metrics.json"}
     atomic_write(files["report"], evaluation.markdown(title).encode())
@@ -419,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--imputed", type=Path, required=True, help="imputed VCF (DS used when present, else GT)")
     parser.add_argument("--truth", type=Path, help="true genotypes of the same samples (phased or not); default: data.truth_vcf")
-    parser.add_argument("--panel", type=Path, help="prepared panel HDF5 (MAF source); default: data.panel_h5, else <workdir>/panel.h5")
+    parser.add_argument(
+        "--panel", type=Path, help="prepared panel HDF5 (MAF source); default: data.panel_h5, else <workdir>/panel.h5"
+    )
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.add_argument("--exclude-sites", type=Path, metavar="VCF", help="leave out these sites (e.g. the typed array sites)")
     parser.add_argument("--no-plot", action="store_true", help="skip r2_by_maf.png")
@@ -434,7 +458,7 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     truth = args.truth if args.truth is not None else config.data.truth_vcf
     if truth is None:
-        raise ValueError("no truth: pass --truth TRUTH.vcf.gz (or set data.truth_vcf)")
+        raise ConfigError("no truth: pass --truth TRUTH.vcf.gz (or set data.truth_vcf)")
     panel = args.panel if args.panel is not None else config.panel_h5
     evaluation = evaluate(args.imputed, truth, panel, exclude_sites_vcf=args.exclude_sites)
     write_report(evaluation, args.out, plot=not args.no_plot)

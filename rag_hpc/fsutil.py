@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rag_hpc.errors import DiskSpaceError
+
 
 def human_bytes(n: float) -> str:
     """Bytes for people: 1.5 GiB, 340.0 KiB, 512 B."""
@@ -27,8 +29,8 @@ def current_umask() -> int:
     return mask
 
 
-class DiskFullError(RuntimeError):
-    """A write ran out of space (ENOSPC/EDQUOT). A RuntimeError so every CLI prints it as one line."""
+class DiskFullError(DiskSpaceError):
+    """A write ran out of space (ENOSPC/EDQUOT); the message names the directory, the bytes needed and free."""
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from rag_hpc.errors import ConfigError
 from rag_hpc.fsutil import human_bytes
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def parse_bytes(text: str) -> int:
     """'256G', '1T', '500M', '64GiB', '1.5T', or a plain number of bytes (SLURM's --mem units)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ValueError(f"cannot read {text!r} as a size: use e.g. 500M, 64G, 1T")
+        raise ConfigError(f"cannot read {text!r} as a size: use e.g. 500M, 64G, 1T")
     value, unit = float(m.group(1)), m.group(2).upper()
     return int(value * 1024 ** "_KMGTP".index(unit)) if unit else int(value)
 
@@ -169,16 +170,30 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
     # WindowBatchSampler: every window gives (train haplotypes // batch) micro-batches per epoch.
     steps = t.epochs * windows * (train_haplotypes // t.batch_size) // t.grad_accum
     return Plan(
-        haplotypes=panel.n_haplotypes, sites=panel.n_sites, window_size=config.windows.window_size,
-        dims=config.model.dims, layers=config.model.layers, heads=config.model.heads, k=config.model.k,
+        haplotypes=panel.n_haplotypes,
+        sites=panel.n_sites,
+        window_size=config.windows.window_size,
+        dims=config.model.dims,
+        layers=config.model.layers,
+        heads=config.model.heads,
+        k=config.model.k,
         batch_size=max(1, t.batch_size // max(1, config.cluster.nodes * tasks_per_node)),
-        val_fraction=1 - train_haplotypes / panel.n_haplotypes, val_rate=config.masks.val_rate,
-        windows_per_task=config.index.windows_per_task, cached_windows=cached_windows,
-        bf16=t.bf16 if t.bf16 is not None else on_gpu, activation_checkpointing=config.model.activation_checkpointing,
-        train_on_gpu=on_gpu, mix_windows=t.mix_windows, val_batch_size=t.val_batch_size,
-        keep_checkpoints=t.keep_checkpoints, steps=min(steps, t.max_steps or steps), log_every=t.log_every,
-        tensorboard=t.tensorboard, target_sites=target_sites, match_scales=len(config.model.match_scales),
-    )  # fmt: skip
+        val_fraction=1 - train_haplotypes / panel.n_haplotypes,
+        val_rate=config.masks.val_rate,
+        windows_per_task=config.index.windows_per_task,
+        cached_windows=cached_windows,
+        bf16=t.bf16 if t.bf16 is not None else on_gpu,
+        activation_checkpointing=config.model.activation_checkpointing,
+        train_on_gpu=on_gpu,
+        mix_windows=t.mix_windows,
+        val_batch_size=t.val_batch_size,
+        keep_checkpoints=t.keep_checkpoints,
+        steps=min(steps, t.max_steps or steps),
+        log_every=t.log_every,
+        tensorboard=t.tensorboard,
+        target_sites=target_sites,
+        match_scales=len(config.model.match_scales),
+    )
 
 
 def model_params(dims: int, layers: int, fusion_scales: int = 3) -> int:
@@ -249,8 +264,11 @@ def estimate(plan: Plan) -> Estimate:
     params = model_params(plan.dims, plan.layers, plan.match_scales)
     ckpt = checkpoint_bytes(plan)
     # The run dir holds keep_checkpoints checkpoints with their sidecars, and the logs.
-    train_disk = (plan.keep_checkpoints * (ckpt + 4 * KiB) + RUN_LOG_FIXED_BYTES
-                  + RUN_LOG_ROW_BYTES * (plan.steps // max(1, plan.log_every) + 1))  # fmt: skip
+    train_disk = (
+        plan.keep_checkpoints * (ckpt + 4 * KiB)
+        + RUN_LOG_FIXED_BYTES
+        + RUN_LOG_ROW_BYTES * (plan.steps // max(1, plan.log_every) + 1)
+    )
     amp = plan.bf16
     if plan.index == "flat-lxd":
         emb = lxd_window_bytes(plan)
@@ -277,8 +295,13 @@ def estimate(plan: Plan) -> Estimate:
         index_ram = JOB_IMPORT_BYTES + INDEX_FIRST_USE_BYTES + _panel_bytes(plan) + _chunk_cache_bytes(plan) + window_ram
         # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, and at a checkpoint
         # torch.save's BytesIO plus the bytes copied out of it.
-        train_ram = (JOB_IMPORT_BYTES + TRAIN_FIRST_USE_BYTES + OPTIMIZER_IMPORT_BYTES + _panel_bytes(plan)
-                     + (TENSORBOARD_BYTES if plan.tensorboard else 0))  # fmt: skip
+        train_ram = (
+            JOB_IMPORT_BYTES
+            + TRAIN_FIRST_USE_BYTES
+            + OPTIMIZER_IMPORT_BYTES
+            + _panel_bytes(plan)
+            + (TENSORBOARD_BYTES if plan.tensorboard else 0)
+        )
         save = 2 * ckpt
         # A window's tensors: alleles (uint8) for the queries, the reference rows as float64 for the
         # exact search; mix_windows of them stay loaded (_WindowLoader).
@@ -289,9 +312,11 @@ def estimate(plan: Plan) -> Estimate:
             train_ram += CUDA_HOST_BYTES + max(save, H * math.ceil(L / 8) + 2 * H * L)
         else:
             val_batch = min(plan.val_batch_size, max(2, H - R))
-            train_ram += (16 * params + min(plan.mix_windows, plan.windows) * window
-                          + max(save, _step_bytes(plan, plan.batch_size, amp, True),
-                                _step_bytes(plan, val_batch, amp, False)))  # fmt: skip
+            train_ram += (
+                16 * params
+                + min(plan.mix_windows, plan.windows) * window
+                + max(save, _step_bytes(plan, plan.batch_size, amp, True), _step_bytes(plan, val_batch, amp, False))
+            )
     gpu = CUDA_CONTEXT_BYTES + 16 * params + _step_bytes(plan, plan.batch_size, amp, True)
     gpu += min(plan.mix_windows, plan.windows) * (H * L + R * L * 8)
     if plan.index == "flat-lxd":
@@ -331,20 +356,41 @@ class Row:
 def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
     lxd = plan.index == "flat-lxd"
     return [
-        Row("RAM per index-array task", est.index_task_ram, budget.mem,
-            "use --index compact (one float per observed site)" if lxd else
-            "ask for more --mem per task or a partition with more memory per node"),
-        Row("disk for uncached windows", est.disk_to_build, budget.disk_free,
-            "use --index compact" if lxd else
-            "free space at the cache dir, or set paths.cache_dir to a larger filesystem"),
+        Row(
+            "RAM per index-array task",
+            est.index_task_ram,
+            budget.mem,
+            "use --index compact (one float per observed site)"
+            if lxd
+            else "ask for more --mem per task or a partition with more memory per node",
+        ),
+        Row(
+            "disk for uncached windows",
+            est.disk_to_build,
+            budget.disk_free,
+            "use --index compact" if lxd else "free space at the cache dir, or set paths.cache_dir to a larger filesystem",
+        ),
         # The run dir usually shares the cache's filesystem (both under paths.workdir): counted together.
-        Row("disk, + the training run", est.disk_to_build + est.train_disk, budget.disk_free,
-            "free space, lower train.keep_checkpoints, or put train.run_dir / paths.cache_dir elsewhere"),
-        Row("RAM for training (host)", est.train_host_ram, budget.mem,
-            "use --index compact: training needs no prebuilt embeddings" if lxd else
-            "ask for more --mem, or a partition with more memory per node"),
-        Row("GPU memory per device", est.gpu_per_device, budget.gpu_mem,
-            "lower train.batch_size, set model.activation_checkpointing=true, or smaller model.dims/layers"),
+        Row(
+            "disk, + the training run",
+            est.disk_to_build + est.train_disk,
+            budget.disk_free,
+            "free space, lower train.keep_checkpoints, or put train.run_dir / paths.cache_dir elsewhere",
+        ),
+        Row(
+            "RAM for training (host)",
+            est.train_host_ram,
+            budget.mem,
+            "use --index compact: training needs no prebuilt embeddings"
+            if lxd
+            else "ask for more --mem, or a partition with more memory per node",
+        ),
+        Row(
+            "GPU memory per device",
+            est.gpu_per_device,
+            budget.gpu_mem,
+            "lower train.batch_size, set model.activation_checkpointing=true, or smaller model.dims/layers",
+        ),
     ]
 
 
@@ -357,9 +403,13 @@ def render(plan: Plan, est: Estimate, rows: list[Row]) -> str:
     ]
     for r in rows:
         status = "ok" if r.ok else f"OVER -> {r.advice}"
-        lines.append(f"{r.figure:<28}{human_bytes(r.need):>12}{(human_bytes(r.budget) if r.budget is not None else '-'):>12}  {status}")
-    lines.append(f"disk per window: {human_bytes(est.disk_per_window)}; per checkpoint: {human_bytes(est.checkpoint_bytes)} "
-                 f"(x{plan.keep_checkpoints} kept)")
+        lines.append(
+            f"{r.figure:<28}{human_bytes(r.need):>12}{(human_bytes(r.budget) if r.budget is not None else '-'):>12}  {status}"
+        )
+    lines.append(
+        f"disk per window: {human_bytes(est.disk_per_window)}; per checkpoint: {human_bytes(est.checkpoint_bytes)} "
+        f"(x{plan.keep_checkpoints} kept)"
+    )
     lines.extend(f"note: {n}" for n in est.notes)
     return "\n".join(lines)
 
@@ -378,35 +428,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--index", choices=["compact", "flat-lxd"], default="compact",
-                   help="compact: ours; flat-lxd: the predecessor's flattened L×D float index")
+    p.add_argument(
+        "--index",
+        choices=["compact", "flat-lxd"],
+        default="compact",
+        help="compact: ours; flat-lxd: the predecessor's flattened L×D float index",
+    )
     p.add_argument("--mem", help="memory budget per node / job, e.g. 256G")
     p.add_argument("--disk-free", help="free disk at the cache directory, e.g. 1T")
     p.add_argument("--gpu-mem", help="memory per GPU, e.g. 80G")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        for name in ("haplotypes", "sites", "window_size", "dims", "layers", "heads", "k", "batch_size"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-        plan = Plan(args.haplotypes, args.sites, args.window_size, args.dims, args.layers, args.heads, args.k,
-                    args.batch_size, args.index)
-        budget = Budget(*(parse_bytes(v) if v else None for v in (args.mem, args.disk_free, args.gpu_mem)))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from rag_hpc.cli import run_main
+
+    return run_main(_main, build_parser(), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    for name in ("haplotypes", "sites", "window_size", "dims", "layers", "heads", "k", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    plan = Plan(
+        args.haplotypes, args.sites, args.window_size, args.dims, args.layers, args.heads, args.k, args.batch_size, args.index
+    )
+    budget = Budget(*(parse_bytes(v) if v else None for v in (args.mem, args.disk_free, args.gpu_mem)))
     est = estimate(plan)
     rows = check(plan, est, budget)
     print(render(plan, est, rows))
     ok = all(r.ok for r in rows)
     print("within budget" if ok else "REFUSED: over budget (see OVER rows)")
     if args.json:
-        print(json.dumps({"ok": ok, "plan": asdict(plan), "estimate": asdict(est),
-                          "rows": [{**asdict(r), "ok": r.ok} for r in rows]}))
+        print(
+            json.dumps(
+                {"ok": ok, "plan": asdict(plan), "estimate": asdict(est), "rows": [{**asdict(r), "ok": r.ok} for r in rows]}
+            )
+        )
     return 0 if ok else 1
 
 

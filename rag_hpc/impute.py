@@ -22,15 +22,17 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from rag_hpc.cli import add_config_args, run_main
 from rag_hpc.config import RagConfig
 from rag_hpc.data.vcf import VcfError, VcfWriter
+from rag_hpc.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from rag_hpc.data.panel import Panel
@@ -83,17 +85,17 @@ class NearestHaplotypePredictor:
 
     name = "nearest"
 
-    def __init__(self, cache: "WindowCache", k: int = 1):
+    def __init__(self, cache: WindowCache, k: int = 1):
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"--k must be >= 1, got {k}")
         self.cache = cache
         self.k = k
         self._reference = cache.panel.reference_haplotypes()
         if self._reference.size < k:
-            raise ValueError(f"k={k} but the panel's train split has only {self._reference.size} haplotypes")
+            raise ConfigError(f"--k {k} but the panel's train split has only {self._reference.size} haplotypes: lower --k")
 
     @classmethod
-    def from_config(cls, config: RagConfig, k: int = 1, panel: "Panel | None" = None) -> "NearestHaplotypePredictor":
+    def from_config(cls, config: RagConfig, k: int = 1, panel: Panel | None = None) -> NearestHaplotypePredictor:
         from rag_hpc.index.build import WindowCache
 
         return cls(WindowCache(config, panel), k)
@@ -155,7 +157,7 @@ class TargetSites:
         return "; ".join(parts)
 
 
-def _read_targets(targets_vcf: Path, skip_non_snps: bool) -> "PhasedVcf":
+def _read_targets(targets_vcf: Path, skip_non_snps: bool) -> PhasedVcf:
     from rag_hpc.data.vcf import read_phased_vcf
 
     try:
@@ -169,12 +171,14 @@ def _read_targets(targets_vcf: Path, skip_non_snps: bool) -> "PhasedVcf":
             raise VcfError(f"{targets_vcf}: targets must be phased ({head}); {FIX_PHASE_TARGETS}") from None
         if "missing genotype" in message:
             head = message.split("; the panel must")[0]
-            raise VcfError(f"{targets_vcf}: targets must have no missing calls ({head}); phasing fills them: {FIX_PHASE_TARGETS}") from None
+            raise VcfError(
+                f"{targets_vcf}: targets must have no missing calls ({head}); phasing fills them: {FIX_PHASE_TARGETS}"
+            ) from None
         raise
 
 
 def match_targets(
-    panel: "Panel", targets_vcf: str | os.PathLike[str], *, ambiguous: AmbiguousPolicy = "skip", skip_non_snps: bool = False
+    panel: Panel, targets_vcf: str | os.PathLike[str], *, ambiguous: AmbiguousPolicy = "skip", skip_non_snps: bool = False
 ) -> TargetSites:
     """Read phased targets and match their sites to the panel by position and alleles.
 
@@ -252,11 +256,13 @@ class ImputedVcfWriter(VcfWriter):
         '##INFO=<ID=TYPED,Number=0,Type=Flag,Description="Typed in the targets: GT is the input genotype">',
         '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed: not typed in the targets">',
         '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose: P(ALT on haplotype 1) + P(ALT on haplotype 2)">',
-        '##FORMAT=<ID=GP,Number=G,Type=Float,Description="Genotype probabilities of 0/0, 0/1, 1/1 from the two haplotypes\' '
+        "##FORMAT=<ID=GP,Number=G,Type=Float,Description=\"Genotype probabilities of 0/0, 0/1, 1/1 from the two haplotypes' "
         'ALT probabilities">',
     )
 
-    def __init__(self, path: str | os.PathLike[str], *, contig: str, samples: Sequence[str], source: str, extra_header: Sequence[str] = ()):
+    def __init__(
+        self, path: str | os.PathLike[str], *, contig: str, samples: Sequence[str], source: str, extra_header: Sequence[str] = ()
+    ):
         super().__init__(path, contig=contig, samples=samples, source=source, extra_header=[*self.HEADER, *extra_header])
 
     def write_imputed(self, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> None:
@@ -339,7 +345,9 @@ def _check_prediction(p: np.ndarray, shape: tuple[int, int], window_id: int, pre
     p = np.asarray(p)
     who = type(predictor).__name__
     if p.shape != shape:
-        raise ValueError(f"{who}.predict_window({window_id}) returned shape {p.shape}, expected {shape} (haplotypes x window sites)")
+        raise ValueError(
+            f"{who}.predict_window({window_id}) returned shape {p.shape}, expected {shape} (haplotypes x window sites)"
+        )
     if not np.isfinite(p).all():
         raise ValueError(f"{who}.predict_window({window_id}) returned NaN or infinite probabilities")
     lo, hi = float(p.min()), float(p.max())
@@ -354,7 +362,7 @@ def impute(
     targets_vcf: str | os.PathLike[str],
     out_vcf: str | os.PathLike[str],
     *,
-    panel: "Panel | None" = None,
+    panel: Panel | None = None,
     ambiguous: AmbiguousPolicy = "skip",
     progress: bool = False,
 ) -> ImputeSummary:
@@ -372,7 +380,7 @@ def impute(
     t0 = time.perf_counter()
     out = Path(out_vcf)
     if not out.name.endswith(".vcf.gz"):
-        raise ValueError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
+        raise InputError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
     own_panel = panel is None
     panel = Panel(config.panel_h5) if panel is None else panel
     try:
@@ -385,7 +393,9 @@ def impute(
             f"##rag_hpc_impute=<predictor={name},panel={panel.path.name},panel_sha256={panel.info.source_sha256},"
             f"window_size={config.windows.window_size},ambiguous={ambiguous}>"
         ]
-        with ImputedVcfWriter(out, contig=panel.info.contig, samples=targets.samples, source="rag_hpc.impute", extra_header=header) as writer:
+        with ImputedVcfWriter(
+            out, contig=panel.info.contig, samples=targets.samples, source="rag_hpc.impute", extra_header=header
+        ) as writer:
             for window in tqdm(windows, desc="impute", unit="win", disable=not progress, leave=False):
                 lo, hi = np.searchsorted(targets.panel_index, [window.start, window.stop])
                 local = targets.panel_index[lo:hi] - window.start
@@ -426,16 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The panel is data.panel_h5 (else <workdir>/panel.h5); windows are windows.window_size sites.",
     )
     method = parser.add_mutually_exclusive_group()
-    method.add_argument("--checkpoint", type=Path, help="trained model checkpoint (rag_hpc.train), or a run directory: its newest valid checkpoint")
+    method.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained model checkpoint (rag_hpc.train), or a run directory: its newest valid checkpoint",
+    )
     method.add_argument("--baseline", choices=["nearest"], help="no model: copy the nearest reference haplotype(s)")
     parser.add_argument("--k", type=int, default=1, help="--baseline nearest: average the k nearest haplotypes (default 1)")
     parser.add_argument("--targets", type=Path, help="phased target VCF (.vcf.gz); default: data.targets_vcf")
-    parser.add_argument("--out", type=Path, required=True, help="imputed VCF to write (*.vcf.gz; a .tbi index is written beside it)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="imputed VCF to write (*.vcf.gz; a .tbi index is written beside it)"
+    )
     parser.add_argument("--panel", type=Path, help="prepared panel HDF5 (default: data.panel_h5, else <workdir>/panel.h5)")
     parser.add_argument(
-        "--ambiguous", choices=["skip", "keep"], default="skip",
+        "--ambiguous",
+        choices=["skip", "keep"],
+        default="skip",
         help="strand-ambiguous A/T and C/G target sites: skip them (default) or trust they are on the panel's strand",
-    )  # fmt: skip
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_config_args(parser)
     return parser
@@ -450,20 +468,25 @@ def main(args: argparse.Namespace) -> int:
         config.data.panel_h5 = args.panel
     targets = args.targets if args.targets is not None else config.data.targets_vcf
     if targets is None:
-        raise ValueError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
+        raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
     if args.checkpoint is None and args.baseline is None:
-        raise ValueError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline nearest")
+        raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline nearest")
     with Panel(config.panel_h5) as panel:
         if args.checkpoint is not None:
             if not args.checkpoint.exists():  # a file, or a run / checkpoint directory (its newest valid checkpoint)
-                raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
+                raise InputError(f"--checkpoint {args.checkpoint} does not exist: pass a step_<N>.pt file or a run directory")
             predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
         else:
             predictor = NearestHaplotypePredictor.from_config(config, k=args.k, panel=panel)
         summary = impute(
-            config, predictor, targets, args.out, panel=panel, ambiguous=args.ambiguous,
+            config,
+            predictor,
+            targets,
+            args.out,
+            panel=panel,
+            ambiguous=args.ambiguous,
             progress=not args.quiet and sys.stderr.isatty(),
-        )  # fmt: skip
+        )
     if not args.quiet:
         print(summary.describe())
     return 0

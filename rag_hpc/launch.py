@@ -17,6 +17,7 @@ requeues the job once the step has ended. With ``scontrol`` present, submitit's 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,17 +27,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import submitit
 
 from rag_hpc.cli import add_config_args, config_from_args, run_main
 from rag_hpc.config import RagConfig, load_config
+from rag_hpc.errors import ClusterError, InputError
 from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, parse_bytes, plan_for, render
+from rag_hpc.locks import LockBusy, describe, hold
 
 RUN_RECORD = "launch.json"
+LAUNCH_LOCK = "launch.lock"  # held while one launch checks the queue and submits
+LAUNCH_LOCK_WAIT_S = 600.0
+ATTACH_POLL_S = 5.0
 REQUEUE_ENV = "RAG_HPC_REQUEUE_FILE"
 # Overridable so tests can stand in for apptainer (not installable here) with a wrapper script.
 APPTAINER_ENV = "RAG_HPC_APPTAINER"
@@ -48,13 +55,20 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "masks": {"epochs_per_level": 1, "levels": [0.5]},
     "model": {"dims": 32, "layers": 2, "heads": 4, "k": 4, "match_scales": [4, 16]},
     "index": {"windows_per_task": 4},
-    "train": {"batch_size": 32, "epochs": 1, "warmup_steps": 20, "lr": 1e-3, "checkpoint_every_steps": 50,
-              "log_every": 20, "tensorboard": False},
-}  # fmt: skip
+    "train": {
+        "batch_size": 32,
+        "epochs": 1,
+        "warmup_steps": 20,
+        "lr": 1e-3,
+        "checkpoint_every_steps": 50,
+        "log_every": 20,
+        "tensorboard": False,
+    },
+}
 
 
-class LaunchError(RuntimeError):
-    """A launch that cannot go ahead; the message says what to change."""
+class LaunchError(ClusterError):
+    """A launch the cluster cannot take (SLURM, partition, GPUs, memory guard, a failed job); the message says what to change."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +125,7 @@ def partition_info(name: str) -> PartitionInfo:
         )
     mems, gpus, limit = [], [], "infinite"
     for line in lines:
-        mem, gres, limit = (line.split() + ["", "", ""])[:3]
+        mem, gres, limit = ([*line.split(), "", "", ""])[:3]
         if mem.rstrip("+").isdigit():
             mems.append(int(mem.rstrip("+")) * 2**20)
         gpus.append(_gres_gpus(gres))
@@ -159,21 +173,36 @@ def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
         log(f"demo panel: {demo}")
     if not config.panel_h5.exists():
         if config.data.panel_vcf is None:
-            raise LaunchError(f"data.panel_h5 {config.panel_h5} does not exist and data.panel_vcf is not set")
+            raise InputError(
+                f"data.panel_h5 {config.panel_h5} does not exist and data.panel_vcf is not set: "
+                "set data.panel_vcf (the VCF to prepare), or point data.panel_h5 at a prepared panel"
+            )
         t0 = time.perf_counter()
-        prepare_panel(config.data.panel_vcf, config.panel_h5, config.data.populations, config.data.val_fraction,
-                      config.data.split_seed, config.data.skip_non_snps)  # fmt: skip
+        prepare_panel(
+            config.data.panel_vcf,
+            config.panel_h5,
+            config.data.populations,
+            config.data.val_fraction,
+            config.data.split_seed,
+            config.data.skip_non_snps,
+        )
         log(f"prepared {config.panel_h5} in {time.perf_counter() - t0:.1f} s")
     return config
 
 
-def uncached_windows(config: RagConfig) -> tuple[list[int], int]:
-    """(ids of windows with any invalid or missing artifact, number of windows)."""
+def uncached_windows(config: RagConfig) -> tuple[dict[int, str], int]:
+    """({window id: digest of its artifact keys} for windows with any invalid or missing artifact,
+    number of windows). The digest tells whether another launch builds exactly these artifacts."""
     from rag_hpc.index.build import WindowCache
 
     cache = WindowCache(config)
     try:
-        todo = [w.id for w in cache.windows if any(cache.store.problem(a) is not None for a in cache.artifacts(w).values())]
+        todo = {}
+        for w in cache.windows:
+            artifacts = cache.artifacts(w)
+            if any(cache.store.problem(a) is not None for a in artifacts.values()):
+                keys = "".join(sorted(a.key for a in artifacts.values()))
+                todo[w.id] = hashlib.sha256(keys.encode()).hexdigest()[:16]
         return todo, len(cache.windows)
     finally:
         cache.panel.close()
@@ -229,8 +258,11 @@ def build_window_range(config: RagConfig, window_ids: list[int]) -> dict[str, An
 
     t0 = time.perf_counter()
     results = build_windows(config, window_ids, progress=False)
-    return {"windows": window_ids, "built": [r.window_id for r in results if r.status == "built"],
-            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    return {
+        "windows": window_ids,
+        "built": [r.window_id for r in results if r.status == "built"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def _requeue_by_request_file() -> None:
@@ -330,6 +362,7 @@ class LaunchOptions:
     # Requeues at the time limit before submitit gives up; a long training run under a short
     # partition limit legitimately needs many.
     max_timeouts: int = 10
+    attach: bool = False  # jobs of this run already queued: wait for them instead of refusing
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -337,10 +370,18 @@ def _executor(config: RagConfig, opts: LaunchOptions, folder: Path, name: str) -
     c = config.cluster
     kwargs: dict[str, Any] = {}
     if opts.cluster == "slurm" and c.container is not None:
-        binds = [config.paths.workdir, config.paths.cache, folder, config.panel_h5.parent,
-                 config.train.resolved_run_dir(config.paths.workdir)]
-        binds += [Path(p).parent for p in (config.data.panel_vcf, config.data.populations, config.data.targets_vcf,
-                                             config.data.truth_vcf) if p is not None]  # fmt: skip
+        binds = [
+            config.paths.workdir,
+            config.paths.cache,
+            folder,
+            config.panel_h5.parent,
+            config.train.resolved_run_dir(config.paths.workdir),
+        ]
+        binds += [
+            Path(p).parent
+            for p in (config.data.panel_vcf, config.data.populations, config.data.targets_vcf, config.data.truth_vcf)
+            if p is not None
+        ]
         # A constructor argument of AutoExecutor, not an update_parameters one.
         kwargs["slurm_python"] = container_python(c.container, binds)
     if opts.cluster == "slurm":
@@ -373,18 +414,125 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def read_records(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / RUN_RECORD
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def _record(workdir: Path, record: dict[str, Any]) -> Path:
     path = workdir / RUN_RECORD
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(record)
+    runs = [*read_records(workdir), record]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(runs, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
 
+def queued_jobs(job_ids: Sequence[str]) -> dict[str, str]:
+    """Which of our ``job_ids`` (plain jobs or whole arrays) are still in the queue: id -> state(s).
+
+    Read from this user's whole queue, not ``squeue -j``, which fails outright when one id is gone;
+    only jobs named ``rag_hpc-*`` count, since job ids restart on a cluster with a fresh state."""
+    wanted = set(job_ids)
+    if not wanted:
+        return {}
+    out = _run(["squeue", "-h", "--me", "-o", "%F|%i|%T|%j"])
+    if out.returncode != 0:
+        raise LaunchError(f"squeue failed ({out.stderr.strip()}): cannot tell whether jobs of this run are still queued")
+    found: dict[str, set[str]] = {}
+    for line in out.stdout.splitlines():
+        array_job, jid, state, name = ([*line.split("|"), "", "", "", ""])[:4]
+        if name.startswith("rag_hpc-"):
+            for j in {jid, array_job} & wanted:
+                found.setdefault(j, set()).add(state)
+    return {j: "/".join(sorted(states)) for j, states in found.items()}
+
+
+def _job_order(job_id: str) -> tuple[int, str]:
+    head, _, tail = job_id.partition("_")
+    return int(head) if head.isdigit() else 0, tail
+
+
+def _jobs_of_run(records: list[dict[str, Any]], run_dir: Path) -> dict[str, str]:
+    """job id -> what it is, for every job any launch of ``run_dir`` submitted."""
+    jobs: dict[str, str] = {}
+    for r in records:
+        if Path(r.get("run_dir", "")) == run_dir:
+            jobs.update(dict.fromkeys(r.get("array_ids", []), "index array"))
+            if r.get("train_id"):
+                jobs[r["train_id"]] = "training job"
+    return jobs
+
+
+def _windows_in_flight(records: list[dict[str, Any]], cache: Path) -> dict[tuple[int, str], str]:
+    """(window, artifact-key digest) -> the still-queued array of an earlier launch that builds it."""
+    building = {
+        (int(w), digest): aid
+        for r in records
+        if r.get("cache") == str(cache)
+        for aid, windows in r.get("array_windows", {}).items()
+        for w, digest in windows.items()
+    }
+    queued = queued_jobs(sorted(set(building.values())))
+    return {key: aid for key, aid in building.items() if aid in queued}
+
+
+def _attach(jobs: dict[str, str], queued: dict[str, str], workdir: Path, log: Any) -> dict[str, Any]:
+    """Wait for the queued jobs of this run instead of submitting; returns the newest record of the run."""
+    from rag_hpc.status import job_states, render, run_status
+
+    log("attached (nothing submitted): " + ", ".join(f"{jobs[j]} {j} {queued[j]}" for j in sorted(queued, key=_job_order)))
+    while queued:
+        time.sleep(ATTACH_POLL_S)
+        now = queued_jobs(sorted(jobs))
+        if now != queued:
+            log("  " + (", ".join(f"{jobs[j]} {j} {now[j]}" for j in sorted(now, key=_job_order)) or "all left the queue"))
+        queued = now
+    record = next(r for r in reversed(read_records(workdir)) if r.get("train_id") in jobs)
+    log(render(run_status(record)))
+    return {**record, "attached": True, "train_state": job_states([record["train_id"]]).get(record["train_id"], "unknown")}
+
+
 def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> dict[str, Any]:
-    """Guard, then submit the prebuild array and the training job; returns the run record."""
+    """Prepare the data, guard, then submit the prebuild array and the training job; returns the run record.
+
+    On SLURM one launch at a time per workdir (``launch.lock``) checks the queue and submits, so two
+    launches of one run pressed seconds apart cannot both submit: the second finds the first's jobs
+    queued and refuses (or, with ``attach``, waits for them). Windows that a queued array of another
+    launch is building (same cache, same artifact keys) are not submitted again: training depends
+    on that array instead."""
+    workdir = config.paths.workdir.absolute()
+    if opts.cluster != "slurm":
+        record, submitted = _submit(ensure_data(config, log), opts, log, [])
+        return _wait(record, submitted, opts, log)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold(workdir / LAUNCH_LOCK, wait_s=LAUNCH_LOCK_WAIT_S):
+            records = read_records(workdir)
+            run_dir = config.train.resolved_run_dir(workdir)
+            jobs = _jobs_of_run(records, run_dir)
+            queued = queued_jobs(sorted(jobs))
+            if queued and not opts.attach:
+                order = sorted(queued, key=_job_order)
+                listing = ", ".join(f"{jobs[j]} {j} ({queued[j]})" for j in order)
+                raise LaunchError(
+                    f"run {run_dir} already has {listing} in the queue, which would write the same checkpoints: "
+                    f"watch it (`python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}`), wait for it (launch --attach), "
+                    f"or cancel it first (`scancel {' '.join(order)}`)"
+                )
+            if queued:
+                return _attach(jobs, queued, workdir, log)
+            # Under the lock: a second launch pressed at once must not prepare the same panel beside it.
+            record, submitted = _submit(ensure_data(config, log), opts, log, records)
+    except LockBusy as exc:
+        raise LaunchError(
+            f"another launch in {workdir} has been submitting for {LAUNCH_LOCK_WAIT_S:.0f} s ({describe(exc.holder)}): "
+            f"let it finish, or stop it, then launch again"
+        ) from None
+    return _wait(record, submitted, opts, log)
+
+
+def _submit(config: RagConfig, opts: LaunchOptions, log: Any, records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Any]]:
     from rag_hpc.data.windows import window_ranges
 
     c = config.cluster
@@ -405,17 +553,35 @@ def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
         raise LaunchError("memory guard: over budget (OVER rows above); nothing was submitted")
 
     workdir = config.paths.workdir
+    in_flight = _windows_in_flight(records, config.paths.cache) if opts.cluster == "slurm" else {}
+    shared = {w: in_flight[(w, digest)] for w, digest in todo.items() if (w, digest) in in_flight}
+    build = [w for w in todo if w not in shared]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = workdir / "submitit" / stamp
-    groups = window_ranges(todo, config.index.windows_per_task)
-    record: dict[str, Any] = {"time": stamp, "cluster": opts.cluster, "partition": partition, "folder": str(folder),
-                              "run_dir": str(config.train.resolved_run_dir(workdir)), "cache": str(config.paths.cache),
-                              "windows_total": n_windows, "windows_todo": len(todo), "array_ids": [], "array_tasks": 0,
-                              "train_id": None, "index_mem_mb": guard.index_mem_mb, "train_mem_mb": guard.train_mem_mb,
-                              "config": config.model_dump(mode="json")}  # fmt: skip
+    groups = window_ranges(build, config.index.windows_per_task)
+    record: dict[str, Any] = {
+        "time": stamp,
+        "cluster": opts.cluster,
+        "partition": partition,
+        "folder": str(folder),
+        "run_dir": str(config.train.resolved_run_dir(workdir)),
+        "cache": str(config.paths.cache),
+        "windows_total": n_windows,
+        "windows_todo": len(build),
+        "array_ids": [],
+        "array_tasks": 0,
+        "array_windows": {},
+        "depends_on": sorted(set(shared.values())),
+        "train_id": None,
+        "index_mem_mb": guard.index_mem_mb,
+        "train_mem_mb": guard.train_mem_mb,
+        "config": config.model_dump(mode="json"),
+    }
     if opts.dry_run:
-        log(f"dry run: would submit {len(groups)} array task(s) over {len(todo)} uncached window(s) of {n_windows}, then training")
-        return record
+        log(
+            f"dry run: would submit {len(groups)} array task(s) over {len(build)} uncached window(s) of {n_windows}, then training"
+        )
+        return record, []
 
     arrays = []
     if groups:
@@ -425,14 +591,17 @@ def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
         for chunk in _chunks(groups, max_array_size() if opts.cluster == "slurm" else len(groups)):
             jobs = ex.map_array(build_window_range, [config] * len(chunk), chunk)
             arrays.append(jobs)
-            record["array_ids"].append(jobs[0].job_id.split("_")[0])
+            array_id = jobs[0].job_id.split("_")[0]
+            record["array_ids"].append(array_id)
+            record["array_windows"][array_id] = {str(w): todo[w] for group in chunk for w in group}
         record["array_tasks"] = len(groups)
     ex = _executor(config, opts, folder, "rag_hpc-train")
     params: dict[str, Any] = {"nodes": c.nodes, "tasks_per_node": tasks_per_node}
     if opts.cluster == "slurm":
         extra = dict(opts.extra)
-        if record["array_ids"]:
-            extra.update(dependency="afterok:" + ":".join(record["array_ids"]), kill_on_invalid_dep="yes")
+        after = [*record["array_ids"], *record["depends_on"]]
+        if after:
+            extra.update(dependency="afterok:" + ":".join(after), kill_on_invalid_dep="yes")
         params.update(slurm_mem=f"{guard.train_mem_mb}M", slurm_additional_parameters=extra)
         if c.gpus_per_node:
             params["slurm_gpus_per_node"] = c.gpus_per_node
@@ -440,26 +609,40 @@ def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
     train_job = ex.submit(TrainJob(config))
     record["train_id"] = train_job.job_id
     _record(workdir, record)
-    log(f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
-        f"({record['array_tasks']} task(s), {len(todo)}/{n_windows} windows to build, --mem {guard.index_mem_mb}M each)")  # fmt: skip
+    log(
+        f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
+        f"({record['array_tasks']} task(s), {len(build)}/{n_windows} windows to build, --mem {guard.index_mem_mb}M each)"
+    )
+    if shared:
+        log(
+            f"  {len(shared)} more window(s) are being built by queued array(s) {', '.join(record['depends_on'])} "
+            "of an earlier launch: training waits for them instead"
+        )
     log(f"training job: {train_job.job_id} ({c.nodes} node(s) x {tasks_per_node} task(s), --mem {guard.train_mem_mb}M)")
     log(f"logs: {folder}/%A_%a_0_log.out (array), {folder}/%j_0_log.out (training)")
     log(f"cache: {config.paths.cache}")
     log(f"watch: python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}")
-    if opts.wait:
-        failed = []
-        for jobs in arrays:
-            for j in jobs:
-                try:
-                    j.result()
-                except Exception as exc:  # noqa: BLE001 - any task error is reported, with its log
-                    failed.append(f"index task {j.job_id} failed ({type(exc).__name__}): see {j.paths.stderr}")
-        try:
-            record["checkpoint"] = train_job.results()[0]
-        except Exception as exc:  # noqa: BLE001
-            why = "; ".join(failed) or f"see {train_job.paths.stderr}"
-            raise LaunchError(f"training job {train_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
-        log(f"training finished: {record['checkpoint']}")
+    return record, [arrays, train_job]
+
+
+def _wait(record: dict[str, Any], submitted: list[Any], opts: LaunchOptions, log: Any) -> dict[str, Any]:
+    """With ``opts.wait``: block until the jobs end (outside the launch lock); raise if training failed."""
+    if not opts.wait or not submitted:
+        return record
+    arrays, train_job = submitted
+    failed = []
+    for jobs in arrays:
+        for j in jobs:
+            try:
+                j.result()
+            except Exception as exc:  # noqa: BLE001 - any task error is reported, with its log
+                failed.append(f"index task {j.job_id} failed ({type(exc).__name__}): see {j.paths.stderr}")
+    try:
+        record["checkpoint"] = train_job.results()[0]
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported with its log
+        why = "; ".join(failed) or f"see {train_job.paths.stderr}"
+        raise LaunchError(f"training job {train_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
+    log(f"training finished: {record['checkpoint']}")
     return record
 
 
@@ -519,14 +702,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--max-timeouts", type=int, default=10, help="time-limit requeues allowed per job (default 10)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
+    p.add_argument(
+        "--attach",
+        action="store_true",
+        help="when jobs of this run are already queued (a launch refuses to submit it twice), wait for them and report",
+    )
     return p
 
 
 def config_for_launch(args: argparse.Namespace) -> RagConfig:
     overrides = list(args.overrides)
-    for flag, key in (("windows_per_task", "index.windows_per_task"), ("nodes", "cluster.nodes"),
-                      ("gpus_per_node", "cluster.gpus_per_node"), ("time", "cluster.time"), ("account", "cluster.account"),
-                      ("qos", "cluster.qos"), ("partition", "cluster.partition"), ("container", "cluster.container")):  # fmt: skip
+    for flag, key in (
+        ("windows_per_task", "index.windows_per_task"),
+        ("nodes", "cluster.nodes"),
+        ("gpus_per_node", "cluster.gpus_per_node"),
+        ("time", "cluster.time"),
+        ("account", "cluster.account"),
+        ("qos", "cluster.qos"),
+        ("partition", "cluster.partition"),
+        ("container", "cluster.container"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             # JSON-quoted: YAML would read --time 10 as an int and a path with ': ' as a mapping.
@@ -554,11 +749,11 @@ def main(args: argparse.Namespace) -> int:
     if kind == "slurm":
         # Before any data work: a wrong partition or GPU count must not first cost a panel preparation.
         slurm_target(config.cluster.partition, config.cluster.gpus_per_node)
-    config = ensure_data(config)
     if kind == "local":
         import psutil
-
         import torch
+
+        config = ensure_data(config)
 
         todo, n_windows = uncached_windows(config)
         mem = parse_bytes(args.mem) if args.mem else psutil.virtual_memory().total
@@ -573,19 +768,21 @@ def main(args: argparse.Namespace) -> int:
         run_local(config)
         return 0
     opts = LaunchOptions(
-        cluster=kind, partition=args.partition or config.cluster.partition, wait=args.wait or kind == "debug",
-        dry_run=args.dry_run, mem=parse_bytes(args.mem) if args.mem else None,
-        gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem else None, cpus_per_task=args.cpus_per_task,
+        cluster=kind,
+        partition=args.partition or config.cluster.partition,
+        wait=args.wait or kind == "debug",
+        dry_run=args.dry_run,
+        mem=parse_bytes(args.mem) if args.mem else None,
+        gpu_mem=parse_bytes(args.gpu_mem) if args.gpu_mem else None,
+        cpus_per_task=args.cpus_per_task,
         max_timeouts=args.max_timeouts,
-    )  # fmt: skip
-    try:
-        launch_slurm(config, opts)
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        attach=args.attach,
+    )
+    record = launch_slurm(config, opts)
+    if record.get("attached") and record["train_state"] != "COMPLETED":
         return 1
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(run_main(main, build_parser()))
-

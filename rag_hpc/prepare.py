@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, help="share of samples held out for validation (default 0.1)")
     parser.add_argument("--split-seed", type=int, help="seed of the train/val split (default 0)")
     parser.add_argument(
-        "--skip-non-snps", action="store_true", default=None,
+        "--skip-non-snps",
+        action="store_true",
+        default=None,
         help="skip multi-allelic and indel records (counted) instead of failing",
-    )  # fmt: skip
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_config_args(parser)
     return parser
@@ -38,17 +40,20 @@ def main(args: argparse.Namespace) -> int:
     from rag_hpc.config import load_config
     from rag_hpc.data.panel import SPLIT_LABELS, Panel
     from rag_hpc.data.prepare import prepare_panel
+    from rag_hpc.errors import ConfigError
 
     # Flags win; what a flag leaves out comes from the config's data section (defaults, env, --config, --set).
     config = load_config(args.config, args.overrides)
     data = config.data
 
-    def pick(flag, default):  # noqa: ANN001, ANN202
+    def pick(flag, default):
         return flag if flag is not None else default
 
     vcf = pick(args.vcf, data.panel_vcf)
     if vcf is None:
-        raise ValueError("no input VCF: pass --vcf PANEL.vcf.gz (or set data.panel_vcf); `python -m rag_hpc.simulate` makes a demo panel")
+        raise ConfigError(
+            "no input VCF: pass --vcf PANEL.vcf.gz (or set data.panel_vcf); `python -m rag_hpc.simulate` makes a demo panel"
+        )
     out = pick(args.out, config.panel_h5)
 
     t0 = time.perf_counter()

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rag_hpc.cli import run_main
+from rag_hpc.errors import InputError
 from rag_hpc.launch import RUN_RECORD
 
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
@@ -40,13 +42,15 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
             jid, state = line.split("|", 1)
             states[jid] = state.split()[0]
     for line in _run(["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(ids)]).splitlines():
-        jid, state, reason = (line.split("|") + ["", ""])[:3]
+        jid, state, reason = ([*line.split("|"), "", ""])[:3]
         states[jid] = f"{state} ({reason})" if reason and reason != "None" else state
     return states
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
+    steps = [
+        int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))
+    ]
     return max(steps) if steps else None
 
 
@@ -90,7 +94,9 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
         status["problems"].append(f"index task {jid} {tasks[jid]}: see {folder / f'{jid}_0_log.err'}")
     train_state = states.get(train_id or "", "")
     if train_state.startswith("CANCELLED") and failed:
-        status["problems"].append(f"training job {train_id} was cancelled because index task(s) {', '.join(failed)} failed (afterok)")
+        status["problems"].append(
+            f"training job {train_id} was cancelled because index task(s) {', '.join(failed)} failed (afterok)"
+        )
     elif "DependencyNeverSatisfied" in train_state:
         status["problems"].append(f"training job {train_id} can never start: an index task failed")
     return status
@@ -111,7 +117,9 @@ def render(status: dict[str, Any]) -> str:
         lines.append("  index array: none (all windows were cached)")
     if "windows_cached" in status:
         lines.append(f"  windows cached: {status['windows_cached']} / {status['windows_total']}")
-    lines.append(f"  newest checkpoint step: {status['checkpoint_step'] if status['checkpoint_step'] is not None else 'none yet'}")
+    lines.append(
+        f"  newest checkpoint step: {status['checkpoint_step'] if status['checkpoint_step'] is not None else 'none yet'}"
+    )
     m = status["last_metrics"]
     if m:
         lines.append("  last metrics: " + ", ".join(f"{k}={v}" for k, v in m.items() if v not in ("", None)))
@@ -119,16 +127,25 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rag_hpc.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("rag_hpc_work"), help="paths.workdir of the launches")
     parser.add_argument("--all", action="store_true", help="every launch recorded, not only the newest")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, build_parser(), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
     path = args.workdir / RUN_RECORD
     if not path.exists():
-        print(f"error: no launch recorded in {args.workdir} ({path} missing)", file=sys.stderr)
-        return 2
+        raise InputError(
+            f"no launch recorded in {args.workdir} ({path} missing): pass the paths.workdir of a launch with --workdir"
+        )
     records = json.loads(path.read_text())
     statuses = [run_status(r) for r in (records if args.all else records[-1:])]
     if args.json:

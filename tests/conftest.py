@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -37,29 +34,6 @@ def cluster() -> dict[str, int]:
     from tests.slurm_helpers import ensure_cluster
 
     return ensure_cluster()
-
-
-@pytest.fixture(scope="session")
-def epochs_for(cluster: dict[str, int], tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[float, int, int], int]:
-    """``epochs(seconds, lo, hi)``: epochs of the launcher's tiny run that take about ``seconds`` of
-    training on this machine now, clamped to [lo, hi].
-
-    The other engineers' runs share these 2 cores, so the step rate varies ~10x over a day; SLURM
-    tests that must catch a running job (preemption, time limit, a dying node) size their runs from
-    a rate measured here."""
-    from tests.slurm_helpers import as_flags, cli, run_dir, tiny_sets
-
-    work = tmp_path_factory.mktemp("calibrate")
-    out = cli("launch", "--cluster", "local", *as_flags(tiny_sets(tiny_simulation, work)), env={"OMP_NUM_THREADS": str(cluster["cpus"])})
-    assert out.returncode == 0, out.stderr[-2000:]
-    row = next(csv.DictReader((run_dir(work) / "metrics.csv").open()))
-    steps_per_s = int(row["step"]) / float(row["epoch_seconds"])
-    print(f"\ncalibration: {steps_per_s:.1f} steps/s on the tiny run")
-
-    def epochs(seconds: float, lo: int, hi: int) -> int:
-        return max(lo, min(hi, math.ceil(seconds * steps_per_s / int(row["step"]))))
-
-    return epochs
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -10,6 +10,10 @@ PY=${PYTHON:-python3}
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e '.[test]'
 
+# Formatting and lint first: cheap, and a red here is the code's fault, never the machine's.
+"$PY" -m ruff format --check --diff .
+"$PY" -m ruff check .
+
 # The SLURM tests submit real jobs to a single-node cluster; under CI they fail, not skip, without it.
 if ! bash slurm/up.sh; then
     bash slurm/status.sh --logs || true

@@ -6,6 +6,7 @@ Without a usable cluster they skip, except under CI=true, where that is a failur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,9 +14,10 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -96,7 +98,11 @@ def state_of(job_id: str) -> str:
 
 
 def final_state(job_id: str, timeout: float) -> str:
-    return wait_for(lambda: (s := state_of(job_id)) not in UNFINISHED and s, timeout, lambda: f"job {job_id} to finish (now {state_of(job_id)})")
+    return wait_for(
+        lambda: (s := state_of(job_id)) not in UNFINISHED and s,
+        timeout,
+        lambda: f"job {job_id} to finish (now {state_of(job_id)})",
+    )
 
 
 def squeue_ids() -> set[str]:
@@ -108,15 +114,30 @@ def squeue_ids() -> set[str]:
 
 def tiny_sets(sim: Path, workdir: Path, cache: Path | None = None, epochs: int = 1, *extra: str) -> list[str]:
     return [
-        f"data.panel_vcf={sim / 'panel.vcf.gz'}", f"data.populations={sim / 'populations.tsv'}",
-        f"data.targets_vcf={sim / 'targets.array.vcf.gz'}", f"data.truth_vcf={sim / 'targets.truth.vcf.gz'}",
-        f"paths.workdir={workdir}", f"paths.cache_dir={cache or workdir / 'cache'}",
-        "windows.window_size=100", "masks.epochs_per_level=1",
-        "model.dims=32", "model.layers=2", "model.heads=4", "model.k=4", "model.match_scales=[2, 8]",
-        "train.batch_size=8", f"train.epochs={epochs}", "train.warmup_steps=5", "train.lr=1e-3",
-        "train.checkpoint_every_steps=4", "train.log_every=5", "train.progress=false", "train.tensorboard=false",
-        "cluster.gpus_per_node=0", *extra,
-    ]  # fmt: skip
+        f"data.panel_vcf={sim / 'panel.vcf.gz'}",
+        f"data.populations={sim / 'populations.tsv'}",
+        f"data.targets_vcf={sim / 'targets.array.vcf.gz'}",
+        f"data.truth_vcf={sim / 'targets.truth.vcf.gz'}",
+        f"paths.workdir={workdir}",
+        f"paths.cache_dir={cache or workdir / 'cache'}",
+        "windows.window_size=100",
+        "masks.epochs_per_level=1",
+        "model.dims=32",
+        "model.layers=2",
+        "model.heads=4",
+        "model.k=4",
+        "model.match_scales=[2, 8]",
+        "train.batch_size=8",
+        f"train.epochs={epochs}",
+        "train.warmup_steps=5",
+        "train.lr=1e-3",
+        "train.checkpoint_every_steps=4",
+        "train.log_every=5",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "cluster.gpus_per_node=0",
+        *extra,
+    ]
 
 
 def as_flags(sets: list[str]) -> list[str]:
@@ -125,8 +146,15 @@ def as_flags(sets: list[str]) -> list[str]:
 
 def cli(module: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m rag_hpc.<module> ARGS`` as a user runs it: from the repository, one thread, no SLURM_* variables."""
-    return subprocess.run([sys.executable, "-m", f"rag_hpc.{module}", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**plain_env(1), **(env or {})}, cwd=REPO, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", f"rag_hpc.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**plain_env(1), **(env or {})},
+        cwd=REPO,
+        check=False,
+    )
 
 
 def launcher(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -166,6 +194,27 @@ def fake_apptainer(folder: Path) -> Path:
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
+
+
+@contextlib.contextmanager
+def node_occupied(cpus: int, out: Path) -> Iterator[str]:
+    """A job holding every CPU of the test node for the block, so whatever is submitted meanwhile stays
+    PENDING however fast this machine is; cancelled (and gone from the queue) afterwards."""
+    job = run(["sbatch", "--parsable", "-p", "gpu", "-c", str(cpus), "-J", "occupier", "-o", str(out), "--wrap", "sleep 900"])
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: state_of(job_id) == "RUNNING", 60, lambda: f"the occupying job {job_id} to run ({state_of(job_id)})")
+        yield job_id
+    finally:
+        run(["scancel", job_id])
+        wait_for(lambda: job_id not in squeue_ids(), 60, f"the occupying job {job_id} to leave the queue")
+
+
+def cancel(job_ids: list[str]) -> None:
+    """Cancel jobs (pending ones leave at once) and wait until none is in the queue."""
+    run(["scancel", *job_ids])
+    wait_for(lambda: not {j.split("_")[0] for j in squeue_ids()} & set(job_ids), 60, f"jobs {job_ids} to leave the queue")
 
 
 def submit_urgent(out: Path) -> str:

@@ -15,6 +15,7 @@ import pytest
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.data.masks import val_mask
 from rag_hpc.data.panel import SPLIT_TRAIN, Panel
+from rag_hpc.errors import ConfigError
 from rag_hpc.index.build import WindowCache, build_windows
 from rag_hpc.index.retrieval import masked_topk
 
@@ -41,7 +42,7 @@ def test_only_the_requested_windows_are_built(tiny_panel, tmp_path):
     assert [r.window_id for r in build_windows(cfg, [2, 0], progress=False)] == [2, 0]
     statuses = {r.window_id: r.status for r in build_windows(cfg, [0, 1, 2], progress=False)}
     assert statuses == {0: "cached", 1: "built", 2: "cached"}
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         build_windows(cfg, [10_000], progress=False)
 
 
@@ -67,8 +68,13 @@ def test_validation_index_answers_like_the_exact_retriever_under_the_fixed_mask(
     observed = ~val_mask(cfg.masks, 2, shard.window.length)
     import torch
 
-    want = masked_topk(torch.as_tensor(queries), torch.as_tensor(observed), torch.as_tensor(reference),
-                       torch.ones(len(observed), dtype=torch.float64), k=4)
+    want = masked_topk(
+        torch.as_tensor(queries),
+        torch.as_tensor(observed),
+        torch.as_tensor(reference),
+        torch.ones(len(observed), dtype=torch.float64),
+        k=4,
+    )
     got = index.search(queries, 4)
     assert torch.equal(torch.as_tensor(got[1]), want[1])
 
@@ -174,12 +180,25 @@ def test_two_processes_building_overlapping_ranges_produce_valid_artifacts(tiny_
 
 def test_index_cli_builds_named_windows(tiny_panel, tmp_path):
     env = {**os.environ, "RAG_HPC_PATHS__CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "rag_hpc.index", "--set", f"data.panel_h5={tiny_panel}", "--set", "windows.window_size=100", "--windows", "0,2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rag_hpc.index",
+        "--set",
+        f"data.panel_h5={tiny_panel}",
+        "--set",
+        "windows.window_size=100",
+        "--windows",
+        "0,2",
+        "--quiet",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "2 windows: 2 built, 0 cached" in out.stdout
     bad = subprocess.run([*cmd[:-3], "--windows", "x-y"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --windows 'x-y': expected ids and ranges like 0-9,12"]
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --windows 'x-y': expected ids and ranges like 0-9,12"
+    ]
 
 
 def test_reference_search_order_is_a_fixed_shuffle_of_the_train_split(tiny_panel):

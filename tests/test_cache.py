@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from rag_hpc.index.cache import Artifact, ArtifactStore, artifact_key
 
 FIELDS = {"panel_sha256": "ab" * 32, "window": [3, 1533, 2044], "window_size": 511}

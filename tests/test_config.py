@@ -42,7 +42,7 @@ def test_the_shipped_configs_load():
 
 
 @pytest.mark.parametrize(
-    "overrides, field, words",
+    ("overrides", "field", "words"),
     [
         (["windows.window_size=512"], "windows", "window_size + 1 > max_seq_len"),
         (["windows.window_size=0"], "windows.window_size", "greater than 0"),
@@ -77,5 +77,5 @@ def test_missing_or_malformed_config_files_are_named(tmp_path):
 
 def test_overrides_parse_yaml_scalars_and_reject_garbage():
     assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=x y"]) == {"a": {"b": 3, "c": [1, 2]}, "d": "x y"}
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_overrides(["novalue"])

@@ -12,7 +12,8 @@ from rag_hpc.cli import run_main
 from rag_hpc.data.panel import Panel
 from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.data.vcf import VcfWriter
-from rag_hpc.evaluate import MAF_BINS, build_parser, dosage_r2, evaluate, main, maf_bin
+from rag_hpc.errors import InputError
+from rag_hpc.evaluate import MAF_BINS, build_parser, dosage_r2, evaluate, maf_bin, main
 
 N_PANEL = 1000  # samples: 2,000 haplotypes, 1,800 in the train split (val_fraction 0.1)
 
@@ -57,7 +58,16 @@ IMPUTED_ONLY = (1000, "G", "T", [("0|1", 1.0)] * 5)
 
 R2 = {100: 1.0, 200: 0.5, 300: 0.0, 400: 2.56 / 2.6, 500: 49 / 55, 600: 1.0, 800: 1.0}
 # Hard-call agreement over A-D per site (matches, and matches / pairs where truth or call is non-REF).
-CONC = {100: (4, 3, 3), 200: (2, 1, 3), 300: (2, 0, 2), 400: (4, 3, 3), 500: (2, 2, 4), 600: (4, 1, 1), 700: (4, 0, 0), 800: (4, 2, 2)}
+CONC = {
+    100: (4, 3, 3),
+    200: (2, 1, 3),
+    300: (2, 0, 2),
+    400: (4, 3, 3),
+    500: (2, 2, 4),
+    600: (4, 1, 1),
+    700: (4, 0, 0),
+    800: (4, 2, 2),
+}
 BIN_OF = {100: 0, 200: 1, 300: 2, 600: 2, 400: 3, 500: 3, 700: 3, 800: 3}
 
 
@@ -68,8 +78,7 @@ def _genotype(count: int) -> str:
 def write_vcf(path: Path, samples: list[str], rows: list[tuple[int, str, str, str, list[str]]]) -> Path:
     """A plain-text VCF: (pos, ref, alt, FORMAT, per-sample fields)."""
     fmt = {r[3] for r in rows}
-    lines = ["##fileformat=VCFv4.2", "##contig=<ID=21>",
-             '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">']  # fmt: skip
+    lines = ["##fileformat=VCFv4.2", "##contig=<ID=21>", '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">']
     if any("DS" in f for f in fmt):
         lines.append('##FORMAT=<ID=DS,Number=A,Type=Float,Description="ALT dose">')
     lines.append("\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *samples]))
@@ -172,10 +181,22 @@ def test_samples_match_by_name_and_site_bookkeeping_is_reported(panel_h5: Path, 
     assert without_exclusion.bins[3].r2 < ev.bins[3].r2  # the typed site scores 0 here
 
 
-def test_evaluate_cli_writes_markdown_json_and_png(panel_h5: Path, vcfs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_cli_writes_markdown_json_and_png(
+    panel_h5: Path, vcfs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "report"
-    argv = ["--imputed", str(vcfs["imputed"]), "--truth", str(vcfs["truth"]), "--panel", str(panel_h5), "--out", str(out),
-            "--exclude-sites", str(vcfs["typed"])]  # fmt: skip
+    argv = [
+        "--imputed",
+        str(vcfs["imputed"]),
+        "--truth",
+        str(vcfs["truth"]),
+        "--panel",
+        str(panel_h5),
+        "--out",
+        str(out),
+        "--exclude-sites",
+        str(vcfs["typed"]),
+    ]
     assert run_main(main, build_parser(), argv) == 0
     assert "| [0.05, 0.5] | 4 | 1 | 3 |" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
@@ -184,8 +205,10 @@ def test_evaluate_cli_writes_markdown_json_and_png(panel_h5: Path, vcfs: dict[st
     assert (out / "r2_by_maf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("case, message", [("no_common_sample", "matched by name"), ("missing_truth", "does not exist"), ("no_panel", "prepare")])
-def test_evaluate_cli_exits_2_with_one_error_line_on_bad_input(
+@pytest.mark.parametrize(
+    ("case", "message"), [("no_common_sample", "matched by name"), ("missing_truth", "does not exist"), ("no_panel", "prepare")]
+)
+def test_evaluate_cli_exits_3_with_one_error_line_on_bad_input(
     case: str, message: str, panel_h5: Path, vcfs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     truth, panel = vcfs["truth"], panel_h5
@@ -196,7 +219,7 @@ def test_evaluate_cli_exits_2_with_one_error_line_on_bad_input(
     else:
         panel = tmp_path / "nope.h5"
     argv = ["--imputed", str(vcfs["imputed"]), "--truth", str(truth), "--panel", str(panel), "--out", str(tmp_path / "r")]
-    assert run_main(main, build_parser(), argv) == 2
+    assert run_main(main, build_parser(), argv) == InputError.exit_code  # all three are input problems
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not (tmp_path / "r").exists()

@@ -1,9 +1,10 @@
 """Checkpoint faults on real training processes: SIGKILL while a checkpoint is being written, a damaged
 newest checkpoint, a disk that fills up while checkpointing.
 
-Every run is ``python -m rag_hpc.train`` in a subprocess, as a job runs it, checkpointing every step a
-model big enough (5.9 MB checkpoints) that each write takes milliseconds. Whatever the fault, rerunning
-the same command must end with the parameters and optimizer state of one uninterrupted run.
+Every run is ``python -m rag_hpc.train`` in a subprocess, as a job runs it, checkpointing every step
+(5.9 MB checkpoints). A kill is placed inside a write by the process itself (``tests/kill_points.py``), so no test
+here depends on the speed of the disk or the CPU. Whatever the fault, rerunning the same command must
+end with the parameters and optimizer state of one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import random
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
+from rag_hpc.errors import DiskSpaceError
 from rag_hpc.fsutil import human_bytes
 from rag_hpc.train.checkpoint import CheckpointError, CheckpointFile, CheckpointManager
-from tests import reliability
+from tests import kill_points, reliability
 from tests.train_helpers import ROOT, STEPS_PER_EPOCH, checkpoint_dir, load_checkpoint, max_diff, run_cli, train_cmd, train_env
 
 pytestmark = pytest.mark.slow
@@ -33,17 +34,21 @@ TOTAL = STEPS_PER_EPOCH  # one epoch
 KEEP = 3
 TOLERANCE = 1e-6
 KILL_SEED = 20261123
-KILL_TRIALS = 10  # kills that must land inside a write
-MAX_KILLS = 20  # per run
-MAX_ROUNDS = 4
+KILL_TRIALS = 10  # runs killed inside a checkpoint write, one after the other in one run directory
 _WRITTEN = re.compile(r"checkpoint \S*/step_(\d{9})\.pt written in ")
 
 
 def _cmd(panel: Path, workdir: Path, *extra: str, max_steps: int | None = None) -> list[str]:
     return train_cmd(
-        panel, workdir, "model.dims=128", "train.epochs=1", "train.checkpoint_every_steps=1",
-        f"train.keep_checkpoints={KEEP}", *extra, max_steps=max_steps,
-    )  # fmt: skip
+        panel,
+        workdir,
+        "model.dims=128",
+        "train.epochs=1",
+        "train.checkpoint_every_steps=1",
+        f"train.keep_checkpoints={KEEP}",
+        *extra,
+        max_steps=max_steps,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,33 +90,29 @@ def _resumed_from(newest: CheckpointFile | None, stderr: str) -> bool:
 # -- SIGKILL during a checkpoint write --------------------------------------------------------------
 
 
-def _kill_in_write(proc: subprocess.Popen, ckpt_dir: Path, nth: int, target: str, delay: float) -> int | None:
-    """SIGKILL ``proc`` during its ``nth`` checkpoint write and return the step being written (None if it
-    exited first). ``target`` "data": ``delay`` s after the data's temp file appears; "sidecar": once the
-    data file is published and its sidecar is not (if the poll misses that moment, the next write's)."""
-    temp = re.compile(rf"^\.step_(\d{{9}})\.pt\.tmp-{proc.pid}$")
-    writes: list[int] = []
-    while proc.poll() is None:
-        names = set(os.listdir(ckpt_dir)) if ckpt_dir.is_dir() else set()
-        writes += sorted({int(m[1]) for m in map(temp.match, names) if m and int(m[1]) not in writes})
-        if len(writes) >= nth:
-            step = writes[nth - 1]
-            data = f"step_{step:09d}.pt"
-            if target == "data" or (data in names and f"{data}.sha256" not in names):
-                time.sleep(delay)
-                proc.kill()
-                proc.wait()
-                return step
-            if f"{data}.sha256" in names:
-                nth += 1
-        time.sleep(0.0002)
-    return None
+# Where in the write of one checkpoint a run SIGKILLs itself (tests/kill_points.py), so the kill lands
+# inside that write by construction, however fast the disk and the CPU are. "fsync": the data's
+# temporary file is written, not yet durable; "rename": durable, not yet published; "sidecar": the data
+# is published, its sidecar is not.
+KILL_POINTS = ("fsync", "rename", "sidecar")
+
+
+def _killed_in_write(cmd: list[str], step: int, point: str) -> list[str]:
+    name = re.escape(f"step_{step:09d}.pt")
+    call, pattern = {
+        "fsync": ("fsync", rf"\.{name}\.tmp-\d+"),
+        "rename": ("replace", name),
+        "sidecar": ("replace", rf"{name}\.sha256"),
+    }[point]
+    return kill_points.command(call, pattern, 1, "before", "rag_hpc.train", *cmd[3:])  # cmd: python -m rag_hpc.train ...
 
 
 @dataclass
 class _Kill:
     step: int  # the checkpoint being written
-    where: str  # "data write", "sidecar write" (data published, sidecar not) or "after the write"
+    point: str  # where in its write the process died (KILL_POINTS)
+    where: str  # what the directory shows: "data write" (temp file, nothing published), "sidecar write"
+    # (data published, sidecar not) or "after the write" (the kill missed: never expected here)
     lost: list[int]  # checkpoints reported written and due to be kept that no longer load
     newest: CheckpointFile | None  # what the loader takes afterwards
     newest_is_due: bool  # ... is the newest completed checkpoint, not an older or a partial one
@@ -120,10 +121,11 @@ class _Kill:
 
     @property
     def ok(self) -> bool:
-        return not self.lost and self.newest_is_due and self.distance <= TOLERANCE and self.resumed
+        expected = "sidecar write" if self.point == "sidecar" else "data write"
+        return self.where == expected and not self.lost and self.newest_is_due and self.distance <= TOLERANCE and self.resumed
 
 
-def _inspect_after_kill(workdir: Path, reference: Path, pid: int, step: int) -> _Kill:
+def _inspect_after_kill(workdir: Path, reference: Path, pid: int, step: int, point: str) -> _Kill:
     ckpt_dir = checkpoint_dir(workdir)
     names = set(os.listdir(ckpt_dir))
     data = f"step_{step:09d}.pt"
@@ -141,75 +143,58 @@ def _inspect_after_kill(workdir: Path, reference: Path, pid: int, step: int) -> 
     found = manager.load_latest(set_aside=False)  # leave the directory as the kill left it, for the rerun
     newest = found[0] if found else None
     return _Kill(
-        step, where, lost=[s for s in due if s in reported and s not in loadable], newest=newest,
+        step,
+        point,
+        where,
+        lost=[s for s in due if s in reported and s not in loadable],
+        newest=newest,
         newest_is_due=(newest.step if newest else None) == (due[-1] if due else None),
         distance=_distance(reference, found[1]) if found else 0.0,
-    )  # fmt: skip
+    )
 
 
 def _kill_repeatedly(cmd: list[str], workdir: Path, reference: Path, rng: random.Random, err_dir: Path) -> list[_Kill]:
-    """Rerun ``cmd`` in ``workdir``, killing each run at a seeded write and moment, until enough kills have
-    landed inside a write in all rounds so far or the run reaches its last step (a fast disk lets many kills
-    land just after a write)."""
-    ckpt_dir = checkpoint_dir(workdir)
+    """Rerun ``cmd`` in ``workdir`` KILL_TRIALS times, each run killed at a seeded point of the write of a
+    seeded checkpoint 1-3 steps past the newest one on disk."""
     kills: list[_Kill] = []
-    while len(kills) < MAX_KILLS:
-        nth, target, delay = rng.randint(1, 3), rng.choice(("data", "sidecar")), rng.uniform(0.0, 0.002)
-        err_file = err_dir / f"{workdir.parent.name}_run_{len(kills)}.err"
+    newest = 0
+    for trial in range(KILL_TRIALS):
+        step, point = newest + rng.randint(1, 3), rng.choice(KILL_POINTS)
+        err_file = err_dir / f"kill_{trial}.err"
         with open(err_file, "w") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=train_env(), cwd=ROOT)
-            try:
-                step = _kill_in_write(proc, ckpt_dir, nth, target, delay)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            proc = subprocess.Popen(
+                _killed_in_write(cmd, step, point), stdout=subprocess.DEVNULL, stderr=err, env=train_env(), cwd=ROOT
+            )
+            rc = proc.wait(timeout=240)
         stderr = err_file.read_text()
+        assert rc == -9, f"trial {trial}: the run did not die in the write of step {step} ({point}): {stderr[-1500:]}"
         if kills:
             kills[-1].resumed = _resumed_from(kills[-1].newest, stderr)
-        if step is None:  # it ended before its chosen write: the run is complete, or it crashed
-            assert proc.returncode == 0, stderr[-1500:]
-            break
-        kills.append(_inspect_after_kill(workdir, reference, proc.pid, step))
-        if sum(k.where != "after the write" for k in kills) >= KILL_TRIALS:
-            break
+        kills.append(_inspect_after_kill(workdir, reference, proc.pid, step, point))
+        newest = kills[-1].newest.step if kills[-1].newest else 0
     return kills
 
 
 def test_sigkill_during_checkpoint_writes_loses_no_completed_checkpoint_and_the_rerun_ends_like_the_uninterrupted_run(
     tiny_panel, reference, tmp_path
 ):
-    rng = random.Random(KILL_SEED)
-    kills: list[_Kill] = []
-    unfinished: list[str] = []
-    # A round is one run from scratch, killed again and again, then finished by a last rerun; rounds repeat
-    # in fresh directories until enough kills have landed inside a write.
-    for round_ in range(MAX_ROUNDS):
-        workdir = tmp_path / f"round{round_}" / "work"
-        cmd = _cmd(tiny_panel, workdir)
-        round_kills = _kill_repeatedly(cmd, workdir, reference, rng, tmp_path)
-        final = run_cli(cmd)
-        if round_kills and not round_kills[-1].resumed:
-            round_kills[-1].resumed = _resumed_from(round_kills[-1].newest, final.stderr)
-        distance = _distance(reference, load_checkpoint(workdir, TOTAL)) if final.returncode == 0 else math.inf
-        leftovers = [n for n in os.listdir(checkpoint_dir(workdir)) if ".tmp-" in n]
-        if final.returncode != 0 or distance > TOLERANCE or leftovers:
-            unfinished.append(f"round {round_}: exit {final.returncode}, distance {distance}, leftovers {leftovers}")
-        kills += round_kills
-        if sum(k.where != "after the write" for k in kills) >= KILL_TRIALS:
-            break
-
-    inside = [k for k in kills if k.where != "after the write"]
+    workdir = tmp_path / "work"
+    cmd = _cmd(tiny_panel, workdir)
+    kills = _kill_repeatedly(cmd, workdir, reference, random.Random(KILL_SEED), tmp_path)
+    final = run_cli(cmd)
+    kills[-1].resumed = _resumed_from(kills[-1].newest, final.stderr)
+    distance = _distance(reference, load_checkpoint(workdir, TOTAL)) if final.returncode == 0 else math.inf
+    leftovers = [n for n in os.listdir(checkpoint_dir(workdir)) if ".tmp-" in n]
     reliability.record(
-        fault="SIGKILL during checkpoint write", trials=len(kills),
-        survived=0 if unfinished else sum(k.ok for k in kills), data_lost=sum(len(k.lost) for k in kills),
-        note=f"{sum(k.where == 'data write' for k in kills)} in the data write, "
-        f"{sum(k.where == 'sidecar write' for k in kills)} before its sidecar, {len(kills) - len(inside)} just after; "
-        f"{_checkpoint_bytes(reference) / 1e6:.1f} MB checkpoint every step, {round_ + 1} run(s), seed {KILL_SEED}",
-    )  # fmt: skip
-    assert len(inside) >= KILL_TRIALS, [(k.step, k.where) for k in kills]
-    assert [k for k in kills if not k.ok] == []
-    assert unfinished == []
+        fault="SIGKILL during checkpoint write",
+        trials=len(kills),
+        survived=sum(k.ok for k in kills) if final.returncode == 0 and distance <= TOLERANCE and not leftovers else 0,
+        data_lost=sum(len(k.lost) for k in kills),
+        note=", ".join(f"{sum(k.point == p for k in kills)} at {p}" for p in KILL_POINTS)
+        + f" (steps {[k.step for k in kills]}); {_checkpoint_bytes(reference) / 1e6:.1f} MB checkpoint every step, seed {KILL_SEED}",
+    )
+    assert [(k.step, k.point, k.where) for k in kills if not k.ok] == [], "a kill missed its write, or a rerun did not resume"
+    assert final.returncode == 0 and distance <= TOLERANCE and leftovers == [], (final.returncode, distance, leftovers)
 
 
 # -- a damaged newest checkpoint --------------------------------------------------------------------
@@ -256,19 +241,30 @@ def test_a_truncated_or_bit_flipped_newest_checkpoint_is_named_and_the_run_resum
         resumed = _resumed_from(previous, out.stderr)
         lost += not resumed  # the good checkpoint before the damaged one was not usable
         failures[what] = [
-            check for check, held in (
+            check
+            for check, held in (
                 (f"exit {out.returncode}: {out.stderr[-2000:]}", out.returncode == 0),
-                (f"no warning naming {newest.path} ({reason}) and the fallback", reason in warning and "falling back to the previous one" in warning),
+                (
+                    f"no warning naming {newest.path} ({reason}) and the fallback",
+                    reason in warning and "falling back to the previous one" in warning,
+                ),
                 (f"did not resume from {previous.path}", resumed),
                 ("damaged file not set aside", (ckpt_dir / f"{newest.path.name}.unusable").is_file()),
-                (f"step {end} differs from the uninterrupted run", out.returncode == 0 and _distance(reference, load_checkpoint(workdir, end)) <= TOLERANCE),
-            ) if not held
-        ]  # fmt: skip
+                (
+                    f"step {end} differs from the uninterrupted run",
+                    out.returncode == 0 and _distance(reference, load_checkpoint(workdir, end)) <= TOLERANCE,
+                ),
+            )
+            if not held
+        ]
 
     reliability.record(
-        fault="Truncated or bit-flipped checkpoint", trials=len(DAMAGE), survived=sum(not f for f in failures.values()),
-        data_lost=lost, note="newest truncated to 0 B, 4 KiB, half, size-1, or one bit flipped; resumed from the previous one",
-    )  # fmt: skip
+        fault="Truncated or bit-flipped checkpoint",
+        trials=len(DAMAGE),
+        survived=sum(not f for f in failures.values()),
+        data_lost=lost,
+        note="newest truncated to 0 B, 4 KiB, half, size-1, or one bit flipped; resumed from the previous one",
+    )
     assert {what: f for what, f in failures.items() if f} == {}
 
 
@@ -285,7 +281,9 @@ def mount_tmpfs() -> Iterator[Callable[[Path, int], None]]:
         if shutil.which("mount") is None:
             problem = "no `mount` command"
         else:
-            out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True)
+            out = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+            )
             if out.returncode == 0:
                 mounted.append(directory)
                 return
@@ -335,27 +333,37 @@ def test_a_full_disk_while_checkpointing_fails_in_one_line_keeps_the_earlier_che
         lost += KEEP - len(intact)
         found = manager.load_latest(set_aside=False)
         checks = [
-            (f"exit {full.returncode}, not 2", full.returncode == 2),
-            (f"not one error line starting {want!r}: {full.stderr[-1500:]}",
-             len(errors) == 1 and errors[0].startswith(want) and full.stderr.rstrip().endswith(errors[0])),
+            (f"exit {full.returncode}, not {DiskSpaceError.exit_code}", full.returncode == DiskSpaceError.exit_code),
+            (
+                f"not one error line starting {want!r}: {full.stderr[-1500:]}",
+                len(errors) == 1 and errors[0].startswith(want) and full.stderr.rstrip().endswith(errors[0]),
+            ),
             ("a traceback or a logging error", "Traceback" not in full.stderr and "Logging error" not in full.stderr),
             (f"left {sorted(os.listdir(ckpt_dir))}", sorted(os.listdir(ckpt_dir)) == sorted([*kept, "filler"])),
             (f"earlier checkpoints intact: only {intact}", intact == list(range(1, KEEP + 1))),
             (f"the loader takes {found[0] if found else None}", found is not None and found[0].step == KEEP),
-        ]  # fmt: skip
+        ]
 
         (ckpt_dir / "filler").unlink()
         rerun = run_cli(cmd)
         checks += [
             (f"rerun exit {rerun.returncode}: {rerun.stderr[-2000:]}", rerun.returncode == 0),
-            ("rerun did not resume from the last kept checkpoint", _resumed_from(CheckpointFile(KEEP, manager.path_for(KEEP)), rerun.stderr)),
-            ("rerun ends away from the uninterrupted run",
-             rerun.returncode == 0 and _distance(reference, load_checkpoint(workdir, TOTAL)) <= TOLERANCE),
-        ]  # fmt: skip
+            (
+                "rerun did not resume from the last kept checkpoint",
+                _resumed_from(CheckpointFile(KEEP, manager.path_for(KEEP)), rerun.stderr),
+            ),
+            (
+                "rerun ends away from the uninterrupted run",
+                rerun.returncode == 0 and _distance(reference, load_checkpoint(workdir, TOTAL)) <= TOLERANCE,
+            ),
+        ]
         failures[where] = [check for check, held in checks if not held]
 
     reliability.record(
-        fault="Disk full while checkpointing", trials=len(spares), survived=sum(not f for f in failures.values()),
-        data_lost=lost, note=f"tmpfs filled at checkpoint {failing} (in its data write; in its sidecar write); freed, rerun",
-    )  # fmt: skip
+        fault="Disk full while checkpointing",
+        trials=len(spares),
+        survived=sum(not f for f in failures.values()),
+        data_lost=lost,
+        note=f"tmpfs filled at checkpoint {failing} (in its data write; in its sidecar write); freed, rerun",
+    )
     assert {where: f for where, f in failures.items() if f} == {}

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,9 +23,10 @@ import pytest
 
 from rag_hpc.config import load_config
 from rag_hpc.data.panel import Panel
+from rag_hpc.errors import DiskSpaceError
 from rag_hpc.index.build import WindowCache, build_windows
 from rag_hpc.index.cache import MANIFEST, Artifact
-from tests import reliability
+from tests import kill_points, reliability
 from tests.slurm_helpers import IN_CI, REPO
 
 # 4-site windows: 65 windows and 148 artifacts, so a build writes for a measurable fraction of a
@@ -137,31 +137,10 @@ def _wait_for(condition: Callable[[], bool], procs: list[subprocess.Popen[str]],
     return True
 
 
-def _started_writing(root: Path) -> Callable[[], bool]:
-    # The per-key lock directory is a builder's first write; everything before it is start-up.
-    return lambda: (root / ".locks").exists()
-
-
 # ------------------------------------------------------------------------------------------------
 # 1. SIGKILL at seeded points across the write path
 
 KILL_TRIALS = 20
-
-
-def _cache_state(root: Path) -> tuple[int, int]:
-    """(published artifacts, temporaries being written) right now, in one pass over the cache."""
-    published = temporaries = 0
-    try:
-        for kind in os.scandir(root):
-            if kind.name.startswith("."):
-                continue
-            for prefix in os.scandir(kind.path):
-                for entry in os.scandir(prefix.path):
-                    temporaries += entry.name.startswith(".tmp-")
-                    published += not entry.name.startswith(".")
-    except FileNotFoundError:
-        pass  # a directory appeared in the listing before it was created
-    return published, temporaries
 
 
 @pytest.mark.slow
@@ -172,21 +151,18 @@ def test_sigkill_anywhere_in_the_write_path_loses_nothing_and_the_rerun_builds_e
     for trial in range(KILL_TRIALS):
         overrides = _overrides(settings, tmp_path / f"trial{trial}")
         root = load_config(overrides=overrides).paths.cache
-        # Kill points stratified over the artifacts the build publishes (seeded, so every stretch of
-        # the write path gets one whatever this machine's speed); odd trials wait for a commit in
-        # flight (its temporary directory) so the kill lands between its first write and its rename.
-        target = int(len(reference) * (trial + rng.uniform()) / KILL_TRIALS)
+        # Kill points stratified over the artifacts the build publishes (seeded). The builder kills itself
+        # (tests/kill_points.py) at the rename that publishes artifact number `target`: odd trials just
+        # before it (a commit in flight: its complete temporary directory is left), even ones just after
+        # (between two commits). So every trial lands where it is meant to, whatever this machine's speed.
+        target = max(1, int(len(reference) * (trial + rng.uniform()) / KILL_TRIALS))
         mid_commit = trial % 2 == 1
-        started = _started_writing(root)
-
-        def reached() -> bool:
-            published, temporaries = _cache_state(root)
-            return started() and published >= target and (temporaries > 0 or not mid_commit)
-
-        proc = _start(overrides)
-        _wait_for(reached, [proc], f"trial {trial}: {target} artifacts published")
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        sets = [flag for item in overrides for flag in ("--set", item)]
+        argv = kill_points.command(
+            "rename", "[0-9a-f]{64}", target, "before" if mid_commit else "after", "rag_hpc.index", *sets, "--quiet"
+        )
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == -9, f"trial {trial}: the builder was not killed at artifact {target}: {proc.stderr[-1500:]}"
 
         committed, broken = _audit(overrides)
         inside_commit += bool(_temporaries(root))
@@ -199,7 +175,11 @@ def test_sigkill_anywhere_in_the_write_path_loses_nothing_and_the_rerun_builds_e
             cache = WindowCache(cfg, panel)
             rerun = cache.build(progress=False)
             expected = {w.id: [n for n in cache.artifacts(w) if (w.id, n) not in committed] for w in cache.windows}
-        wrong = [r.window_id for r in rerun if r.built != expected[r.window_id] or (r.status == "cached") != (not expected[r.window_id])]
+        wrong = [
+            r.window_id
+            for r in rerun
+            if r.built != expected[r.window_id] or (r.status == "cached") != (not expected[r.window_id])
+        ]
         after, broken_after = _audit(overrides)
         trial_lost = _lost(committed, after)
         lost += trial_lost
@@ -222,10 +202,9 @@ def test_sigkill_anywhere_in_the_write_path_loses_nothing_and_the_rerun_builds_e
     reliability.record(fault="index build SIGKILLed mid-write", trials=KILL_TRIALS, survived=survived, data_lost=lost, note=note)
     assert failures == []
     assert survived == KILL_TRIALS and lost == 0
-    # The kills really spread over the write path, not all before the first or after the last
-    # write, and some hit a commit between its first write and its rename (how many depends on how
-    # long this filesystem's fsyncs keep a commit in flight).
-    assert mid_build >= KILL_TRIALS // 2 and inside_commit >= 1, note
+    # The kills really spread over the write path, and every odd one hit a commit between its first
+    # write and its rename.
+    assert mid_build >= KILL_TRIALS // 2 and inside_commit == KILL_TRIALS // 2, note
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,13 +218,13 @@ def _window_range(spec: str) -> range:
     return range(int(lo), int(hi) + 1)
 
 
-def _flock_waiters(lock_file: Path) -> set[int]:
-    """Pids blocked in flock on ``lock_file`` (the kernel's own list, /proc/locks)."""
+def _lock_waiters(lock_file: Path) -> set[int]:
+    """Pids blocked on the POSIX lock of ``lock_file`` (the kernel's own list, /proc/locks)."""
     inode = lock_file.stat().st_ino
     waiters = set()
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
-        if len(fields) > 5 and fields[1] == "->" and fields[2] == "FLOCK" and int(fields[6].rsplit(":", 1)[1]) == inode:
+        if len(fields) > 5 and fields[1] == "->" and fields[2] == "POSIX" and int(fields[6].rsplit(":", 1)[1]) == inode:
             waiters.add(int(fields[5]))
     return waiters
 
@@ -267,7 +246,11 @@ def test_two_builders_of_overlapping_window_ranges_leave_every_artifact_valid(se
             with cache.store.lock(barrier):
                 procs = [_start(overrides, "--windows", r) for r in ranges]
                 lock_file = cache.store.root / ".locks" / f"{barrier.key}.lock"
-                queued = _wait_for(lambda: _flock_waiters(lock_file) == {p.pid for p in procs}, procs, "both builders to queue")
+                queued = _wait_for(
+                    lambda lock_file=lock_file, procs=procs: _lock_waiters(lock_file) == {p.pid for p in procs},
+                    procs,
+                    "both builders to queue",
+                )
             outputs = [p.communicate() for p in procs]
         assert queued, f"a builder exited before reaching window {first_shared}: {outputs}"
 
@@ -290,9 +273,12 @@ def test_two_builders_of_overlapping_window_ranges_leave_every_artifact_valid(se
         else:
             survived += 1
     reliability.record(
-        fault="two index builds, overlapping windows", trials=len(OVERLAPS), survived=survived, data_lost=lost,
+        fault="two index builds, overlapping windows",
+        trials=len(OVERLAPS),
+        survived=survived,
+        data_lost=lost,
         note="both queued on the first shared window's lock, then released together",
-    )  # fmt: skip
+    )
     assert failures == []
     assert survived == len(OVERLAPS) and lost == 0
 
@@ -342,21 +328,30 @@ def test_truncated_or_bit_flipped_artifacts_are_named_rebuilt_and_equal_the_orig
                 reason = "fails its sha256 checksum" if how == "flip" else "truncated"
                 named = [w for w in warnings if str(file.parent) in w and f"window {wid}: {name} " in w]
                 checks = {
-                    "one warning line naming it, why, and that it is rebuilt": len(named) == 1 and reason in named[0] and "rebuilding" in named[0],
+                    "one warning line naming it, why, and that it is rebuilt": len(named) == 1
+                    and reason in named[0]
+                    and "rebuilding" in named[0],
                     "rebuilt equal to the original bytes": committed.get((wid, name)) == reference[(wid, name)],
                 }
                 if all(checks.values()) and out.returncode == 0 and summary in out.stdout and not broken:
                     survived += 1
                 else:
-                    failures.append(f"round {round_} window {wid} {name} {how}: {checks}; rc {out.returncode}; {out.stdout!r} {broken}")
+                    failures.append(
+                        f"round {round_} window {wid} {name} {how}: {checks}; rc {out.returncode}; {out.stdout!r} {broken}"
+                    )
             lost += sum(committed.get(key) != files for key, files in reference.items() if key not in corrupted)
             if len(warnings) != len(corrupted):
-                failures.append(f"round {round_}: {len(warnings)} stderr lines for {len(corrupted)} corrupted artifacts: {warnings}")
+                failures.append(
+                    f"round {round_}: {len(warnings)} stderr lines for {len(corrupted)} corrupted artifacts: {warnings}"
+                )
     trials = CORRUPTION_ROUNDS * len(CORRUPTIONS)
     reliability.record(
-        fault="corrupted shard/index file", trials=trials, survived=survived, data_lost=lost,
+        fault="corrupted shard/index file",
+        trials=trials,
+        survived=survived,
+        data_lost=lost,
         note="shard, val and target indexes; truncated (to 0..n-1 bytes) or one bit flipped; detected by sha256 on the next build",
-    )  # fmt: skip
+    )
     assert failures == []
     assert survived == trials and lost == 0
 
@@ -377,7 +372,9 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     if shutil.which("mount") is None:
         mounted = None
     else:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True
+        )
     if mounted is None or mounted.returncode != 0:
         reason = f"cannot mount a small tmpfs to fill: {mounted.stderr.strip() if mounted else 'no mount command'} (needs root)"
         if IN_CI:
@@ -396,7 +393,9 @@ def _fill(directory: Path, leave: int) -> Path:
     return filler
 
 
-def test_full_disk_fails_in_one_line_keeps_every_committed_artifact_and_completes_once_space_is_freed(settings, reference, small_filesystem):
+def test_full_disk_fails_in_one_line_keeps_every_committed_artifact_and_completes_once_space_is_freed(
+    settings, reference, small_filesystem
+):
     survived = lost = 0
     failures: list[str] = []
     reached: list[int] = []  # artifacts committed by the failing build: where it ran out
@@ -411,7 +410,11 @@ def test_full_disk_fails_in_one_line_keeps_every_committed_artifact_and_complete
         after_full, broken = _audit(overrides)
         problems = list(broken)
         one_line = full.stderr.strip().splitlines()
-        if full.returncode == 0 or len(one_line) != 1 or not one_line[0].startswith(f"error: no space left in {cache_dir} writing "):
+        if (
+            full.returncode != DiskSpaceError.exit_code
+            or len(one_line) != 1
+            or not one_line[0].startswith(f"error: no space left in {cache_dir} writing ")
+        ):
             problems.append(f"rc {full.returncode}, stderr {full.stderr[-800:]!r}")
         elif not re.search(r"\([\d,]+ bytes\): needs about", one_line[0]):
             problems.append(f"the bytes needed are not named: {one_line[0]}")
@@ -438,8 +441,11 @@ def test_full_disk_fails_in_one_line_keeps_every_committed_artifact_and_complete
             survived += 1
         shutil.rmtree(cache_dir)  # room for the next trial's cache
     reliability.record(
-        fault="disk full while building the index", trials=len(FREE_BYTES), survived=survived, data_lost=lost,
+        fault="disk full while building the index",
+        trials=len(FREE_BYTES),
+        survived=survived,
+        data_lost=lost,
         note=f"4 MiB tmpfs filled to {', '.join(f'{b // 1024} KiB' for b in FREE_BYTES)} free: out of space after {reached} more artifacts; rerun after freeing space",
-    )  # fmt: skip
+    )
     assert failures == []
     assert survived == len(FREE_BYTES) and lost == 0

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from rag_hpc.config import ModelConfig
+from rag_hpc.errors import ConfigError
 from rag_hpc.guard import Budget, Plan, check, estimate, model_params, parse_bytes
 from rag_hpc.model.rag import RagImputer
 
@@ -39,7 +40,7 @@ def test_cached_windows_need_no_disk():
     assert half == pytest.approx(full / 2, rel=0.01)
 
 
-@pytest.mark.parametrize("dims, layers, heads", [(192, 10, 6), (384, 12, 12), (64, 2, 4)])
+@pytest.mark.parametrize(("dims", "layers", "heads"), [(192, 10, 6), (384, 12, 12), (64, 2, 4)])
 def test_parameter_count_matches_the_real_model(dims, layers, heads):
     model = RagImputer(ModelConfig(dims=dims, layers=layers, heads=heads), 512)
     assert model_params(dims, layers) == sum(p.numel() for p in model.parameters())
@@ -48,20 +49,55 @@ def test_parameter_count_matches_the_real_model(dims, layers, heads):
 def test_sizes_parse_like_slurm_and_garbage_is_refused():
     assert parse_bytes("256G") == 256 * 2**30 and parse_bytes("1T") == 2**40 and parse_bytes("1.5K") == 1536
     assert parse_bytes("64GiB") == 64 * 2**30 and parse_bytes("4096") == 4096
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         parse_bytes("lots")
 
 
 def test_cli_exits_nonzero_over_budget_and_prints_the_table():
-    cmd = [sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "2008", "--sites", str(331 * 1030),
-           "--window-size", "1030", "--dims", "192", "--index", "flat-lxd", "--mem", "256G", "--disk-free", "1T", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rag_hpc.guard",
+        "--haplotypes",
+        "2008",
+        "--sites",
+        str(331 * 1030),
+        "--window-size",
+        "1030",
+        "--dims",
+        "192",
+        "--index",
+        "flat-lxd",
+        "--mem",
+        "256G",
+        "--disk-free",
+        "1T",
+        "--json",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 1
     assert "OVER" in out.stdout and "REFUSED" in out.stdout
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["ok"] is False and report["estimate"]["index_task_ram"] > 1.5e12
-    ok = subprocess.run([sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "5008", "--sites", "150000",
-                         "--mem", "64G", "--disk-free", "500G"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rag_hpc.guard",
+            "--haplotypes",
+            "5008",
+            "--sites",
+            "150000",
+            "--mem",
+            "64G",
+            "--disk-free",
+            "500G",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "within budget" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "0", "--sites", "10"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "0", "--sites", "10"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --haplotypes must be positive, got 0"

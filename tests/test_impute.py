@@ -17,6 +17,7 @@ from rag_hpc.data.panel import Panel
 from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.data.vcf import VcfWriter, read_phased_vcf
 from rag_hpc.data.windows import make_windows
+from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.impute import NearestHaplotypePredictor, build_parser, impute, main
 
 WINDOW = 64  # several windows over the tiny panel's ~260 sites, the last one short
@@ -26,16 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def panel_h5(tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return prepare_panel(tiny_simulation / "panel.vcf.gz", tmp_path_factory.mktemp("panel") / "panel.h5",
-                         populations=tiny_simulation / "populations.tsv")  # fmt: skip
+    return prepare_panel(
+        tiny_simulation / "panel.vcf.gz",
+        tmp_path_factory.mktemp("panel") / "panel.h5",
+        populations=tiny_simulation / "populations.tsv",
+    )
 
 
-@pytest.fixture()
+@pytest.fixture
 def config(panel_h5: Path, tmp_path: Path) -> RagConfig:
-    return load_config(overrides=[f"data.panel_h5={panel_h5}", f"paths.workdir={tmp_path / 'work'}", f"windows.window_size={WINDOW}"])
+    return load_config(
+        overrides=[f"data.panel_h5={panel_h5}", f"paths.workdir={tmp_path / 'work'}", f"windows.window_size={WINDOW}"]
+    )
 
 
-def run_impute(config: RagConfig, targets: Path, out: Path, k: int = 1, **kwargs):  # noqa: ANN003, ANN201
+def run_impute(config: RagConfig, targets: Path, out: Path, k: int = 1, **kwargs):
     with Panel(config.panel_h5) as panel:
         predictor = NearestHaplotypePredictor.from_config(config, k=k, panel=panel)
         return impute(config, predictor, targets, out, panel=panel, **kwargs)
@@ -51,7 +57,9 @@ def is_ambiguous(ref: bytes, alt: bytes) -> bool:
     return COMPLEMENT[ref] == alt
 
 
-def write_targets(src: Path, dst: Path, *, pos_shift: int = 0, swap: np.ndarray | None = None, flip: np.ndarray | None = None) -> Path:
+def write_targets(
+    src: Path, dst: Path, *, pos_shift: int = 0, swap: np.ndarray | None = None, flip: np.ndarray | None = None
+) -> Path:
     """Rewrite a phased target VCF: shift positions, swap REF/ALT (flipping the alleles) or complement the alleles."""
     t = read_phased_vcf(src)
     ref, alt, gt = t.ref.copy(), t.alt.copy(), t.gt.copy()
@@ -69,7 +77,9 @@ def write_targets(src: Path, dst: Path, *, pos_shift: int = 0, swap: np.ndarray 
 # ------------------------------------------------------------------------------------------------
 
 
-def test_imputed_vcf_has_every_panel_site_dosages_in_range_and_gp_summing_to_one(config: RagConfig, tiny_simulation: Path, tmp_path: Path) -> None:
+def test_imputed_vcf_has_every_panel_site_dosages_in_range_and_gp_summing_to_one(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "imputed.vcf.gz"
     summary = run_impute(config, tiny_simulation / "targets.array.vcf.gz", out, k=5)  # k > 1: fractional dosages
     with Panel(config.panel_h5) as panel:
@@ -78,7 +88,7 @@ def test_imputed_vcf_has_every_panel_site_dosages_in_range_and_gp_summing_to_one
     assert vcf.samples == read_phased_vcf(tiny_simulation / "targets.array.vcf.gz").samples
     n, fractional = 0, 0
     for rec in vcf:
-        assert rec.POS == positions[n]
+        assert positions[n] == rec.POS
         ds = rec.format("DS")[:, 0]
         gp = rec.format("GP")
         gt = rec.genotype.array()
@@ -115,7 +125,9 @@ def test_imputed_vcf_is_tabix_indexed_for_region_queries(config: RagConfig, tiny
     vcf.close()
 
 
-def test_typed_sites_keep_the_target_alleles_and_ambiguous_ones_are_imputed(config: RagConfig, tiny_simulation: Path, tmp_path: Path) -> None:
+def test_typed_sites_keep_the_target_alleles_and_ambiguous_ones_are_imputed(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path
+) -> None:
     targets = read_phased_vcf(tiny_simulation / "targets.array.vcf.gz")
     ambiguous = np.array([is_ambiguous(r, a) for r, a in zip(targets.ref, targets.alt)])
     assert ambiguous.any() and (~ambiguous).any()
@@ -144,7 +156,9 @@ def test_typed_sites_keep_the_target_alleles_and_ambiguous_ones_are_imputed(conf
     assert seen == int((~ambiguous).sum())
 
 
-def test_swapped_and_strand_flipped_targets_give_the_same_imputation(config: RagConfig, tiny_simulation: Path, tmp_path: Path) -> None:
+def test_swapped_and_strand_flipped_targets_give_the_same_imputation(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path
+) -> None:
     src = tiny_simulation / "targets.array.vcf.gz"
     t = read_phased_vcf(src)
     unambiguous = np.flatnonzero([not is_ambiguous(r, a) for r, a in zip(t.ref, t.alt)])
@@ -171,7 +185,9 @@ class _FailingPredictor(NearestHaplotypePredictor):
         return p + 2.0 if window_id == 2 else p
 
 
-def test_a_failure_mid_write_leaves_no_partial_output_and_the_old_file_untouched(config: RagConfig, tiny_simulation: Path, tmp_path: Path) -> None:
+def test_a_failure_mid_write_leaves_no_partial_output_and_the_old_file_untouched(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "imputed.vcf.gz"
     run_impute(config, tiny_simulation / "targets.array.vcf.gz", out)
     before = out.read_bytes(), Path(f"{out}.tbi").read_bytes()
@@ -180,7 +196,10 @@ def test_a_failure_mid_write_leaves_no_partial_output_and_the_old_file_untouched
         with pytest.raises(ValueError, match=r"predict_window\(2\).*\[0, 1\]"):
             impute(config, failing, tiny_simulation / "targets.array.vcf.gz", out, panel=panel)
     assert (out.read_bytes(), Path(f"{out}.tbi").read_bytes()) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".imputed", "imputed"))) == ["imputed.vcf.gz", "imputed.vcf.gz.tbi"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".imputed", "imputed"))) == [
+        "imputed.vcf.gz",
+        "imputed.vcf.gz.tbi",
+    ]
 
 
 def brute_force_nearest(reference: np.ndarray, query: np.ndarray, observed: np.ndarray, k: int) -> np.ndarray:
@@ -193,7 +212,9 @@ def brute_force_nearest(reference: np.ndarray, query: np.ndarray, observed: np.n
     return out
 
 
-def test_nearest_copy_equals_a_brute_force_hamming_copy_from_the_train_split(config: RagConfig, tiny_simulation: Path, tmp_path: Path) -> None:
+def test_nearest_copy_equals_a_brute_force_hamming_copy_from_the_train_split(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "imputed.vcf.gz"
     summary = run_impute(config, tiny_simulation / "targets.array.vcf.gz", out, k=1)
     typed = np.zeros(summary.n_panel_sites, bool)
@@ -214,34 +235,51 @@ def test_nearest_copy_equals_a_brute_force_hamming_copy_from_the_train_split(con
             expected[:, sl] = brute_force_nearest(reference[:, sl], query[:, sl], typed[sl], 1)
             np.testing.assert_allclose(
                 predictor.predict_window(w.id, query[:, sl], typed[sl]),
-                brute_force_nearest(reference[:, sl], query[:, sl], typed[sl], 3), atol=1e-6,
-            )  # fmt: skip
+                brute_force_nearest(reference[:, sl], query[:, sl], typed[sl], 3),
+                atol=1e-6,
+            )
     imputed = np.stack([rec.genotype.array()[:, :2].reshape(-1) for rec in cyvcf2.VCF(str(out))], axis=1)  # [2S, n_sites]
     expected[:, typed] = query[:, typed]
     assert typed.any() and (~typed).any()
     np.testing.assert_array_equal(imputed, expected > 0.5)
 
 
-def test_impute_cli_writes_the_vcf_with_the_nearest_baseline(panel_h5: Path, tiny_simulation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_impute_cli_writes_the_vcf_with_the_nearest_baseline(
+    panel_h5: Path, tiny_simulation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cli.vcf.gz"
-    argv = ["--baseline", "nearest", "--k", "2", "--targets", str(tiny_simulation / "targets.array.vcf.gz"), "--out", str(out),
-            "--panel", str(panel_h5), "--set", f"paths.workdir={tmp_path / 'work'}", "--set", f"windows.window_size={WINDOW}"]  # fmt: skip
+    argv = [
+        "--baseline",
+        "nearest",
+        "--k",
+        "2",
+        "--targets",
+        str(tiny_simulation / "targets.array.vcf.gz"),
+        "--out",
+        str(out),
+        "--panel",
+        str(panel_h5),
+        "--set",
+        f"paths.workdir={tmp_path / 'work'}",
+        "--set",
+        f"windows.window_size={WINDOW}",
+    ]
     assert run_main(main, build_parser(), argv) == 0
     assert "strand-ambiguous" in capsys.readouterr().out
     assert len(records(out)) == Panel(panel_h5).n_sites
 
 
 @pytest.mark.parametrize(
-    "case, message",
+    ("case", "message", "kind"),
     [
-        ("missing_targets", "does not exist"),
-        ("no_method", "--checkpoint CKPT"),
-        ("missing_checkpoint", "--checkpoint"),
-        ("bad_out_name", "*.vcf.gz"),
+        ("missing_targets", "does not exist", InputError),
+        ("no_method", "--checkpoint CKPT", ConfigError),
+        ("missing_checkpoint", "--checkpoint", InputError),
+        ("bad_out_name", "*.vcf.gz", InputError),
     ],
 )
-def test_impute_cli_exits_2_with_one_error_line_on_bad_input(
-    case: str, message: str, panel_h5: Path, tiny_simulation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_impute_cli_exits_with_the_kinds_code_and_one_error_line_on_bad_input(
+    case: str, message: str, kind: type, panel_h5: Path, tiny_simulation: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     targets = tiny_simulation / "targets.array.vcf.gz"
     out = tmp_path / "out.vcf.gz"
@@ -254,19 +292,42 @@ def test_impute_cli_exits_2_with_one_error_line_on_bad_input(
         method = ["--checkpoint", str(tmp_path / "nope.pt")]
     elif case == "bad_out_name":
         out = tmp_path / "out.vcf"
-    argv = [*method, "--targets", str(targets), "--out", str(out), "--panel", str(panel_h5), "--set", f"paths.workdir={tmp_path / 'w'}"]
-    assert run_main(main, build_parser(), argv) == 2
+    argv = [
+        *method,
+        "--targets",
+        str(targets),
+        "--out",
+        str(out),
+        "--panel",
+        str(panel_h5),
+        "--set",
+        f"paths.workdir={tmp_path / 'w'}",
+    ]
+    assert run_main(main, build_parser(), argv) == kind.exit_code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not out.exists()
 
 
-def test_impute_cli_as_a_process_exits_2_with_one_line(tmp_path: Path) -> None:
+def test_impute_cli_as_a_process_exits_3_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "rag_hpc.impute", "--baseline", "nearest", "--targets", str(tmp_path / "t.vcf.gz"),
-         "--out", str(tmp_path / "o.vcf.gz"), "--panel", str(tmp_path / "missing.h5")],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert proc.returncode == 2
+        [
+            sys.executable,
+            "-m",
+            "rag_hpc.impute",
+            "--baseline",
+            "nearest",
+            "--targets",
+            str(tmp_path / "t.vcf.gz"),
+            "--out",
+            str(tmp_path / "o.vcf.gz"),
+            "--panel",
+            str(tmp_path / "missing.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == InputError.exit_code  # the panel does not exist
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "prepare" in lines[0]

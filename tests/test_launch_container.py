@@ -88,5 +88,7 @@ def test_jobs_in_a_container_run_its_python_and_requeue_from_the_host(tmp_path: 
     assert setup[-2:] == _requeue_trap(folder) and "PYTHONPATH" not in " ".join(setup)
     # The trap line is valid bash and keeps the folder one word.
     script = "\n".join([*setup, 'echo "$RAG_HPC_REQUEUE_FILE"'])
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={"SLURM_JOB_ID": "7", "PATH": "/usr/bin:/bin"}, check=True)
+    out = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, env={"SLURM_JOB_ID": "7", "PATH": "/usr/bin:/bin"}, check=True
+    )
     assert out.stdout.strip() == f"{folder}/requeue-7"

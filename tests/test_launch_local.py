@@ -13,8 +13,14 @@ def test_local_launch_prepares_builds_trains_imputes_and_reports(tiny_simulation
     assert out.returncode == 0, out.stderr[-4000:]
     run_dir = tmp_path / "work" / "runs" / "default"
     report = run_dir / "report"
-    for path in (report / "report.md", report / "metrics.json", report / "r2_by_maf.png", report / "loss_curve.png",
-                 run_dir / "metrics.csv", run_dir / "steps.csv"):
+    for path in (
+        report / "report.md",
+        report / "metrics.json",
+        report / "r2_by_maf.png",
+        report / "loss_curve.png",
+        run_dir / "metrics.csv",
+        run_dir / "steps.csv",
+    ):
         assert path.exists() and path.stat().st_size > 0, path
     assert list(csv.DictReader((run_dir / "metrics.csv").open())), "no epoch row in metrics.csv"
     assert "index: 3 window(s) built" in out.stdout

@@ -7,14 +7,37 @@ subprocess, exactly as a user would, and checks what SLURM and the run directory
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from rag_hpc.errors import ClusterError
 from tests.slurm_helpers import (
-    as_flags, cli, fake_apptainer, final_model, final_state, launch_records, launcher, log_time, max_param_diff, run_dir, sacct, squeue_ids, state_of, submit_urgent, tiny_sets, wait_for,
+    REPO,
+    as_flags,
+    cancel,
+    cli,
+    fake_apptainer,
+    final_model,
+    final_state,
+    launch_records,
+    launcher,
+    log_time,
+    max_param_diff,
+    node_occupied,
+    plain_env,
+    run,
+    run_dir,
+    sacct,
+    squeue_ids,
+    state_of,
+    submit_urgent,
+    tiny_sets,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,7 +62,12 @@ def test_launch_builds_the_index_array_then_trains_and_a_relaunch_builds_nothing
     (train_row,) = sacct(train_id, "JobID,State,Start")
     assert train_row[2] >= max(t[2] for t in tasks.values()), "training started before the index array ended"
     assert (run_dir(work) / "metrics.csv").exists() and list((run_dir(work) / "checkpoints").glob("step_*.pt"))
-    for expected in (f"training job: {train_id}", "_%a_0_log.out", "python -m rag_hpc.status --workdir", "RAM per index-array task"):
+    for expected in (
+        f"training job: {train_id}",
+        "_%a_0_log.out",
+        "python -m rag_hpc.status --workdir",
+        "RAM per index-array task",
+    ):
         assert expected in first.stdout
 
     second = launcher(*flags, "--wait")
@@ -83,9 +111,11 @@ def test_a_failing_index_task_cancels_training_and_status_says_why(cluster, tiny
     assert not (run_dir(work) / "checkpoints").exists()
 
 
-def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(cluster, tiny_simulation, tmp_path, epochs_for):
+def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(cluster, tiny_simulation, tmp_path):
     work = tmp_path / "work"
-    sets = tiny_sets(tiny_simulation, work, None, epochs_for(20, 4, 40))
+    # 108 steps held >= 0.3 s each: the job trains >= 32 s after the preemption is asked for at its first
+    # step, whatever the machine's speed (SLURM delivers it in ~2-5 s).
+    sets = tiny_sets(tiny_simulation, work, None, 4, "train.min_step_seconds=0.3")
     t_submit = time.time()
     out = launcher(*as_flags(sets), "--cpus-per-task", str(cluster["cpus"]), "--time", "60")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -101,6 +131,7 @@ def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterru
     assert runs[-1] == "COMPLETED" and {"REQUEUED", "PREEMPTED"} & set(runs[:-1]), runs
 
     text = log.read_text()
+    assert "stopping at step" in text, "the job was not training when the preemption came"
     stopped = next(x for x in text.splitlines() if "stopping at step" in x)
     resumed = next(x for x in text.splitlines() if "resumed from" in x)
     finished = next(x for x in text.splitlines() if " finished at step " in x)
@@ -120,7 +151,7 @@ def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterru
 
     # The same run without interruption, same seed and thread count, as a plain process.
     ref = tmp_path / "ref"
-    ref_sets = [*sets, f"paths.workdir={ref}", f"data.panel_h5={work / 'panel.h5'}"]
+    ref_sets = [*sets, f"paths.workdir={ref}", f"data.panel_h5={work / 'panel.h5'}", "train.min_step_seconds=0"]
     plain = cli("train", *as_flags(ref_sets), timeout=600, env={"OMP_NUM_THREADS": str(cluster["cpus"])})
     assert plain.returncode == 0, plain.stderr[-3000:]
     diff = max_param_diff(final_model(work), final_model(ref))
@@ -128,18 +159,30 @@ def test_preempted_training_resumes_from_its_checkpoint_and_matches_an_uninterru
     assert diff < 1e-5
 
 
-def test_time_limit_requeues_from_a_container_without_scontrol_and_finishes(cluster, tiny_simulation, tmp_path, epochs_for):
+def test_time_limit_requeues_from_a_container_without_scontrol_and_finishes(cluster, tiny_simulation, tmp_path):
     odd = tmp_path / "dir with space;echo injected"
     work = odd / "work"
     apptainer = fake_apptainer(tmp_path / "fake")
     image = odd / "rag hpc.sif"
     image.parent.mkdir(parents=True, exist_ok=True)
     image.write_text("stand-in image")
-    # Longer than one run under a 1-minute limit (SLURM may signal up to 60 s early: a run gets ~10-40 s).
-    sets = tiny_sets(tiny_simulation, work, None, epochs_for(50, 6, 120))
+    # 54 steps held >= 1.2 s each: >= 65 s of training, which no run under a 1-minute limit can finish,
+    # whatever the machine's speed (asserted below: the first run ends in a time-out, not COMPLETED).
+    sets = tiny_sets(tiny_simulation, work, None, 2, "train.min_step_seconds=1.2")
     t0 = time.time()
-    out = launcher(*as_flags(sets), "--time", "1", "--container", str(image), "--cpus-per-task", "2",
-                   env={"RAG_HPC_APPTAINER": str(apptainer)})  # fmt: skip
+    # SLURM signals a 1-minute job 10-40 s in, so a run trains ~5-30 s: allow requeues enough for a slow day.
+    out = launcher(
+        *as_flags(sets),
+        "--time",
+        "1",
+        "--container",
+        str(image),
+        "--cpus-per-task",
+        "2",
+        "--max-timeouts",
+        "30",
+        env={"RAG_HPC_APPTAINER": str(apptainer)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = launch_records(work)[-1]
     train_id = record["train_id"]
@@ -150,7 +193,7 @@ def test_time_limit_requeues_from_a_container_without_scontrol_and_finishes(clus
     text = job_log.read_text() + batch_out.read_text()
     print(f"\ntime-limit run: {time.time() - t0:.1f} s, sacct runs {runs}")
     assert "timed-out" in text and "requeued" in text and "fake apptainer" in text, text[-3000:]
-    assert runs[-1] == "COMPLETED" and len(runs) >= 2, runs
+    assert runs[-1] == "COMPLETED" and len(runs) >= 2 and runs[0] != "COMPLETED", runs
     assert not list(odd.parent.glob("injected*")) and "injected" not in text.replace(str(odd), "")
 
 
@@ -171,3 +214,123 @@ def test_the_guard_refuses_an_over_budget_plan_and_submits_nothing(cluster, tiny
     assert "OVER" in out.stdout and "RAM per index-array task" in out.stdout and "nothing was submitted" in out.stderr
     assert not (tmp_path / "work" / "launch.json").exists()
     assert squeue_ids() <= before
+
+
+# ---------------------------------------------------------------- one writer per run
+
+
+def _queue_by_name() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for line in run(["squeue", "-h", "-o", "%F|%j"]).stdout.split():
+        job, name = line.split("|", 1)
+        out.setdefault(name, set()).add(job)
+    return out
+
+
+def test_a_run_launched_twice_at_once_is_submitted_once_and_attach_waits_for_it(cluster, tiny_simulation, tmp_path):
+    work = tmp_path / "work"
+    flags = [*as_flags(tiny_sets(tiny_simulation, work)), "--windows-per-task", "1", "--time", "10"]
+    before = _queue_by_name()
+    env = {**plain_env(1), "PYTHONUNBUFFERED": "1"}
+    # The node is full, so whatever the first launch submits is still PENDING when the second looks.
+    with node_occupied(cluster["cpus"], tmp_path / "occupier.out"):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "rag_hpc.launch", *flags],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+            for _ in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        records = launch_records(work) if (work / "launch.json").exists() else []
+        ids = [j for r in records for j in (*r["array_ids"], r["train_id"])]
+        try:
+            assert sorted(p.returncode for p in procs) == [0, ClusterError.exit_code], outs
+            (record,) = records
+            array_id, train_id = record["array_ids"][0], record["train_id"]
+            refused = next(err for p, (_out, err) in zip(procs, outs) if p.returncode != 0).strip().splitlines()
+            assert len(refused) == 1, refused
+            for expected in (
+                f"training job {train_id} (PENDING)",
+                f"index array {array_id} (PENDING)",
+                f"scancel {array_id} {train_id}",
+                "launch --attach",
+                "rag_hpc.status --workdir",
+            ):
+                assert expected in refused[0], refused[0]
+            now = _queue_by_name()
+            assert now.get("rag_hpc-index", set()) - before.get("rag_hpc-index", set()) == {array_id}, now
+            assert now.get("rag_hpc-train", set()) - before.get("rag_hpc-train", set()) == {train_id}, now
+
+            attach_out = tmp_path / "attach.out"
+            with attach_out.open("w") as fh:
+                attach = subprocess.Popen(
+                    [sys.executable, "-m", "rag_hpc.launch", *flags, "--attach"],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=env,
+                    cwd=REPO,
+                )
+            wait_for(
+                lambda: "attached (nothing submitted)" in attach_out.read_text(),
+                120,
+                lambda: f"launch --attach to attach: {attach_out.read_text()[-2000:]}",
+            )
+            cancel(ids)
+            assert attach.wait(timeout=120) == 1, attach_out.read_text()[-3000:]
+            text = attach_out.read_text()
+            assert f"training job {train_id}: CANCELLED" in text, text[-3000:]
+            assert len(launch_records(work)) == 1, "launch --attach submitted"
+        finally:
+            cancel(ids)
+
+
+def test_a_launch_that_shares_the_cache_waits_for_the_queued_array_instead_of_building_again(cluster, tiny_simulation, tmp_path):
+    work = tmp_path / "work"
+    base = tiny_sets(tiny_simulation, work)
+    flags = ["--windows-per-task", "1", "--time", "10"]
+    ids: list[str] = []
+    with node_occupied(cluster["cpus"], tmp_path / "occupier.out"):
+        try:
+            first = launcher(*as_flags([*base, "train.name=a"]), *flags)
+            assert first.returncode == 0, first.stderr[-3000:]
+            a = launch_records(work)[-1]
+            ids += [*a["array_ids"], a["train_id"]]
+            assert a["windows_todo"] == 3 and len(a["array_ids"]) == 1
+            second = launcher(*as_flags([*base, "train.name=b"]), *flags)
+            assert second.returncode == 0, second.stderr[-3000:]
+            b = launch_records(work)[-1]
+            ids.append(b["train_id"])
+            assert b["array_ids"] == [] and b["windows_todo"] == 0 and b["depends_on"] == a["array_ids"], b
+            assert "3 more window(s) are being built by queued array(s)" in second.stdout, second.stdout
+            job = run(["scontrol", "show", "job", b["train_id"]]).stdout
+            assert re.search(rf"Dependency=afterok:{a['array_ids'][0]}(_\*)?\(", job), job
+        finally:
+            cancel(ids)
+
+
+def test_a_second_trainer_on_a_running_run_exits_at_once_naming_the_job_that_holds_it(cluster, tiny_simulation, tmp_path):
+    work = tmp_path / "work"
+    # 108 steps held >= 0.5 s: the job trains for >= 54 s, by construction still running when the second comes.
+    sets = tiny_sets(tiny_simulation, work, None, 4, "train.min_step_seconds=0.5")
+    out = launcher(*as_flags(sets), "--time", "10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    train_id = launch_records(work)[-1]["train_id"]
+    try:
+        log = run_dir(work) / "train.log"
+        wait_for(lambda: log.exists() and "epoch 0:" in log.read_text(), 180, lambda: f"training to start ({state_of(train_id)})")
+        second = cli("train", *as_flags(sets))
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == ClusterError.exit_code and len(lines) == 1, second.stderr[-3000:]
+        assert re.search(
+            rf"runs/default is already in use by host \S+, pid \d+, SLURM job {train_id}, since .*`scancel {train_id}`", lines[0]
+        ), lines
+        assert state_of(train_id) == "RUNNING", "the first trainer was not holding the run throughout"
+        assert log.read_text().count("fresh start") == 1, "the second trainer wrote to the run's log"
+    finally:
+        cancel([train_id])

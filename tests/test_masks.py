@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from rag_hpc.config import MaskConfig
-from rag_hpc.data.masks import array_mask, curriculum_rate, train_mask, uniforms, val_mask
+from rag_hpc.data.masks import array_mask, curriculum_rate, train_mask, val_mask
+from rag_hpc.rng import Stream, uniforms
 
 AF = np.linspace(0.0, 1.0, 511, dtype=np.float32)
 
@@ -46,7 +47,7 @@ def test_masks_change_with_seed_window_haplotype_and_epoch():
 
 
 def test_uniforms_look_uniform_and_independent():
-    u = uniforms(0, 1, 5, np.arange(2000), 0, 511)
+    u = uniforms(0, Stream.TRAIN_MASK, 5, np.arange(2000), 0, 511)
     assert abs(u.mean() - 0.5) < 0.002 and abs(u.var() - 1 / 12) < 0.001
     assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.05
     assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 0.15

@@ -24,7 +24,7 @@ def vcf_text(records: list[str], samples: tuple[str, ...] = SAMPLES, contigs: tu
         "##fileformat=VCFv4.2",
         *(f"##contig=<ID={c}>" for c in contigs),
         '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
-        "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", *(("FORMAT",) + samples if samples else ())]),
+        "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", *(("FORMAT", *samples) if samples else ())]),
     ]
     return "\n".join(header + records) + "\n"
 
@@ -64,7 +64,9 @@ def test_prepared_panel_round_trips_the_vcf(tiny_simulation: Path, tiny_panel: P
         assert set(h5["variants/CHROM"][:]) == {b"21"}
 
 
-def test_af_is_the_alt_frequency_over_train_haplotypes_overall_and_per_population(tiny_simulation: Path, tiny_panel: Path) -> None:
+def test_af_is_the_alt_frequency_over_train_haplotypes_overall_and_per_population(
+    tiny_simulation: Path, tiny_panel: Path
+) -> None:
     vcf = read_phased_vcf(tiny_simulation / "panel.vcf.gz")
     with Panel(tiny_panel) as panel, h5py.File(tiny_panel, "r") as h5:
         train = panel.split == SPLIT_TRAIN
@@ -75,13 +77,17 @@ def test_af_is_the_alt_frequency_over_train_haplotypes_overall_and_per_populatio
             np.testing.assert_allclose(h5[f"variants/AF_{pop}"][:], vcf.gt[:, members].mean(axis=(1, 2)), rtol=1e-6)
 
 
-def test_split_is_stratified_by_population_and_deterministic_for_a_seed(tiny_simulation: Path, tiny_panel: Path, tmp_path: Path) -> None:
+def test_split_is_stratified_by_population_and_deterministic_for_a_seed(
+    tiny_simulation: Path, tiny_panel: Path, tmp_path: Path
+) -> None:
     with Panel(tiny_panel) as panel:
         split, pops = panel.split, panel.populations
     for pop in set(pops):
         members = pops == pop
         assert (split[members] == SPLIT_VAL).sum() == int(np.floor(0.1 * members.sum() + 0.5))
-    again = prepare_panel(tiny_simulation / "panel.vcf.gz", tmp_path / "again.h5", populations=tiny_simulation / "populations.tsv")
+    again = prepare_panel(
+        tiny_simulation / "panel.vcf.gz", tmp_path / "again.h5", populations=tiny_simulation / "populations.tsv"
+    )
     other = prepare_panel(
         tiny_simulation / "panel.vcf.gz", tmp_path / "other.h5", populations=tiny_simulation / "populations.tsv", split_seed=1
     )
@@ -97,7 +103,9 @@ def test_split_keeps_a_training_sample_in_every_population_and_holds_one_out() -
     assert (stratified_split(["x", "x", "x"], 0.01, seed=0) == SPLIT_VAL).sum() == 1
 
 
-def test_panel_without_population_file_has_empty_populations_and_no_per_population_af(tiny_simulation: Path, tmp_path: Path) -> None:
+def test_panel_without_population_file_has_empty_populations_and_no_per_population_af(
+    tiny_simulation: Path, tmp_path: Path
+) -> None:
     out = prepare_panel(tiny_simulation / "panel.vcf.gz", tmp_path / "p.h5", val_fraction=0.25)
     with Panel(out) as panel, h5py.File(out, "r") as h5:
         assert set(panel.populations) == {""}
@@ -143,7 +151,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_prints_a_summary_on_success(tiny_simulation: Path, tmp_path: Path) -> None:
     vcf = tmp_path / "panel.vcf.gz"
     shutil.copy(tiny_simulation / "panel.vcf.gz", vcf)
-    res = _cli("--vcf", vcf, "--out", tmp_path / "panel.h5", "--populations", tiny_simulation / "populations.tsv", "--val-fraction", "0.2")
+    res = _cli(
+        "--vcf",
+        vcf,
+        "--out",
+        tmp_path / "panel.h5",
+        "--populations",
+        tiny_simulation / "populations.tsv",
+        "--val-fraction",
+        "0.2",
+    )
     assert res.returncode == 0, res.stderr
     with Panel(tmp_path / "panel.h5") as panel:
         n_val = int((panel.split == SPLIT_VAL).sum())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from rag_hpc.errors import ClusterError
 from rag_hpc.index.lxd import (
     lxd_bytes,
     lxd_embed,
@@ -40,8 +41,9 @@ FROM_PANEL = np.array([0, 1, 57, 120, 201, 319])  # query haplotypes drawn from 
 N_FRESH = 6  # and haplotypes the panel does not contain
 
 
-def ld_haplotypes(rng: np.random.Generator, n: int, sites: int, founders: int = 8,
-                  switch: float = 0.006, mutation: float = 0.003) -> np.ndarray:
+def ld_haplotypes(
+    rng: np.random.Generator, n: int, sites: int, founders: int = 8, switch: float = 0.006, mutation: float = 0.003
+) -> np.ndarray:
     """Mosaics of a few founder haplotypes (recombination) with rare allele flips (mutation).
 
     At these rates ~2/3 of the haplotypes are unique and nearly every query has a tie at its k-th
@@ -116,8 +118,12 @@ def test_site_weights_are_squared_distances_between_alt_and_ref_site_embeddings(
 @pytest.mark.parametrize("k", [1, 8])
 def test_masked_gemm_topk_matches_flattened_lxd_embedding_with_per_query_masks(panel, k):
     dist, idx = masked_topk(
-        torch.from_numpy(panel.queries), torch.from_numpy(panel.per_query), torch.from_numpy(panel.reference),
-        panel.weights, k, exclude=torch.from_numpy(panel.exclude),
+        torch.from_numpy(panel.queries),
+        torch.from_numpy(panel.per_query),
+        torch.from_numpy(panel.reference),
+        panel.weights,
+        k,
+        exclude=torch.from_numpy(panel.exclude),
     )
     assert dist.shape == idx.shape == (len(panel.queries), k)
     assert _problems(topk_agreement(panel.truth_per_query, idx, panel.tol, dist)) == []
@@ -129,8 +135,11 @@ def test_fixed_mask_index_equals_gemm_with_broadcast_mask_and_the_lxd_flat_index
     index = FixedMaskIndex.build(panel.reference, panel.fixed, panel.weights, kind="flat", device="cpu")
     dist, idx = index.search(panel.queries, k)
     gemm_dist, gemm_idx = masked_topk(
-        torch.from_numpy(panel.queries), torch.from_numpy(panel.fixed), torch.from_numpy(panel.reference),
-        panel.weights, k,
+        torch.from_numpy(panel.queries),
+        torch.from_numpy(panel.fixed),
+        torch.from_numpy(panel.reference),
+        panel.weights,
+        k,
     )
     # Same fixed-point distances, same tie rule: bit-identical, not merely close.
     assert torch.equal(idx, gemm_idx) and torch.equal(dist, gemm_dist)
@@ -209,8 +218,9 @@ def test_truncated_or_foreign_index_bytes_are_rejected(panel):
         FixedMaskIndex.from_bytes(b"PK\x03\x04" + data[4:])
 
 
-def _hamming_lexsort(queries: np.ndarray, observed: np.ndarray, reference: np.ndarray, k: int,
-                     exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _hamming_lexsort(
+    queries: np.ndarray, observed: np.ndarray, reference: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Plain Hamming on observed sites, ties to the lower index: the rule spelled out by brute force."""
     ham = ((queries[:, None, :] != reference[None, :, :]) & observed[:, None, :]).sum(-1).astype(np.float64)
     if exclude is not None:
@@ -226,8 +236,9 @@ def test_equal_distances_go_to_the_lowest_reference_index(panel, k):
     queries, reference = torch.from_numpy(panel.queries), torch.from_numpy(panel.reference)
     want_d, want_i = _hamming_lexsort(panel.queries, panel.per_query, panel.reference, k, panel.exclude)
     for chunk in (16384, 37):  # one GEMM, and many chunks merged
-        dist, idx = masked_topk(queries, torch.from_numpy(panel.per_query), reference, uniform, k,
-                                torch.from_numpy(panel.exclude), chunk_size=chunk)
+        dist, idx = masked_topk(
+            queries, torch.from_numpy(panel.per_query), reference, uniform, k, torch.from_numpy(panel.exclude), chunk_size=chunk
+        )
         assert np.array_equal(idx.numpy(), want_i) and np.array_equal(dist.numpy(), want_d)
 
     fixed = np.broadcast_to(panel.fixed, panel.queries.shape)
@@ -254,8 +265,14 @@ def test_when_every_reference_ties_the_lowest_allowed_indices_win(n_ref):
     index = FixedMaskIndex.build(reference, observed, weights, device="cpu")
     _, idx = index.search(queries, 8, exclude)
     assert np.array_equal(idx.numpy(), want)
-    _, idx = masked_topk(torch.from_numpy(queries), torch.from_numpy(observed), torch.from_numpy(reference),
-                         torch.from_numpy(weights), 8, torch.from_numpy(exclude))
+    _, idx = masked_topk(
+        torch.from_numpy(queries),
+        torch.from_numpy(observed),
+        torch.from_numpy(reference),
+        torch.from_numpy(weights),
+        8,
+        torch.from_numpy(exclude),
+    )
     assert np.array_equal(idx.numpy(), want)
 
 
@@ -274,15 +291,21 @@ def test_bad_inputs_are_refused_with_the_reason(panel):
 
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0, reason="a GPU is present")
 def test_asking_for_a_gpu_index_without_a_gpu_is_a_clear_error(panel):
-    with pytest.raises(RuntimeError, match="device='gpu'"):
+    with pytest.raises(ClusterError, match="device='gpu'"):
         FixedMaskIndex.build(panel.reference, panel.fixed, device="gpu")
     assert FixedMaskIndex.build(panel.reference, panel.fixed, device="auto").device == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_masked_topk_on_cuda_returns_the_cpu_result_bit_for_bit(panel):
-    args = (torch.from_numpy(panel.queries), torch.from_numpy(panel.per_query), torch.from_numpy(panel.reference),
-            panel.weights, 8, torch.from_numpy(panel.exclude))
+    args = (
+        torch.from_numpy(panel.queries),
+        torch.from_numpy(panel.per_query),
+        torch.from_numpy(panel.reference),
+        panel.weights,
+        8,
+        torch.from_numpy(panel.exclude),
+    )
     cpu = masked_topk(*args)
     gpu = masked_topk(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())

@@ -24,8 +24,17 @@ from rag_hpc.launch import APPTAINER_ENV
 from tests import reliability
 from tests.conftest import TINY_SIM_PRESET, TINY_SIM_SEED
 from tests.slurm_helpers import (
-    as_flags, cli, fake_apptainer, final_state, launch_records, launcher, run_dir, sacct, tiny_sets, train_tiny,
-)  # fmt: skip
+    as_flags,
+    cli,
+    fake_apptainer,
+    final_state,
+    launch_records,
+    launcher,
+    run_dir,
+    sacct,
+    tiny_sets,
+    train_tiny,
+)
 
 # ------------------------------------------------------------------------------------------------ umask
 
@@ -50,8 +59,24 @@ def test_every_file_and_directory_the_pipeline_writes_has_exactly_the_umask_perm
     assert not wrong, f"not {0o666 & ~umask:o}/{0o777 & ~umask:o} under umask {umask:03o}:\n" + "\n".join(wrong)
     names = {p.name for p in written} | {p.suffix for p in written}
     # every kind of output: simulation, panel, cache artifacts and locks, checkpoints, imputed VCF, report
-    for expected in ("panel.vcf.gz", ".tbi", "panel.h5", "manifest.json", "shard.npz", "index.bin", ".lock", ".pt", ".sha256",
-                     "imputed.vcf.gz", "report.md", "metrics.json", "r2_by_maf.png", "loss_curve.png", "metrics.csv", "train.log"):  # fmt: skip
+    for expected in (
+        "panel.vcf.gz",
+        ".tbi",
+        "panel.h5",
+        "manifest.json",
+        "shard.npz",
+        "index.bin",
+        ".lock",
+        ".pt",
+        ".sha256",
+        "imputed.vcf.gz",
+        "report.md",
+        "metrics.json",
+        "r2_by_maf.png",
+        "loss_curve.png",
+        "metrics.csv",
+        "train.log",
+    ):
         assert expected in names, f"the pipeline wrote no {expected}: the check above did not cover it"
 
 
@@ -79,8 +104,15 @@ def test_shell_syntax_in_config_paths_reaches_sbatch_and_apptainer_as_plain_text
     work, cache, image = nasty / "work", nasty / "cache dir", nasty / "rag hpc.sif"
     image.write_text("stand-in image")
     apptainer = fake_apptainer(tmp_path / "fake")
-    out = launcher(*as_flags(tiny_sets(data, work, cache)), "--container", str(image), "--time", "10", "--wait",
-                   env={APPTAINER_ENV: str(apptainer)})  # fmt: skip
+    out = launcher(
+        *as_flags(tiny_sets(data, work, cache)),
+        "--container",
+        str(image),
+        "--time",
+        "10",
+        "--wait",
+        env={APPTAINER_ENV: str(apptainer)},
+    )
     record = launch_records(work)[-1] if (work / "launch.json").exists() else {}
     states = {"train": final_state(record["train_id"], 120)} if record else {}
     states.update({row[0]: row[1] for a in record.get("array_ids", []) for row in sacct(a)})
@@ -88,9 +120,12 @@ def test_shell_syntax_in_config_paths_reaches_sbatch_and_apptainer_as_plain_text
     ran = sorted(p.name for p in markers.iterdir())
     lost = sum(not (data / f.name).is_file() or (data / f.name).read_bytes() != f.read_bytes() for f in tiny_simulation.iterdir())
     reliability.record(
-        "shell injection via config paths", trials=len(payloads), survived=len(payloads) - len(ran) if completed else 0, data_lost=lost,
+        "shell injection via config paths",
+        trials=len(payloads),
+        survived=len(payloads) - len(ran) if completed else 0,
+        data_lost=lost,
         note="; $( ) ` ' \" in workdir, cache, image and data paths of a real container submission",
-    )  # fmt: skip
+    )
     assert not ran, f"injected commands ran: {ran}"
     assert lost == 0, "input files changed"
     assert completed, f"launch rc {out.returncode}, jobs {states}: {out.stderr[-3000:]}"
@@ -166,7 +201,7 @@ PLANTS = [
     ("newest checkpoint of a run, train resumes", lambda m: _checkpoint_bytes(m, True), _unpickle_zip, "train"),
     ("newest checkpoint of a run, impute --checkpoint RUN_DIR", lambda m: _checkpoint_bytes(m, True), _unpickle_zip, "run dir"),
     ("cache shard (numpy object array)", _shard_bytes, _unpickle_npz, "cache"),
-]  # fmt: skip
+]
 
 
 def test_planted_pickles_are_refused_with_one_line_and_their_code_never_runs(
@@ -197,20 +232,27 @@ def test_planted_pickles_are_refused_with_one_line_and_their_code_never_runs(
             argv = ["train", *sets] if where == "train" else [*impute, "--checkpoint", str(run_dir(work))]
         proc = cli(*argv)
         lines = proc.stderr.strip().splitlines()
-        problems = [what for what, bad in [
-            ("its code ran", marker.exists()),
-            ("exit code 0", proc.returncode == 0),
-            ("not one stderr line", len(lines) != 1 or "Traceback" in proc.stderr),
-            (f"no {expect!r} in the error", not lines or expect not in lines[-1]),
-            ("an imputed VCF was written", (work / "imputed.vcf.gz").exists()),
-        ] if bad]  # fmt: skip
+        problems = [
+            what
+            for what, bad in [
+                ("its code ran", marker.exists()),
+                ("exit code 0", proc.returncode == 0),
+                ("not one stderr line", len(lines) != 1 or "Traceback" in proc.stderr),
+                (f"no {expect!r} in the error", not lines or expect not in lines[-1]),
+                ("an imputed VCF was written", (work / "imputed.vcf.gz").exists()),
+            ]
+            if bad
+        ]
         if {p: (checkpoints / p).read_bytes() for p in good if (checkpoints / p).exists()} != good:
             lost += 1
             problems.append("a good checkpoint changed or vanished")
         if problems:
             failures.append(f"{name}: {', '.join(problems)}; stderr: {proc.stderr.strip()[-800:]}")
     reliability.record(
-        "malicious pickle in checkpoint/cache", trials=len(PLANTS), survived=len(PLANTS) - len(failures), data_lost=lost,
+        "malicious pickle in checkpoint/cache",
+        trials=len(PLANTS),
+        survived=len(PLANTS) - len(failures),
+        data_lost=lost,
         note="torch.load(weights_only=True); np.load never allows pickles",
-    )  # fmt: skip
+    )
     assert not failures, "\n".join(failures)

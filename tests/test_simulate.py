@@ -11,8 +11,9 @@ import cyvcf2
 import numpy as np
 import pytest
 
-from rag_hpc.data.simulate import PRESETS, POPULATIONS, SimPreset, choose_array_sites, simulate_panel
+from rag_hpc.data.simulate import POPULATIONS, PRESETS, SimPreset, choose_array_sites, simulate_panel
 from rag_hpc.data.vcf import read_phased_vcf
+from rag_hpc.errors import ConfigError, InputError
 from tests.conftest import TINY_SIM_PRESET, TINY_SIM_SEED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def test_outputs_are_bgzipped_tabix_indexed_phased_biallelic_snps_in_increasing_
         assert (np.diff(pos) > 0).all(), f"{name}: positions not strictly increasing"
         assert {r.CHROM for r in records} == {"21"}
         for r in records:
-            assert len(r.ALT) == 1 and r.REF in "ACGT" and r.ALT[0] in "ACGT" and r.REF != r.ALT[0]
+            assert len(r.ALT) == 1 and r.REF in "ACGT" and r.ALT[0] in "ACGT" and r.ALT[0] != r.REF
             g = r.genotype.array()
             assert g.shape[1] == 3 and (g[:, 2] == 1).all() and set(np.unique(g[:, :2])) <= {0, 1}
         # The index works: a region query returns exactly the records inside it.
@@ -118,7 +119,7 @@ def test_same_seed_gives_identical_files_and_a_complete_dir_is_reused(tmp_path: 
 def test_a_different_simulation_in_the_dir_is_refused_unless_overwrite(tmp_path: Path) -> None:
     preset = SimPreset("mini", length=20_000, n_panel=9, n_targets=3)
     out = simulate_panel(tmp_path / "sim", preset, 3, verbose=False)
-    with pytest.raises(ValueError, match="--force"):
+    with pytest.raises(InputError, match="--force"):
         simulate_panel(out, preset, 4, verbose=False)
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3
     simulate_panel(out, preset, 4, overwrite=True, verbose=False)
@@ -130,8 +131,11 @@ def test_an_interrupted_simulation_leaves_no_output_dir_and_no_temp_dir(tmp_path
     out = tmp_path / "demo"
     proc = subprocess.Popen(
         [sys.executable, "-m", "rag_hpc.simulate", "--out", str(out), "--preset", "demo", "--seed", "5"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".demo.tmp-") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "simulation never started its temp dir"
@@ -143,9 +147,9 @@ def test_an_interrupted_simulation_leaves_no_output_dir_and_no_temp_dir(tmp_path
 
 
 def test_unknown_preset_and_negative_seed_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="demo"):
+    with pytest.raises(ConfigError, match="demo"):
         simulate_panel(tmp_path / "x", "chr1-full", 1)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ConfigError, match="seed"):
         simulate_panel(tmp_path / "x", "demo", -1)
     assert not (tmp_path / "x").exists()
 

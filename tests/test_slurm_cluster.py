@@ -22,14 +22,12 @@ submitit = pytest.importorskip("submitit")
 pytestmark = pytest.mark.slow
 
 
-def _executor(folder: Path, **params) -> "submitit.AutoExecutor":
+def _executor(folder: Path, **params) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     # Jobs unpickle the functions below by reference, so they must import this module even when
     # pytest was started from another directory.
     setup = [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}"]
-    executor.update_parameters(
-        slurm_partition="gpu", timeout_min=10, cpus_per_task=1, slurm_setup=setup, name="rag_hpc_test"
-    )
+    executor.update_parameters(slurm_partition="gpu", timeout_min=10, cpus_per_task=1, slurm_setup=setup, name="rag_hpc_test")
     executor.update_parameters(**params)
     return executor
 
@@ -45,9 +43,7 @@ def _final_state(job, timeout: float = 90) -> str:
         state = job.watcher.get_state(job.job_id, mode="force")
         return state if state.split()[0] not in UNFINISHED else None
 
-    state = wait_for(
-        finished, timeout, lambda: f"job {job.job_id} to finish (last state {job.state}; {_accounting()})"
-    )
+    state = wait_for(finished, timeout, lambda: f"job {job.job_id} to finish (last state {job.state}; {_accounting()})")
     assert job.done(), f"sacct says {state} but submitit's done() is still False"
     return state
 
@@ -145,9 +141,7 @@ def test_a_dependent_job_is_cancelled_when_an_array_task_fails(cluster, tmp_path
     executor = _executor(tmp_path / "submitit")
     tasks = executor.map_array(square_or_fail, [1, -1, 3])
     array_id = tasks[0].job_id.split("_")[0]
-    executor.update_parameters(
-        slurm_additional_parameters={"dependency": f"afterok:{array_id}", "kill_on_invalid_dep": "yes"}
-    )
+    executor.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{array_id}", "kill_on_invalid_dep": "yes"})
     dependent = executor.submit(add, 1, 1)
     t0 = time.monotonic()
     state = _final_state(dependent, 90)
@@ -162,7 +156,7 @@ def test_a_dependent_job_is_cancelled_when_an_array_task_fails(cluster, tmp_path
 def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    steps = 15
+    steps = 30  # one a second: the job still counts >= 25 s after the urgent job is submitted at its first step
     cpus = cluster["cpus"]
     # timeout_min well above the run time: submitit treats a signal within 80 % of the limit as a
     # timeout (limited requeues), anything earlier as a preemption.

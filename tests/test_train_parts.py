@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from rag_hpc.errors import ConfigError
 from rag_hpc.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from rag_hpc.train.metrics import ValAccumulator, aggregate_r2, maf_bin
 from rag_hpc.train.sampler import WindowBatchSampler
@@ -71,9 +72,9 @@ def test_ranks_split_each_global_batch_into_equal_disjoint_slices():
 
 
 def test_a_batch_that_cannot_be_split_evenly_across_ranks_is_refused():
-    with pytest.raises(ValueError, match="divide evenly"):
+    with pytest.raises(ConfigError, match="divide evenly"):
         WindowBatchSampler(4, TRAIN_HAPS, batch_size=10, seed=0, world_size=4)
-    with pytest.raises(ValueError, match="only 80 train-split haplotypes"):
+    with pytest.raises(ConfigError, match="only 80 train-split haplotypes"):
         WindowBatchSampler(4, TRAIN_HAPS, batch_size=81, seed=0)
 
 
@@ -102,8 +103,11 @@ def test_only_the_newest_k_checkpoints_are_kept(tmp_path):
         manager.save(_state(step), step)
     assert [c.step for c in manager.list()] == [30, 40]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_000000030.pt", "step_000000030.pt.sha256", "step_000000040.pt", "step_000000040.pt.sha256",
-    ]  # fmt: skip
+        "step_000000030.pt",
+        "step_000000030.pt.sha256",
+        "step_000000040.pt",
+        "step_000000040.pt.sha256",
+    ]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar"])

@@ -20,10 +20,24 @@ from pathlib import Path
 import pytest
 
 from rag_hpc.config import load_config
+from rag_hpc.errors import CheckpointError, InputError
 from rag_hpc.train import TrainingInterrupted, request_checkpoint, train
-from tests.train_helpers import EPOCHS, ROOT, STEPS_PER_EPOCH, load_checkpoint, max_diff, run_cli, train_cmd, train_env, train_overrides
+from tests.train_helpers import (
+    EPOCHS,
+    ROOT,
+    STEPS_PER_EPOCH,
+    load_checkpoint,
+    max_diff,
+    run_cli,
+    train_cmd,
+    train_env,
+    train_overrides,
+)
 
 TOTAL = STEPS_PER_EPOCH * EPOCHS
+# Runs that a test signals at an early step hold each step >= 50 ms (a sleep that changes no number), so
+# the run is still training when the signal comes, whatever the machine's speed.
+HOLD = "train.min_step_seconds=0.05"
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -32,7 +46,9 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
         if path.exists() and text in path.read_text():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before logging {text!r}: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"run ended (rc {proc.returncode}) before logging {text!r}: {proc.stderr.read() if proc.stderr else ''}"
+            )
         time.sleep(0.005)
     raise AssertionError(f"{text!r} never appeared in {path}")
 
@@ -61,8 +77,11 @@ def uninterrupted(tiny_panel: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_each_epoch_reports_loss_accuracy_f1_and_dosage_r2_by_maf_bin(uninterrupted):
     rows = _metrics(uninterrupted)
     assert [(r["epoch"], r["step"], r["mask_rate"]) for r in rows] == [
-        ("0", "27", "0.1"), ("1", "54", "0.2"), ("2", "81", "0.3"), ("3", "108", "0.4"),
-    ]  # fmt: skip
+        ("0", "27", "0.1"),
+        ("1", "54", "0.2"),
+        ("2", "81", "0.3"),
+        ("3", "108", "0.4"),
+    ]
     for r in rows:
         assert 0.5 < float(r["val_acc"]) <= 1.0 and float(r["val_loss"]) > 0
         assert 0.0 <= float(r["val_r2_maf_0.050-0.500"]) <= 1.0 and int(float(r["val_n_maf_0.050-0.500"])) > 0
@@ -104,7 +123,10 @@ def test_sigterm_mid_run_checkpoints_at_the_next_step_and_the_rerun_ends_like_th
     tiny_panel, uninterrupted, tmp_path
 ):
     workdir = tmp_path / "work"
-    proc = subprocess.Popen(train_cmd(tiny_panel, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env(), cwd=ROOT)
+    # Each step held >= 50 ms: the 102 steps after the signal last >= 5 s, whatever the machine's speed.
+    proc = subprocess.Popen(
+        train_cmd(tiny_panel, workdir, HOLD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env(), cwd=ROOT
+    )
     _wait_for(workdir / "runs" / "default" / "train.log", f"step 6/{TOTAL} ", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -123,9 +145,13 @@ def _two_ranks(cmd: list[str]) -> list[subprocess.Popen]:
     port = str(_free_port())
     return [
         subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
             env=train_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )  # fmt: skip
+        )
         for r in range(2)
     ]
 
@@ -148,7 +174,7 @@ def test_two_gloo_ranks_reach_the_parameters_of_one_process_with_the_same_global
 
 def test_a_signal_to_rank_1_alone_stops_both_ranks_at_the_same_step_with_one_checkpoint(tiny_panel, tmp_path):
     workdir = tmp_path / "work"
-    procs = _two_ranks(train_cmd(tiny_panel, workdir))
+    procs = _two_ranks(train_cmd(tiny_panel, workdir, HOLD))
     _wait_for(workdir / "runs" / "default" / "train.log", f"step 3/{TOTAL} ", procs[0])
     procs[1].send_signal(signal.SIGUSR2)  # e.g. SLURM signalling one task, or a handler on a non-zero rank
     outs = [p.communicate(timeout=120) for p in procs]
@@ -167,7 +193,7 @@ def test_a_signal_to_rank_1_alone_stops_both_ranks_at_the_same_step_with_one_che
 # -- the in-process API the launcher wraps ------------------------------------------------------------
 
 
-def _when_logged(log: Path, text: str, action) -> threading.Thread:  # noqa: ANN001
+def _when_logged(log: Path, text: str, action) -> threading.Thread:
     def watch() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -182,13 +208,14 @@ def _when_logged(log: Path, text: str, action) -> threading.Thread:  # noqa: ANN
 
 
 def test_the_handler_a_signal_replaced_runs_only_after_the_checkpoint_is_on_disk(tiny_panel, tmp_path):
-    config = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work"))
+    config = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", HOLD))
     ckpt_dir = tmp_path / "work" / "runs" / "default" / "checkpoints"
     seen: list[list[str]] = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(sorted(p.name for p in ckpt_dir.iterdir())))
     try:
-        _when_logged(tmp_path / "work" / "runs" / "default" / "train.log", f"step 2/{TOTAL} ",
-                     lambda: os.kill(os.getpid(), signal.SIGUSR2))  # fmt: skip
+        _when_logged(
+            tmp_path / "work" / "runs" / "default" / "train.log", f"step 2/{TOTAL} ", lambda: os.kill(os.getpid(), signal.SIGUSR2)
+        )
         with pytest.raises(TrainingInterrupted) as stop:
             train(config)
     finally:
@@ -198,7 +225,11 @@ def test_the_handler_a_signal_replaced_runs_only_after_the_checkpoint_is_on_disk
 
 
 def test_request_checkpoint_without_stop_writes_one_and_training_goes_on(tiny_panel, tmp_path):
-    config = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.checkpoint_every_steps=0", "train.max_steps=20"))
+    config = load_config(
+        overrides=train_overrides(
+            tiny_panel, tmp_path / "work", "train.checkpoint_every_steps=0", "train.max_steps=20", "train.min_step_seconds=0.2"
+        )
+    )
     _when_logged(tmp_path / "work" / "runs" / "default" / "train.log", f"step 2/{TOTAL} ", lambda: request_checkpoint(stop=False))
     final = train(config)
     steps = sorted(int(p.stem.split("_")[1]) for p in final.parent.glob("step_*.pt"))
@@ -207,13 +238,25 @@ def test_request_checkpoint_without_stop_writes_one_and_training_goes_on(tiny_pa
 
 def test_resuming_under_a_config_that_changes_the_trajectory_is_refused_naming_the_fields(tiny_panel, tmp_path):
     train(load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=1")))
-    changed = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=2", "model.dims=64", "train.lr=0.01"))
-    with pytest.raises(ValueError, match="different config") as exc:
+    changed = load_config(
+        overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=2", "model.dims=64", "train.lr=0.01")
+    )
+    with pytest.raises(CheckpointError, match="different config") as exc:
         train(changed)
     assert "model.dims: checkpoint 32, now 64" in str(exc.value) and "train.lr: checkpoint 0.001, now 0.01" in str(exc.value)
 
 
 def test_the_cli_reports_a_missing_panel_in_one_line(tmp_path):
-    out = run_cli([sys.executable, "-m", "rag_hpc.train", "--set", f"data.panel_h5={tmp_path / 'nope.h5'}", "--set", f"paths.workdir={tmp_path}"])
-    assert out.returncode == 2
+    out = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "rag_hpc.train",
+            "--set",
+            f"data.panel_h5={tmp_path / 'nope.h5'}",
+            "--set",
+            f"paths.workdir={tmp_path}",
+        ]
+    )
+    assert out.returncode == InputError.exit_code
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: prepared panel {tmp_path / 'nope.h5'} does not exist")

@@ -20,13 +20,27 @@ EPOCHS = 4
 def train_overrides(panel: Path, workdir: Path, *extra: str) -> list[str]:
     """A small model on the tiny panel; ``extra`` (``section.key=value``) wins over these."""
     return [
-        f"data.panel_h5={panel}", f"paths.workdir={workdir}", f"paths.cache_dir={workdir.parent / 'cache'}",
-        "windows.window_size=100", "masks.epochs_per_level=1",
-        "model.dims=32", "model.layers=2", "model.heads=4", "model.k=4", "model.match_scales=[2, 8]",
-        "train.batch_size=8", f"train.epochs={EPOCHS}", "train.warmup_steps=5", "train.lr=1e-3",
-        "train.checkpoint_every_steps=4", "train.keep_checkpoints=50", "train.log_every=1",
-        "train.progress=false", "train.tensorboard=false", *extra,
-    ]  # fmt: skip
+        f"data.panel_h5={panel}",
+        f"paths.workdir={workdir}",
+        f"paths.cache_dir={workdir.parent / 'cache'}",
+        "windows.window_size=100",
+        "masks.epochs_per_level=1",
+        "model.dims=32",
+        "model.layers=2",
+        "model.heads=4",
+        "model.k=4",
+        "model.match_scales=[2, 8]",
+        "train.batch_size=8",
+        f"train.epochs={EPOCHS}",
+        "train.warmup_steps=5",
+        "train.lr=1e-3",
+        "train.checkpoint_every_steps=4",
+        "train.keep_checkpoints=50",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.tensorboard=false",
+        *extra,
+    ]
 
 
 def train_cmd(panel: Path, workdir: Path, *extra: str, max_steps: int | None = None) -> list[str]:

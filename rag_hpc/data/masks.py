@@ -1,10 +1,10 @@
 """Deterministic masks from a counter-based RNG.
 
-Every mask bit is a pure function of (seed, purpose, window, haplotype, epoch, site): a splitmix64
-hash of those counters, not a draw from a stateful generator. So a mask never depends on which
-process, rank, batch composition or restart produced it — the predecessor's query/index mask
-mismatch and its epoch-0 mismatch cannot happen, and a resumed run sees the masks it would have
-seen without the interruption.
+Every mask bit is a pure function of (seed, stream, window, haplotype, epoch, site): a splitmix64
+hash of those counters (``rag_hpc.rng.uniforms``, streams from ``rag_hpc.rng.Stream``), not a draw
+from a stateful generator. So a mask never depends on which process, rank, batch composition or
+restart produced it — the predecessor's query/index mask mismatch and its epoch-0 mismatch cannot
+happen, and a resumed run sees the masks it would have seen without the interruption.
 
 Convention: ``True`` = masked (hidden from the model and from retrieval).
 """
@@ -16,35 +16,7 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.config import MaskConfig
-
-RNG_NAME = "splitmix64-v1"  # part of every cache key that depends on a mask
-_TRAIN, _VAL, _ARRAY_PICK, _ARRAY_SITES = 1, 2, 3, 4  # purposes: streams that must never coincide
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection on uint64 with full avalanche."""
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def _absorb(state: np.ndarray, counter: np.ndarray | int) -> np.ndarray:
-    return _mix(state + (np.asarray(counter, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
-
-
-def uniforms(seed: int, purpose: int, window: int, haplotypes: np.ndarray, epoch: int, length: int) -> np.ndarray:
-    """U[0, 1) of shape [len(haplotypes), length], one per (haplotype, site) counter."""
-    with np.errstate(over="ignore"):
-        key = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-        for counter in (purpose, window, epoch):
-            key = _absorb(key, counter)
-        per_hap = _absorb(key, np.asarray(haplotypes, dtype=np.uint64))[:, None]
-        bits = _absorb(per_hap, np.arange(length, dtype=np.uint64)[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+from rag_hpc.rng import RNG_NAME, Stream, uniforms
 
 
 def minor_allele_frequency(af: np.ndarray) -> np.ndarray:
@@ -73,7 +45,7 @@ def array_mask(
         return np.broadcast_to(~np.asarray(typed, dtype=bool), (batch, length)).copy()
     common = minor_allele_frequency(af) >= cfg.af_threshold
     p = min(1.0, cfg.array_density * length / max(int(common.sum()), 1))
-    observed = common[None, :] & (uniforms(cfg.seed, _ARRAY_SITES, window, haplotypes, epoch, length) < p)
+    observed = common[None, :] & (uniforms(cfg.seed, Stream.ARRAY_SITES, window, haplotypes, epoch, length) < p)
     return ~observed
 
 
@@ -84,9 +56,9 @@ def train_mask(
     array-like (what imputation queries look like: ~2 % of sites observed), the rest at the
     curriculum level with AF guidance (which teaches the model the panel's LD at every density)."""
     rates = site_rates(curriculum_rate(epoch, cfg), af, cfg)
-    masks = uniforms(cfg.seed, _TRAIN, window, haplotypes, epoch, len(af)) < rates[None, :]
+    masks = uniforms(cfg.seed, Stream.TRAIN_MASK, window, haplotypes, epoch, len(af)) < rates[None, :]
     if cfg.array_share > 0:
-        pick = uniforms(cfg.seed, _ARRAY_PICK, window, haplotypes, epoch, 1)[:, 0] < cfg.array_share
+        pick = uniforms(cfg.seed, Stream.ARRAY_PICK, window, haplotypes, epoch, 1)[:, 0] < cfg.array_share
         masks[pick] = array_mask(cfg, window, haplotypes[pick], epoch, af, typed)
     return masks
 
@@ -94,7 +66,7 @@ def train_mask(
 def val_mask(cfg: MaskConfig, window: int, length: int) -> np.ndarray:
     """The fixed validation mask [L], shared by all validation haplotypes of the window so that one
     FAISS index over the reference serves every validation query."""
-    return uniforms(cfg.seed, _VAL, window, np.zeros(1, dtype=np.uint64), 0, length)[0] < cfg.val_rate
+    return uniforms(cfg.seed, Stream.VAL_MASK, window, np.zeros(1, dtype=np.uint64), 0, length)[0] < cfg.val_rate
 
 
 def val_mask_spec(cfg: MaskConfig) -> dict[str, Any]:

@@ -29,13 +29,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from rag_hpc.errors import InputError
+
 PANEL_FORMAT_VERSION = 1
 SPLIT_TRAIN = 0
 SPLIT_VAL = 1
 SPLIT_LABELS = ("train", "val")
 
 
-class PanelError(ValueError):
+class PanelError(InputError):
     """A prepared panel that is missing, from another format version, or inconsistent."""
 
 
@@ -71,7 +73,7 @@ class Panel:
     def close(self) -> None:
         self._h5.close()
 
-    def __enter__(self) -> "Panel":
+    def __enter__(self) -> Panel:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,10 +149,10 @@ class Panel:
         tie would go to the first population (seen: 89 % of CEU/CHB targets copying YRI haplotypes).
         A fixed pseudo-random order, the same in every process, spreads tied picks over the panel.
         """
-        from rag_hpc.data.masks import uniforms
+        from rag_hpc.rng import Stream, uniforms
 
         ids = np.flatnonzero(self.haplotype_split() == SPLIT_TRAIN)
-        keys = uniforms(seed, 0xC0FFEE, 0, ids.astype(np.uint64), 0, 1)[:, 0]
+        keys = uniforms(seed, Stream.REFERENCE_ORDER, 0, ids.astype(np.uint64), 0, 1)[:, 0]
         return ids[np.argsort(keys, kind="stable")].astype(np.int64)
 
     def haplotypes(self, start: int, stop: int) -> np.ndarray:

@@ -11,8 +11,8 @@ import os
 import re
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from rag_hpc.data.panel import PANEL_FORMAT_VERSION, SPLIT_LABELS, SPLIT_TRAIN, SPLIT_VAL
 from rag_hpc.data.vcf import VcfReader
+from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import current_umask
 
 # GT chunks of at most ~8 MB: a chunk is the unit h5py decompresses, and windows read a few hundred sites.
@@ -28,7 +29,7 @@ GT_CHUNK_SITES = 1024
 _POP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class PopulationsError(ValueError):
+class PopulationsError(InputError):
     """A population file that does not fit the VCF; the message names the line or sample and the fix."""
 
 
@@ -132,14 +133,14 @@ def prepare_panel(
 ) -> Path:
     """Convert a phased biallelic-SNP VCF into the HDF5 panel at ``out`` and return ``out``.
 
-    Raises VcfError (bad VCF), PopulationsError (population file) or ValueError (arguments); in every failure
-    ``out`` is left as it was and no temporary file remains.
+    Raises VcfError (bad VCF), PopulationsError (population file), ConfigError (--val-fraction) or InputError
+    (--out); in every failure ``out`` is left as it was and no temporary file remains.
     """
     vcf, out = Path(vcf), Path(out)
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
     if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give the panel file name, e.g. {out / 'panel.h5'}")
+        raise InputError(f"--out {out} is a directory; give the panel file name, e.g. {out / 'panel.h5'}")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # A second htslib thread decompresses while the first parses: ~15 % faster on 2 cores.
@@ -165,7 +166,9 @@ def prepare_panel(
             with h5py.File(tmp, "w") as h5:
                 n_sites = _write_panel(h5, reader, weights, n_haps, pop_names, progress)
                 contig = reader.contig or ""
-                h5.create_dataset("variants/CHROM", data=np.full(n_sites, contig.encode(), dtype=f"S{max(1, len(contig.encode()))}"))
+                h5.create_dataset(
+                    "variants/CHROM", data=np.full(n_sites, contig.encode(), dtype=f"S{max(1, len(contig.encode()))}")
+                )
                 h5.create_dataset("samples", data=np.array([s.encode() for s in samples], dtype="S"))
                 h5.create_dataset("sample_population", data=np.array([p.encode() for p in pops], dtype="S"))
                 h5.create_dataset("split", data=split).attrs["labels"] = list(SPLIT_LABELS)
@@ -197,10 +200,14 @@ def _write_panel(
     n_samples = len(reader.samples)
     chunk = reader.block_size
     gt = h5.create_dataset(
-        "calldata/GT", shape=(0, n_samples, 2), maxshape=(None, n_samples, 2), dtype=np.int8,
-        chunks=(chunk, n_samples, 2), compression="lzf",
-    )  # fmt: skip
-    vec = dict(shape=(0,), maxshape=(None,), chunks=(1 << 14,))
+        "calldata/GT",
+        shape=(0, n_samples, 2),
+        maxshape=(None, n_samples, 2),
+        dtype=np.int8,
+        chunks=(chunk, n_samples, 2),
+        compression="lzf",
+    )
+    vec = {"shape": (0,), "maxshape": (None,), "chunks": (1 << 14,)}
     pos_ds = h5.create_dataset("variants/POS", dtype=np.int64, **vec)
     ref_ds = h5.create_dataset("variants/REF", dtype="S1", **vec)
     alt_ds = h5.create_dataset("variants/ALT", dtype="S1", **vec)

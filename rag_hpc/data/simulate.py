@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rag_hpc.data.vcf import VcfWriter
+from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import current_umask
 
 SIM_FORMAT = "rag_hpc.simulate"
@@ -79,7 +80,7 @@ def _preset(preset: str | SimPreset) -> SimPreset:
     if isinstance(preset, SimPreset):
         return preset
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 
@@ -131,7 +132,7 @@ def _simulate_tree_sequence(preset: SimPreset, seed: int):  # -> tskit.TreeSeque
         return engine.simulate(model, contig, samples, seed=_msprime_seed(seed))
 
 
-def _sample_layout(ts, preset: SimPreset) -> tuple[list[str], list[str], list[str], np.ndarray]:  # noqa: ANN001
+def _sample_layout(ts, preset: SimPreset) -> tuple[list[str], list[str], list[str], np.ndarray]:
     """Names, populations and haplotype node ids: panel individuals first, then targets.
 
     Within a population the coalescent's sampled individuals are exchangeable, so taking the first ones as the
@@ -177,7 +178,7 @@ def choose_array_sites(pos: np.ndarray, maf: np.ndarray, spacing: int, min_maf: 
     return np.sort(common[order[first]])
 
 
-def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:  # noqa: ANN001
+def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:
     panel_names, target_names, populations, nodes = _sample_layout(ts, preset)
     n_panel_haps = 2 * len(panel_names)
     n_target = len(target_names)
@@ -211,7 +212,9 @@ def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:  #
             if not poly.any():
                 return
             g = g[poly]
-            panel_vcf.write_phased(bpos[:n][poly], bref[:n][poly], balt[:n][poly], g[:, :n_panel_haps].reshape(-1, n_panel_haps // 2, 2))
+            panel_vcf.write_phased(
+                bpos[:n][poly], bref[:n][poly], balt[:n][poly], g[:, :n_panel_haps].reshape(-1, n_panel_haps // 2, 2)
+            )
             kept_pos.append(bpos[:n][poly].copy())
             kept_ref.append(bref[:n][poly].copy())
             kept_alt.append(balt[:n][poly].copy())
@@ -251,7 +254,7 @@ def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:  #
     array_idx = choose_array_sites(pos, maf, preset.array_spacing, preset.array_min_maf, seed)
 
     t0 = time.perf_counter()
-    common = dict(contig=CONTIG, samples=target_names, contig_length=preset.length)
+    common = {"contig": CONTIG, "samples": target_names, "contig_length": preset.length}
     with VcfWriter(tmp / TRUTH_VCF, source=source + "; targets, all panel sites", **common) as w:
         w.write_phased(pos, ref, alt, tgt)
     with VcfWriter(
@@ -301,16 +304,16 @@ def simulate_panel(
     """
     spec = _preset(preset)
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     out = Path(out_dir).absolute()
     log = print if verbose else (lambda _msg: None)
     if cached_manifest(out, spec, seed) is not None:
         log(f"{out}: cached simulation ({spec.name}, seed {seed}); nothing to do")
         return out
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise InputError(f"--out {out} exists and is not a directory: choose a directory for the simulation")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
+        raise InputError(
             f"{out} already holds other files (not a complete {spec.name} simulation with seed {seed}); "
             "choose another --out, remove it, or pass --force to replace it"
         )
@@ -319,7 +322,9 @@ def simulate_panel(
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        log(f"simulating {spec.name}: {spec.n_panel:,} panel + {spec.n_targets:,} target individuals over {spec.length / 1e6:g} Mb (seed {seed})")
+        log(
+            f"simulating {spec.name}: {spec.n_panel:,} panel + {spec.n_targets:,} target individuals over {spec.length / 1e6:g} Mb (seed {seed})"
+        )
         t0 = time.perf_counter()
         ts = _simulate_tree_sequence(spec, seed)
         log(f"  msprime: {ts.num_sites:,} sites in {time.perf_counter() - t0:.1f} s")
@@ -345,8 +350,10 @@ def simulate_panel(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"{out}: {manifest['counts']['sites']:,} sites, {manifest['counts']['array_sites']:,} array sites, "
-        f"{spec.n_panel:,} panel + {spec.n_targets:,} target samples in {time.perf_counter() - t_start:.1f} s")
+    log(
+        f"{out}: {manifest['counts']['sites']:,} sites, {manifest['counts']['array_sites']:,} array sites, "
+        f"{spec.n_panel:,} panel + {spec.n_targets:,} target samples in {time.perf_counter() - t_start:.1f} s"
+    )
     return out
 
 

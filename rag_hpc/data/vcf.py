@@ -9,17 +9,20 @@ meaning of every window, cache key and imputed VCF downstream.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import tempfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from rag_hpc.errors import InputError
 from rag_hpc.fsutil import current_umask
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ FIX_SORT = "sort it with `bcftools sort in.vcf.gz -Oz -o sorted.vcf.gz`"
 _BASES = frozenset("ACGT")
 
 
-class VcfError(ValueError):
+class VcfError(InputError):
     """A VCF this project cannot use; the message names the record (CHROM:POS, sample) and the fix."""
 
 
@@ -80,7 +83,9 @@ _OTHER_FORMATS = {
     b"BZh": "bzip2-compressed",
     b"\xfd7zXZ\x00": "xz-compressed",
 }
-FIX_FORMAT = "expected a bgzipped VCF: compress a VCF with `bgzip in.vcf`, or convert with `bcftools view in.bcf -Oz -o in.vcf.gz`"
+FIX_FORMAT = (
+    "expected a bgzipped VCF: compress a VCF with `bgzip in.vcf`, or convert with `bcftools view in.bcf -Oz -o in.vcf.gz`"
+)
 
 
 def check_container(path: str | os.PathLike[str]) -> None:
@@ -145,8 +150,10 @@ def _open_cyvcf2(path: Path, threads: int):  # -> cyvcf2.VCF
 
     try:
         return cyvcf2.VCF(str(path), lazy=True, threads=threads)
-    except Exception:  # OSError, or a bare Exception for a header htslib rejects
-        raise VcfError(f"{path} is not a VCF (htslib cannot parse its header): expected a bgzipped VCF with a #CHROM line") from None
+    except Exception:  # noqa: BLE001 - OSError, or a bare Exception for a header htslib rejects
+        raise VcfError(
+            f"{path} is not a VCF (htslib cannot parse its header): expected a bgzipped VCF with a #CHROM line"
+        ) from None
 
 
 def _is_snp(ref: str, alts: Sequence[str]) -> bool:
@@ -200,10 +207,10 @@ class VcfReader:
             return None  # asking cyvcf2 anyway makes htslib print an error line
         try:
             return int(self._vcf.num_records)
-        except Exception:
+        except Exception:  # noqa: BLE001 - cyvcf2 raises a bare Exception when the index has no record count: unknown, no bar
             return None
 
-    def __enter__(self) -> "VcfReader":
+    def __enter__(self) -> VcfReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -226,7 +233,7 @@ class VcfReader:
                 rec = next(it)
             except StopIteration:
                 break
-            except Exception as exc:  # cyvcf2 raises bare Exception on corrupt data
+            except Exception as exc:  # noqa: BLE001 - cyvcf2 raises bare Exception on corrupt data
                 where = f"after {self.contig}:{prev_pos}" if self.contig else "at the first record"
                 raise VcfError(f"{self.path}: cannot read the record {where} ({exc}); the file is corrupt or truncated") from None
             self.n_records += 1
@@ -274,14 +281,12 @@ class VcfReader:
         if self.n_sites == 0:
             if self.n_records == 0:
                 raise VcfError(f"{self.path} holds no variant records (header only)")
-            raise VcfError(
-                f"{self.path} holds no biallelic SNP record ({self.n_skipped_non_snps} non-SNP records skipped)"
-            )
+            raise VcfError(f"{self.path} holds no biallelic SNP record ({self.n_skipped_non_snps} non-SNP records skipped)")
 
-    def _record_genotypes(self, rec, chrom: str, p: int) -> np.ndarray:  # noqa: ANN001 (cyvcf2.Variant)
+    def _record_genotypes(self, rec, chrom: str, p: int) -> np.ndarray:
         try:
             g = rec.genotype
-        except Exception:
+        except Exception:  # noqa: BLE001 - cyvcf2 raises a bare Exception for a record without GT
             g = None
         if g is None:
             raise VcfError(f"{chrom}:{p}: no GT field in this record; every record needs phased GT calls")
@@ -339,7 +344,9 @@ class VcfReader:
                 f"{chrom}:{p} sample {self.samples[s]}: allele index {int(g.max())} in GT but the record has one ALT; "
                 "the file is malformed: re-export it"
             )
-        raise VcfError(f"{chrom}:{p} sample {self.samples[s]}: unphased genotype {g[0]}/{g[1]}; the VCF must be phased: {FIX_PHASE}")
+        raise VcfError(
+            f"{chrom}:{p} sample {self.samples[s]}: unphased genotype {g[0]}/{g[1]}; the VCF must be phased: {FIX_PHASE}"
+        )
 
     def _block(self, n: int, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, raw: np.ndarray | None) -> SiteBlock:
         self._check_genotypes(n, pos, raw)
@@ -364,7 +371,9 @@ def read_phased_vcf(path: str | os.PathLike[str], *, skip_non_snps: bool = False
         )
 
 
-def read_vcf_sites(path: str | os.PathLike[str], *, skip_non_snps: bool = False) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def read_vcf_sites(
+    path: str | os.PathLike[str], *, skip_non_snps: bool = False
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(contig, POS int64, REF S1, ALT S1) without parsing genotypes."""
     with VcfReader(path, skip_non_snps=skip_non_snps, genotypes=False, block_size=1 << 16) as reader:
         blocks = list(reader.blocks())
@@ -459,7 +468,7 @@ def match_sites(
     )
 
 
-def target_panel_sites(panel: "Panel", targets_vcf: str | os.PathLike[str]) -> np.ndarray:
+def target_panel_sites(panel: Panel, targets_vcf: str | os.PathLike[str]) -> np.ndarray:
     """bool [panel.n_sites]: the panel sites a target VCF types (in any allele orientation)."""
     contig, pos, ref, alt = read_vcf_sites(targets_vcf)
     if contig != panel.info.contig:
@@ -568,14 +577,12 @@ class VcfWriter:
     def abort(self) -> None:
         """Drop the partial output (the destination is left as it was)."""
         self._closed = True
-        try:
+        with contextlib.suppress(Exception):
             self._fh.close()
-        except Exception:
-            pass
         for p in (self._tmp, Path(f"{self._tmp}.tbi")):
             p.unlink(missing_ok=True)
 
-    def __enter__(self) -> "VcfWriter":
+    def __enter__(self) -> VcfWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

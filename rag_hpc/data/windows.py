@@ -25,10 +25,7 @@ def make_windows(n_sites: int, window_size: int) -> list[Window]:
         raise ValueError(f"a panel needs at least one site, got n_sites={n_sites}")
     if window_size <= 0:
         raise ValueError(f"window_size must be positive, got {window_size}")
-    return [
-        Window(i, start, min(start + window_size, n_sites))
-        for i, start in enumerate(range(0, n_sites, window_size))
-    ]
+    return [Window(i, start, min(start + window_size, n_sites)) for i, start in enumerate(range(0, n_sites, window_size))]
 
 
 def window_ranges(window_ids: list[int], per_task: int) -> list[list[int]]:

@@ -7,6 +7,7 @@ import sys
 import time
 
 from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.errors import ConfigError
 
 
 def parse_window_ids(spec: str) -> list[int]:
@@ -20,7 +21,7 @@ def parse_window_ids(spec: str) -> list[int]:
         try:
             ids.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
         except ValueError:
-            raise ValueError(f"--windows {spec!r}: expected ids and ranges like 0-9,12") from None
+            raise ConfigError(f"--windows {spec!r}: expected ids and ranges like 0-9,12") from None
     return ids
 
 

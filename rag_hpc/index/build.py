@@ -18,8 +18,10 @@ import hashlib
 import io
 import logging
 import time
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -28,6 +30,7 @@ from rag_hpc.config import RagConfig
 from rag_hpc.data.masks import val_mask, val_mask_spec
 from rag_hpc.data.panel import SPLIT_TRAIN, Panel
 from rag_hpc.data.windows import Window, make_windows
+from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.index.cache import Artifact, ArtifactStore
 from rag_hpc.index.retrieval import FixedMaskIndex
 
@@ -110,7 +113,9 @@ def _make_shard(panel: Panel, window: Window) -> Shard:
     )
 
 
-def _make_index(shard: Shard, panel: Panel, observed: np.ndarray, config: RagConfig, weights: np.ndarray | None) -> FixedMaskIndex:
+def _make_index(
+    shard: Shard, panel: Panel, observed: np.ndarray, config: RagConfig, weights: np.ndarray | None
+) -> FixedMaskIndex:
     reference = shard.alleles[panel.haplotype_split() == SPLIT_TRAIN]
     return FixedMaskIndex.from_config(reference, observed, config.index, weights=weights)
 
@@ -123,7 +128,7 @@ class WindowCache:
         self.panel = panel if panel is not None else Panel(config.panel_h5)
         self.store = ArtifactStore(config.paths.cache)
         self.windows = make_windows(self.panel.n_sites, config.windows.window_size)
-        self._target_observed: np.ndarray | None | bool = False  # False = not computed yet
+        self._target_observed: np.ndarray | bool | None = False  # False = not computed yet
 
     # -- fixed masks the config declares ---------------------------------------------------
 
@@ -161,7 +166,9 @@ class WindowCache:
         ids = list(range(len(self.windows))) if window_ids is None else list(window_ids)
         bad = [i for i in ids if not 0 <= i < len(self.windows)]
         if bad:
-            raise ValueError(f"window ids {bad} out of range: this panel has {len(self.windows)} windows (0..{len(self.windows) - 1})")
+            raise ConfigError(
+                f"window ids {bad} out of range: this panel has {len(self.windows)} windows (0..{len(self.windows) - 1})"
+            )
         self.store.sweep_stale()  # temporaries of writers killed mid-commit on this host
         results = []
         for wid in tqdm(ids, desc="windows", unit="win", disable=not progress, leave=False):
@@ -215,8 +222,13 @@ class WindowCache:
                     self.store.commit(art, {"shard.npz": _shard_bytes(_make_shard(self.panel, window))})
                     files = self.store.read(art)
         if files is None:
-            raise RuntimeError(f"shard of window {window_id} failed its checksum right after being written at {self.store.path(art)}")
-        return _shard_from_bytes(window, files["shard.npz"])
+            raise RuntimeError(
+                f"shard of window {window_id} failed its checksum right after being written at {self.store.path(art)}"
+            )
+        try:
+            return _shard_from_bytes(window, files["shard.npz"])
+        except (ValueError, KeyError, zipfile.BadZipFile) as exc:  # np.load refuses pickled objects with ValueError
+            raise self._altered(f"shard of window {window_id}", art, exc) from None
 
     def fixed_index(self, window_id: int, mask: str, weights: np.ndarray | None = None) -> FixedMaskIndex:
         """The FAISS index of ``mask`` ('val' or 'targets') over the reference haplotypes,
@@ -235,7 +247,18 @@ class WindowCache:
                     index = _make_index(self.shard(window_id), self.panel, observed, self.config, weights)
                     self.store.commit(art, {"index.bin": index.to_bytes()})
                     return index
-        return FixedMaskIndex.from_bytes(files["index.bin"], device=self.config.index.device, nprobe=self.config.index.nprobe)
+        try:
+            return FixedMaskIndex.from_bytes(files["index.bin"], device=self.config.index.device, nprobe=self.config.index.nprobe)
+        except (ValueError, KeyError) as exc:
+            raise self._altered(f"{mask} index of window {window_id}", art, exc) from None
+
+    def _altered(self, what: str, art: Artifact, exc: Exception) -> InputError:
+        """A cached artifact whose bytes match its manifest but do not load: someone rewrote both."""
+        where = self.store.path(art)
+        return InputError(
+            f"cache {what} at {where} does not load ({exc}): it was not written by rag_hpc or was altered; "
+            f"remove {where} (or the whole paths.cache_dir) and rerun to rebuild it"
+        )
 
 
 def build_windows(config: RagConfig, window_ids: Iterable[int] | None = None, progress: bool = True) -> list[WindowResult]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -29,18 +28,22 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
+from rag_hpc.errors import InputError
 from rag_hpc.fsutil import disk_space_for, fsync_dir, write_durable
+from rag_hpc.locks import hold
 
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class CacheError(RuntimeError):
-    """The cache cannot be written (disk full, permissions); the message names the directory."""
+class CacheError(InputError):
+    """The cache directory (paths.cache_dir) cannot be created or written: not a directory, permissions, a
+    read-only filesystem; the message names the directory. A full disk is ``DiskFullError`` instead."""
 
 
 def artifact_key(fields: Mapping[str, Any]) -> str:
@@ -140,18 +143,13 @@ class ArtifactStore:
     @contextlib.contextmanager
     def lock(self, artifact: Artifact) -> Iterator[None]:
         """Advisory lock per key so two builders of one window don't both do the work."""
-        lock_dir = self.root / ".locks"
+        held = contextlib.ExitStack()
         with disk_space_for(self.root, 0, f"the lock file of {artifact.kind} {artifact.key[:12]}"):
-            self._mkdir(lock_dir)
-            fd = os.open(lock_dir / f"{artifact.key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                pass  # no locks here (some NFS mounts): rename-publishing alone keeps it safe
+            self._mkdir(self.root / ".locks")
+            # Without locks on this filesystem, hold() goes on unlocked: rename-publishing alone keeps it safe.
+            held.enter_context(hold(self.root / ".locks" / f"{artifact.key}.lock", wait_s=None, record=False))
+        with held:
             yield
-        finally:
-            os.close(fd)
 
     def _mkdir(self, path: Path) -> None:
         try:

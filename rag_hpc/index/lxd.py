@@ -13,7 +13,7 @@ ones ``site_weights`` is derived from.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import faiss
 import numpy as np

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from rag_hpc.config import IndexConfig
+from rag_hpc.errors import ClusterError
 from rag_hpc.model.embedding import SiteEmbedding
 
 __all__ = [
@@ -137,7 +138,12 @@ def _check_alleles(x: Tensor, name: str) -> None:
 
 @torch.no_grad()
 def _masked_topk_fixed(
-    query: Tensor, observed: Tensor, reference: Tensor, wq: Tensor, k: int, exclude: Tensor | None,
+    query: Tensor,
+    observed: Tensor,
+    reference: Tensor,
+    wq: Tensor,
+    k: int,
+    exclude: Tensor | None,
     chunk_size: int = _GEMM_CHUNK,
 ) -> tuple[Tensor, Tensor]:
     """``masked_topk`` with weights already on the fixed-point grid (float64, on query's device)."""
@@ -209,7 +215,9 @@ def masked_topk(
         raise ValueError(f"exclude must be [B, N] = [{batch}, {n_ref}], got {tuple(exclude.shape)}")
     available = n_ref - (exclude.sum(1) if exclude is not None else torch.zeros(batch, dtype=torch.long))
     if k < 1 or (batch and int(available.min()) < k):
-        raise ValueError(f"k={k} but some query has only {int(available.min()) if batch else n_ref} references left after exclusion")
+        raise ValueError(
+            f"k={k} but some query has only {int(available.min()) if batch else n_ref} references left after exclusion"
+        )
     _check_alleles(query, "query")
     device = query.device
     if batch == 0:
@@ -258,7 +266,7 @@ def _resolve_device(device: str) -> Literal["cpu", "gpu"]:
             if not hasattr(faiss, "StandardGpuResources")
             else "faiss sees no GPU (check CUDA_VISIBLE_DEVICES and the node's GPUs)"
         )
-        raise RuntimeError(f"index.device='gpu' but {why}; use device='auto' or 'cpu'")
+        raise ClusterError(f"index.device='gpu' but {why}; use index.device='auto' or 'cpu'")
     return "gpu" if has_gpu else "cpu"
 
 
@@ -336,7 +344,7 @@ class FixedMaskIndex:
         nlist: int = 64,
         nprobe: int = 16,
         device: DeviceChoice = "auto",
-    ) -> "FixedMaskIndex":
+    ) -> FixedMaskIndex:
         """reference alleles [N, L] (0/1), observed bool [L], weights [L] (None = uniform 1.0)."""
         ref = _to_numpy(reference)
         obs = _to_numpy(observed)
@@ -375,15 +383,25 @@ class FixedMaskIndex:
         index.add(vectors)
         del vectors
         return cls(
-            cls._place(index, resolved), obs.copy(), w, uniform, np.packbits(bits, axis=1),
-            kind, nlist, min(nprobe, nlist), resolved,
+            cls._place(index, resolved),
+            obs.copy(),
+            w,
+            uniform,
+            np.packbits(bits, axis=1),
+            kind,
+            nlist,
+            min(nprobe, nlist),
+            resolved,
         )
 
     @classmethod
     def from_config(
-        cls, reference: np.ndarray | Tensor, observed: np.ndarray | Tensor, config: IndexConfig,
+        cls,
+        reference: np.ndarray | Tensor,
+        observed: np.ndarray | Tensor,
+        config: IndexConfig,
         weights: np.ndarray | Tensor | None = None,
-    ) -> "FixedMaskIndex":
+    ) -> FixedMaskIndex:
         return cls.build(
             reference, observed, weights, kind=config.kind, nlist=config.nlist, nprobe=config.nprobe, device=config.device
         )
@@ -420,7 +438,7 @@ class FixedMaskIndex:
 
     @property
     def n_observed(self) -> int:
-        return int(len(self._sites))
+        return len(self._sites)
 
     @property
     def nprobe(self) -> int:
@@ -488,7 +506,9 @@ class FixedMaskIndex:
             raise ValueError(f"exclude must be [B, N] = [{batch}, {n_ref}], got {excl.shape}")
         n_excl = np.zeros(batch, np.int64) if excl is None else excl.sum(1)
         if k < 1 or (batch and int((n_ref - n_excl).min()) < k):
-            raise ValueError(f"k={k} but some query has only {int((n_ref - n_excl).min()) if batch else n_ref} references left after exclusion")
+            raise ValueError(
+                f"k={k} but some query has only {int((n_ref - n_excl).min()) if batch else n_ref} references left after exclusion"
+            )
 
         q_obs = np.ascontiguousarray(q_full[:, self._sites], dtype=np.uint8)
         xq = q_obs.astype(np.float32) * self._sqrt_w
@@ -566,7 +586,7 @@ class FixedMaskIndex:
         return b"".join([_MAGIC, struct.pack("<I", len(head)), head, *sections.values()])
 
     @classmethod
-    def from_bytes(cls, data: bytes, device: DeviceChoice = "auto", nprobe: int | None = None) -> "FixedMaskIndex":
+    def from_bytes(cls, data: bytes, device: DeviceChoice = "auto", nprobe: int | None = None) -> FixedMaskIndex:
         """Inverse of ``to_bytes``; raises ValueError on bytes that are not a complete index.
 
         ``nprobe`` overrides the stored one (a search setting, not part of what was built).
@@ -599,12 +619,19 @@ class FixedMaskIndex:
             raise ValueError("FixedMaskIndex sections disagree with its header")
         resolved = _resolve_device(device)
         return cls(
-            cls._place(index, resolved), observed, weights, bool(header["uniform"]), packed,
-            header["kind"], int(header["nlist"]), int(header["nprobe"] if nprobe is None else nprobe), resolved,
+            cls._place(index, resolved),
+            observed,
+            weights,
+            bool(header["uniform"]),
+            packed,
+            header["kind"],
+            int(header["nlist"]),
+            int(header["nprobe"] if nprobe is None else nprobe),
+            resolved,
         )
 
     def __repr__(self) -> str:
         return (
             f"FixedMaskIndex(kind={self.kind!r}, n={self.ntotal}, sites={self.sites}, observed={self.n_observed}, "
-            f"device={self.device!r}{', nlist=%d, nprobe=%d' % (self.nlist, self._nprobe) if self.kind == 'ivf' else ''})"
+            f"device={self.device!r}{f', nlist={self.nlist}, nprobe={self._nprobe}' if self.kind == 'ivf' else ''})"
         )

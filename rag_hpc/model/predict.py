@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from rag_hpc.config import ModelConfig, RagConfig
+from rag_hpc.errors import CheckpointError, ConfigError, InputError
 from rag_hpc.index.build import WindowCache
 from rag_hpc.model.rag import RagImputer, retrieve
 
@@ -16,17 +17,17 @@ from rag_hpc.model.rag import RagImputer, retrieve
 def load_checkpoint_state(checkpoint: str | os.PathLike[str]) -> dict:
     """State of a checkpoint file, or of the newest valid one in a run or checkpoint directory;
     checksum-verified and loaded with ``weights_only=True``."""
-    from rag_hpc.train.checkpoint import CheckpointError, CheckpointFile, CheckpointManager
+    from rag_hpc.train.checkpoint import CheckpointFile, CheckpointManager
 
     path = Path(checkpoint)
     if path.is_dir():
         directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = CheckpointManager(directory).load_latest(set_aside=False)
         if found is None:
-            raise FileNotFoundError(f"no valid checkpoint in {directory}: train first (python -m rag_hpc.train)")
+            raise CheckpointError(f"no valid checkpoint in {directory}: train first (python -m rag_hpc.train)")
         return found[1]
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise InputError(f"checkpoint {path} does not exist: pass a step_<N>.pt file or a run directory")
     step = path.stem.removeprefix("step_")
     if not step.isdigit():
         raise CheckpointError(f"{path} is not a rag_hpc checkpoint (expected step_<N>.pt from python -m rag_hpc.train)")
@@ -72,7 +73,7 @@ def model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> Mo
     device = "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
     model, saved = load_model(checkpoint, device)
     if saved["windows"]["window_size"] != config.windows.window_size:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint was trained with windows.window_size={saved['windows']['window_size']} but the config "
             f"says {config.windows.window_size}: impute with the training window size"
         )

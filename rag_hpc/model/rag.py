@@ -133,10 +133,7 @@ class RagImputer(nn.Module):
         fused = self.fusion(e_query[:, 1:], e_ret[:, :, 1:], query, ~masked, retrieved)
         x = torch.cat([e_query[:, :1], fused], dim=1)
         for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.cfg.activation_checkpointing and self.training else block(x)
         return self.head(self.ln_f(x[:, 1:])).squeeze(-1)
 
 

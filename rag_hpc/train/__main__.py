@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from rag_hpc.cli import add_config_args, config_from_args, run_main
 
@@ -24,19 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--set train.epochs=4 --set model.dims=64. Prints the final checkpoint's path on stdout.",
     )
     parser.add_argument(
-        "--max-steps", type=int, metavar="N",
+        "--max-steps",
+        type=int,
+        metavar="N",
         help="stop with a checkpoint at global step N (same as --set train.max_steps=N): the run is a prefix of the full one",
-    )  # fmt: skip
+    )
     add_config_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    from rag_hpc.errors import ConfigError
     from rag_hpc.train.trainer import TrainingInterrupted, train
 
     if args.max_steps is not None:
         if args.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+            raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
         args.overrides = [*args.overrides, f"train.max_steps={args.max_steps}"]
     config = config_from_args(args)
     try:

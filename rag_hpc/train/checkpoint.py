@@ -31,16 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+# Re-exported: ``from rag_hpc.train.checkpoint import CheckpointError`` is where callers have always found it.
+from rag_hpc.errors import CheckpointError as CheckpointError
 from rag_hpc.fsutil import atomic_write, disk_space_for
 
 log = logging.getLogger("rag_hpc.train")
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{9,})\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing its sidecar, fails its checksum or does not load."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +90,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         else:
             log.warning(
                 "checkpoint holds CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
-                len(cuda), torch.cuda.device_count(),
-            )  # fmt: skip
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from rag_hpc.errors import ClusterError
+
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
@@ -44,13 +46,17 @@ def _env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         if default is None:
-            raise RuntimeError(f"WORLD_SIZE is set but {name} is not: launch with torchrun, or export the variables "
-                               "with submitit.helpers.TorchDistributedEnvironment().export()")
+            raise ClusterError(
+                f"WORLD_SIZE is set but {name} is not: launch with torchrun, or export the variables "
+                "with submitit.helpers.TorchDistributedEnvironment().export()"
+            )
         return default
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise ClusterError(
+            f"environment variable {name}={raw!r} is not an integer: launch with torchrun or submitit, which set it"
+        ) from None
 
 
 def resolve_device(choice: DeviceChoice, local_rank: int = 0) -> torch.device:
@@ -59,7 +65,10 @@ def resolve_device(choice: DeviceChoice, local_rank: int = 0) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but torch sees no GPU (CPU build of torch, or CUDA_VISIBLE_DEVICES is empty)")
+        raise ClusterError(
+            "train.device='cuda' but torch sees no GPU (CPU build of torch, or CUDA_VISIBLE_DEVICES is empty): "
+            "run on a node with a GPU (cluster.gpus_per_node), or set train.device=auto or cpu"
+        )
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -81,7 +90,7 @@ def init_distributed(device: DeviceChoice = "auto", timeout_s: float = 1800.0) -
     rank = _env_int("RANK")
     local = _env_int("LOCAL_RANK", rank)
     if not os.environ.get("MASTER_ADDR"):
-        raise RuntimeError(f"WORLD_SIZE={world} but MASTER_ADDR is not set (torchrun and submitit set it)")
+        raise ClusterError(f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun or submitit, which set it")
     _env_int("MASTER_PORT")
     dev = resolve_device(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"

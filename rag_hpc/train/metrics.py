@@ -15,6 +15,7 @@ windows) combine with a single all_reduce.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from rag_hpc.fsutil import save_figure
 log = logging.getLogger("rag_hpc.train")
 
 MAF_EDGES = (0.0, 0.005, 0.01, 0.05, 0.5)
-MAF_BINS = tuple(f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(MAF_EDGES[:-1], MAF_EDGES[1:]))
+MAF_BINS = tuple(f"{lo:.3f}-{hi:.3f}" for lo, hi in itertools.pairwise(MAF_EDGES))
 
 # Layout of the accumulator vector.
 _LOSS, _N, _CORRECT, _TP, _FP, _FN = range(6)
@@ -120,9 +121,18 @@ def aggregate_r2(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: fl
 # sinks
 
 EPOCH_COLUMNS = (
-    "epoch", "step", "mask_rate", "lr", "train_loss", "val_loss", "val_acc", "val_f1_alt",
-    *(f"val_r2_maf_{b}" for b in MAF_BINS), *(f"val_n_maf_{b}" for b in MAF_BINS), "epoch_seconds",
-)  # fmt: skip
+    "epoch",
+    "step",
+    "mask_rate",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "val_f1_alt",
+    *(f"val_r2_maf_{b}" for b in MAF_BINS),
+    *(f"val_n_maf_{b}" for b in MAF_BINS),
+    "epoch_seconds",
+)
 # One row per log window (train.log_every steps): the loss curve.
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "steps_per_s")
 
@@ -192,8 +202,10 @@ def open_tensorboard(log_dir: Path, purge_step: int | None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.info("TensorBoard scalars off: the `tensorboard` package is not installed (pip install tensorboard); "
-                 "metrics still go to metrics.csv and train.log")  # fmt: skip
+        log.info(
+            "TensorBoard scalars off: the `tensorboard` package is not installed (pip install tensorboard); "
+            "metrics still go to metrics.csv and train.log"
+        )
         return None
     # purge_step drops events a killed run logged past the checkpoint this run resumes from.
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

@@ -2,7 +2,8 @@
 
 Every micro-batch holds query haplotypes of ONE window, so its shard is loaded once and its length
 L is constant. An epoch's order is a pure function of (seed, epoch) drawn from the same counter-based
-hash as the masks (``rag_hpc.data.masks.uniforms``): a permutation of the windows, and per window a
+hash as the masks (``rag_hpc.rng.uniforms``, on its own ``Stream.WINDOW_ORDER`` and
+``Stream.HAPLOTYPE_ORDER``): a permutation of the windows, and per window a
 permutation of the train-split haplotypes cut into ``batch_size`` chunks (the remainder, different
 each epoch, is dropped so every rank always gets the same number of queries).
 
@@ -24,10 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from rag_hpc.data.masks import uniforms
-
-# Streams of the counter-based hash that masks do not use (masks use 1 = train, 2 = val).
-_WINDOW_ORDER, _HAPLOTYPE_ORDER = 3, 4
+from rag_hpc.errors import ConfigError
+from rag_hpc.rng import Stream, uniforms
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class MicroBatch:
         return self.haplotypes[rank * per : (rank + 1) * per]
 
 
-def _permutation(seed: int, stream: int, window: int, n: int, epoch: int) -> np.ndarray:
+def _permutation(seed: int, stream: Stream, window: int, n: int, epoch: int) -> np.ndarray:
     keys = uniforms(seed, stream, window, np.arange(n, dtype=np.uint64), epoch, 1)[:, 0]
     return np.argsort(keys, kind="stable")
 
@@ -63,11 +62,11 @@ class WindowBatchSampler:
         if n_windows < 1:
             raise ValueError(f"need at least one window, got {n_windows}")
         if batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={batch_size} is the batch over all {world_size} ranks and must divide evenly among them"
             )
         if len(train_haplotypes) < batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={batch_size} but the panel has only {len(train_haplotypes)} train-split haplotypes: "
                 "lower train.batch_size"
             )
@@ -84,10 +83,10 @@ class WindowBatchSampler:
         self._haplotype_order = lru_cache(maxsize=4 * self.mix_windows)(self._compute_haplotype_order)
 
     def _compute_window_order(self, epoch: int) -> np.ndarray:
-        return _permutation(self.seed, _WINDOW_ORDER, 0, self.n_windows, epoch)
+        return _permutation(self.seed, Stream.WINDOW_ORDER, 0, self.n_windows, epoch)
 
     def _compute_haplotype_order(self, epoch: int, window: int) -> np.ndarray:
-        return self.train_haplotypes[_permutation(self.seed, _HAPLOTYPE_ORDER, window, len(self.train_haplotypes), epoch)]
+        return self.train_haplotypes[_permutation(self.seed, Stream.HAPLOTYPE_ORDER, window, len(self.train_haplotypes), epoch)]
 
     def window_order(self, epoch: int) -> np.ndarray:
         return self._window_order(epoch)

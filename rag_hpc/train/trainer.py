@@ -26,9 +26,10 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,11 +37,14 @@ import yaml
 from torch import Tensor, nn
 
 from rag_hpc.config import RagConfig, TrainConfig
-from rag_hpc.data.masks import curriculum_rate, train_mask, uniforms, val_mask
+from rag_hpc.data.masks import curriculum_rate, train_mask, val_mask
 from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
+from rag_hpc.errors import CheckpointError, ConfigError
 from rag_hpc.index.build import WindowCache
 from rag_hpc.index.retrieval import own_sample_exclusion
+from rag_hpc.locks import RunInUseError, one_writer
 from rag_hpc.model.rag import RagImputer, imputation_loss, retrieve
+from rag_hpc.rng import RNG_NAME, Stream, uniforms
 from rag_hpc.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
 from rag_hpc.train.metrics import EPOCH_COLUMNS, STEP_COLUMNS, MetricsCsv, ValAccumulator, open_tensorboard
@@ -48,17 +52,29 @@ from rag_hpc.train.sampler import MicroBatch, WindowBatchSampler
 
 log = logging.getLogger("rag_hpc.train")
 
-_DROPOUT_STREAM = 5  # counter-hash stream for per-micro-batch torch seeds (masks use 1-2, the sampler 3-4)
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 # Config fields a resumed run may change: where things go, how often they are reported, when to
 # stop. Anything else changes the trajectory, so resuming under it would be a different run.
 _FREE_ON_RESUME = {
-    "paths", "data", "index", "cluster",
-    "train.name", "train.run_dir", "train.device", "train.bf16", "train.max_steps", "train.val_every",
-    "train.val_batch_size", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.log_every",
-    "train.progress", "train.tensorboard",
-}  # fmt: skip
+    "paths",
+    "data",
+    "index",
+    "cluster",
+    "train.name",
+    "train.run_dir",
+    "train.device",
+    "train.bf16",
+    "train.max_steps",
+    "train.val_every",
+    "train.val_batch_size",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+    "train.min_step_seconds",
+}
 
 
 class TrainingInterrupted(Exception):
@@ -82,10 +98,10 @@ class _Requests:
     """Plain attributes, not threading primitives: set from signal handlers, where taking a lock the
     interrupted main thread may hold would deadlock."""
 
-    checkpoint = False
-    stop = False
-    reason = ""
-    signals: list[int] = []
+    checkpoint: ClassVar[bool] = False
+    stop: ClassVar[bool] = False
+    reason: ClassVar[str] = ""
+    signals: ClassVar[list[int]] = []  # replaced, never mutated: a handler may run mid-update
 
     @classmethod
     def clear(cls) -> None:
@@ -165,9 +181,13 @@ def window_data(window: int, alleles: np.ndarray, af: np.ndarray, reference_ids:
     all_t = torch.from_numpy(np.ascontiguousarray(alleles)).to(device)
     ref_ids = torch.from_numpy(np.asarray(reference_ids, dtype=np.int64)).to(device)
     return WindowData(
-        window, all_t, all_t[ref_ids].to(torch.float64), ref_ids,
-        torch.from_numpy(np.asarray(af, dtype=np.float32)).to(device), np.asarray(af, dtype=np.float32),
-    )  # fmt: skip
+        window,
+        all_t,
+        all_t[ref_ids].to(torch.float64),
+        ref_ids,
+        torch.from_numpy(np.asarray(af, dtype=np.float32)).to(device),
+        np.asarray(af, dtype=np.float32),
+    )
 
 
 def forward_batch(
@@ -269,9 +289,19 @@ class Trainer:
         self.cfg = config.train
         self.env = env
         self.run_dir = self.cfg.resolved_run_dir(config.paths.workdir)
+        # One writer per run, taken before anything in the run dir is opened (train.log included).
+        self._writer = contextlib.ExitStack()
+        refused = None
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier(env)
+            try:
+                self._writer.enter_context(one_writer(self.run_dir, "training"))
+            except RunInUseError as exc:
+                refused = str(exc)
+        refused = broadcast_object(refused, env)  # every rank leaves together, none waits in a collective
+        if refused is not None:
+            self._writer.close()
+            raise RunInUseError(refused)
         self._logs = _LogSetup(self.run_dir, env)
         self.tb: Any = None
         self.cache: WindowCache | None = None
@@ -291,7 +321,7 @@ class Trainer:
         self.train_ids = np.flatnonzero(hap_split == SPLIT_TRAIN).astype(np.int64)
         self.val_ids = np.flatnonzero(hap_split == SPLIT_VAL).astype(np.int64)
         if config.model.k > len(self.train_ids) - 2:
-            raise ValueError(
+            raise ConfigError(
                 f"model.k={config.model.k} but a query can retrieve only {len(self.train_ids) - 2} train-split "
                 "haplotypes (its own sample is excluded): lower model.k"
             )
@@ -301,8 +331,9 @@ class Trainer:
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch // self.cfg.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {self.sampler.batches_per_epoch} micro-batches, fewer than train.grad_accum={self.cfg.grad_accum}"
+            raise ConfigError(
+                f"an epoch has {self.sampler.batches_per_epoch} micro-batches, fewer than train.grad_accum={self.cfg.grad_accum}: "
+                "lower train.grad_accum or train.batch_size"
             )
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
@@ -338,14 +369,29 @@ class Trainer:
         log.info(
             "run %s: %d rank(s) on %s%s, bf16 %s; %s parameters; %d windows x %d batches of %d, grad_accum %d: "
             "%d steps/epoch, %d epochs = %d steps%s",
-            self.run_dir, env.world_size, self.device, f" ({env.backend})" if env.backend else "", "on" if self.amp else "off",
-            f"{n_params:,}", self.n_windows, self.sampler.batches_per_window, self.cfg.batch_size, self.cfg.grad_accum,
-            self.steps_per_epoch, self.cfg.epochs, self.total_steps,
+            self.run_dir,
+            env.world_size,
+            self.device,
+            f" ({env.backend})" if env.backend else "",
+            "on" if self.amp else "off",
+            f"{n_params:,}",
+            self.n_windows,
+            self.sampler.batches_per_window,
+            self.cfg.batch_size,
+            self.cfg.grad_accum,
+            self.steps_per_epoch,
+            self.cfg.epochs,
+            self.total_steps,
             f", stopping at step {self.stop_step} (max_steps)" if self.stop_step < self.total_steps else "",
-        )  # fmt: skip
+        )
         if self.resumed_from:
-            log.info("resumed from %s: next step %d (epoch %d, micro-batch %d)", self.resumed_from, self.step,
-                     self.step // self.steps_per_epoch, (self.step % self.steps_per_epoch) * self.cfg.grad_accum)  # fmt: skip
+            log.info(
+                "resumed from %s: next step %d (epoch %d, micro-batch %d)",
+                self.resumed_from,
+                self.step,
+                self.step // self.steps_per_epoch,
+                (self.step % self.steps_per_epoch) * self.cfg.grad_accum,
+            )
         else:
             log.info("fresh start: no usable checkpoint in %s", self.checkpoints.directory)
 
@@ -368,6 +414,7 @@ class Trainer:
             "epoch_accum": {"loss_sum": self.epoch_loss_sum, "steps": self.epoch_loss_steps, "seconds": self.epoch_seconds},
             "config": self.config.model_dump(mode="json"),
             "panel": dict(self.panel_id),
+            "rng_streams": RNG_NAME,
             "world_size": self.env.world_size,
             "torch_version": str(torch.__version__),
         }
@@ -386,19 +433,26 @@ class Trainer:
         if state is None:
             state = self.checkpoints.load(CheckpointFile(int(path.stem.split("_")[1]), path), map_location=self.device)
         if state["panel"] != self.panel_id:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was trained on another panel or split ({state['panel']} vs {self.panel_id}): "
                 "use a new train.name (or train.run_dir) for this panel"
             )
+        if state.get("rng_streams") != RNG_NAME:
+            raise CheckpointError(
+                f"{path} was written under the random streams {state.get('rng_streams', 'splitmix64-v1')!r}, this version "
+                f"draws batches, masks and dropout from {RNG_NAME!r}, so resuming would not continue that run: "
+                "use a new train.name (or train.run_dir), or finish it with the version that started it"
+            )
         conflicts = _trajectory_conflicts(state["config"], self.config.model_dump(mode="json"))
         if conflicts:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} belongs to a run with a different config, so resuming would not continue it: "
-                + "; ".join(conflicts) + ". Use a new train.name (or train.run_dir), or restore those values"
+                + "; ".join(conflicts)
+                + ". Use a new train.name (or train.run_dir), or restore those values"
             )
         epoch, in_epoch = divmod(int(state["step"]), self.steps_per_epoch)
         if (state["epoch"], state["batch_in_epoch"]) != (epoch, in_epoch * self.cfg.grad_accum):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: sampler position (epoch {state['epoch']}, micro-batch {state['batch_in_epoch']}) does not match "
                 f"step {state['step']} with {self.steps_per_epoch} steps per epoch; the panel's windows or split changed"
             )
@@ -408,7 +462,11 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         acc = state["epoch_accum"]
-        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = float(acc["loss_sum"]), int(acc["steps"]), float(acc["seconds"])
+        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = (
+            float(acc["loss_sum"]),
+            int(acc["steps"]),
+            float(acc["seconds"]),
+        )
         self.last_checkpoint = path
         return path
 
@@ -433,7 +491,7 @@ class Trainer:
         per = len(mb.haplotypes) // env.world_size
         masked = torch.from_numpy(masks[env.rank * per : (env.rank + 1) * per]).to(self.device)
         ids = torch.from_numpy(mb.local(env.rank, env.world_size)).to(self.device)
-        seed = uniforms(cfg.seed, _DROPOUT_STREAM, env.rank, np.array([self.step], np.uint64), micro, 1)[0, 0]
+        seed = uniforms(cfg.seed, Stream.DROPOUT, env.rank, np.array([self.step], np.uint64), micro, 1)[0, 0]
         torch.manual_seed(int(seed * 2**53))
         logits = forward_batch(self.model, self.net, data, ids, masked, self.config.model.k, self.amp)
         bce_sum = imputation_loss(logits, data.alleles[ids], masked) * int(masked.sum())
@@ -512,9 +570,14 @@ class Trainer:
 
         enabled = self.env.is_main and self.cfg.progress
         return tqdm(
-            total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True, disable=not enabled,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0, desc="train",
-        )  # fmt: skip
+            total=self.stop_step,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not enabled,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            desc="train",
+        )
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -531,6 +594,9 @@ class Trainer:
                 if self.step % self.steps_per_epoch == 0:
                     log.info("epoch %d: mask rate %.2f", epoch, curriculum_rate(epoch, self.config.masks))
                 share, grad_norm = self.train_step()
+                if cfg.min_step_seconds > 0:
+                    # Tests and benchmarks only: a sleep, so the numbers are those of a run without it.
+                    time.sleep(max(0.0, cfg.min_step_seconds - (time.perf_counter() - t0)))
                 loss, want_checkpoint, want_stop = self._agree(share)
                 self.epoch_loss_sum += loss
                 self.epoch_loss_steps += 1
@@ -553,8 +619,12 @@ class Trainer:
         finally:
             bar.close()
         assert self.last_checkpoint is not None
-        log.info("%s at step %d: %s", "finished" if self.step >= self.total_steps else "stopped (max_steps)",
-                 self.step, self.last_checkpoint)  # fmt: skip
+        log.info(
+            "%s at step %d: %s",
+            "finished" if self.step >= self.total_steps else "stopped (max_steps)",
+            self.step,
+            self.last_checkpoint,
+        )
         return self.last_checkpoint
 
     def _log_window(self, loss: float, grad_norm: float, steps: int, seconds: float) -> None:
@@ -564,14 +634,33 @@ class Trainer:
         rate = steps / seconds if seconds > 0 else math.nan
         log.info(
             "step %d/%d epoch %d loss %.4f lr %.3g grad_norm %.3g | %.2f step/s, %.0f queries/s",
-            self.step, self.total_steps, (self.step - 1) // self.steps_per_epoch, loss, lr, grad_norm, rate,
+            self.step,
+            self.total_steps,
+            (self.step - 1) // self.steps_per_epoch,
+            loss,
+            lr,
+            grad_norm,
+            rate,
             rate * self.cfg.batch_size * self.cfg.grad_accum,
-        )  # fmt: skip
+        )
         assert self.steps_csv is not None
-        self.steps_csv.append({"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss, "lr": lr,
-                               "grad_norm": grad_norm, "steps_per_s": rate})  # fmt: skip
+        self.steps_csv.append(
+            {
+                "step": self.step,
+                "epoch": (self.step - 1) // self.steps_per_epoch,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "steps_per_s": rate,
+            }
+        )
         if self.tb is not None:
-            for name, value in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", grad_norm), ("train/steps_per_s", rate)):
+            for name, value in (
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/grad_norm", grad_norm),
+                ("train/steps_per_s", rate),
+            ):
                 self.tb.add_scalar(name, value, self.step)
 
     def _end_epoch(self, epoch: int) -> None:
@@ -580,23 +669,33 @@ class Trainer:
         val = self.validate() if due and len(self.val_ids) else {}
         self.epoch_seconds += time.perf_counter() - t0
         row: dict[str, Any] = {
-            "epoch": epoch, "step": self.step, "mask_rate": curriculum_rate(epoch, self.config.masks),
-            "lr": self.scheduler.get_last_lr()[0], "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_steps),
-            **val, "epoch_seconds": self.epoch_seconds,
-        }  # fmt: skip
+            "epoch": epoch,
+            "step": self.step,
+            "mask_rate": curriculum_rate(epoch, self.config.masks),
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_steps),
+            **val,
+            "epoch_seconds": self.epoch_seconds,
+        }
         if self.env.is_main:
             r2 = "  ".join(f"{k.removeprefix('val_r2_maf_')}: {v:.3f}" for k, v in val.items() if k.startswith("val_r2"))
             log.info(
-                "epoch %d done in %.1f s: train loss %.4f%s", epoch, self.epoch_seconds, row["train_loss"],
+                "epoch %d done in %.1f s: train loss %.4f%s",
+                epoch,
+                self.epoch_seconds,
+                row["train_loss"],
                 f" | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f} F1(ALT) {val['val_f1_alt']:.4f} | r2 by MAF {r2}"
-                if val else " (no validation this epoch)",
-            )  # fmt: skip
+                if val
+                else " (no validation this epoch)",
+            )
             assert self.csv is not None
             self.csv.append(row)
             if self.tb is not None:
                 for key, value in row.items():
                     if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
-                        self.tb.add_scalar(f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}", value, self.step)
+                        self.tb.add_scalar(
+                            f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}", value, self.step
+                        )
                 self.tb.flush()
         self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = 0.0, 0, 0.0
 
@@ -613,6 +712,7 @@ class Trainer:
             self.cache.panel.close()
             self.cache = None
         self._logs.close()
+        self._writer.close()
 
 
 @contextlib.contextmanager
