@@ -1,4 +1,4 @@
-"""The accuracy race: nearest-haplotype copy vs Beagle 5.4 vs our model, dosage r² per panel-MAF bin.
+"""The accuracy race: our model-free predictors, Minimac4, Beagle 5.4 and our model, dosage r² per panel-MAF bin.
 
     python bench/accuracy_bench.py [--workdir bench_out/accuracy] [--seed 1] [--budget-min 10] [--out DIR] [--json]
     python bench/accuracy_bench.py --ref REF.vcf.gz --targets PHASED_ARRAY.vcf.gz --truth TRUTH.vcf.gz [--map PLINK.map]
@@ -13,6 +13,10 @@ Methods:
   nearest  ``rag_hpc.impute`` with ``NearestHaplotypePredictor`` (k=1): each target haplotype copies its nearest
            train-split haplotype in the window (Hamming on the typed sites). Runtime includes building the
            window shards from panel.h5 (cold cache).
+  copy     ``rag_hpc.impute`` with ``CopyPredictor``: per untyped site, the train-split haplotypes' alleles weighted
+           by their Li–Stephens posterior copying probabilities over all typed sites (no model, no GPU).
+  minimac4 Minimac4 4.1.2 (Debian package ``minimac4``) on the same true-phase targets and train-split reference
+           (``--compress-reference``, then ``-f GT,DS``, with the same map as Beagle).
   beagle   Beagle 5.4 (Debian package ``beagle``: ``beagle gt= ref= out= nthreads=``), with a PLINK map at the
            simulation's uniform recombination rate (--map for other data; none = Beagle's 1 cM/Mb).
   model    ``rag_hpc.train.train`` for --budget-min minutes (stopped by ``request_checkpoint``), then
@@ -52,6 +56,7 @@ from rag_hpc.config import RagConfig, load_config
 from rag_hpc.evaluate import MAF_BINS, Evaluation, bin_label, evaluate, plot_r2_by_maf, write_report
 
 BEAGLE_JAR = Path("/usr/share/beagle/beagle.jar")
+METHODS = ("nearest", "copy", "minimac4", "beagle", "model")
 BEAGLE_INSTALL = "apt-get install -y --no-install-recommends beagle"
 
 
@@ -171,26 +176,76 @@ def train_split_vcf(panel_h5: Path, work: Path) -> Path:
 # methods
 
 
-def run_nearest(config: RagConfig, panel_h5: Path, data: Dataset, out_vcf: Path, k: int, ambiguous: str) -> MethodResult:
+def run_ours(name: str, config: RagConfig, panel_h5: Path, data: Dataset, out_vcf: Path, k: int, ambiguous: str) -> MethodResult:
+    """One of the package's model-free predictors (``nearest`` or ``copy``) through ``rag_hpc.impute``;
+    its seconds include building the window shards from panel.h5 (a cold cache)."""
     from rag_hpc.data.panel import Panel
-    from rag_hpc.impute import NearestHaplotypePredictor, impute
+    from rag_hpc.impute import CopyPredictor, NearestHaplotypePredictor, impute
 
-    result = MethodResult("nearest", f"nearest (k={k})", info={"k": k, "ambiguous": ambiguous})
-    cache = Path(tempfile.mkdtemp(prefix="nearest-cache-", dir=out_vcf.parent))
+    label = f"nearest (k={k})" if name == "nearest" else "copy (Li–Stephens, no model)"
+    result = MethodResult(name, label, info={"ambiguous": ambiguous, **({"k": k} if name == "nearest" else {})})
+    cache = Path(tempfile.mkdtemp(prefix=f"{name}-cache-", dir=out_vcf.parent))
     try:
         cfg = config.model_copy(deep=True)
         cfg.data.panel_h5 = panel_h5
         cfg.paths.cache_dir = cache
         t0 = time.perf_counter()
         with Panel(panel_h5) as panel:
-            predictor = NearestHaplotypePredictor.from_config(cfg, k=k, panel=panel)
+            if name == "nearest":
+                predictor = NearestHaplotypePredictor.from_config(cfg, k=k, panel=panel)
+            else:
+                predictor = CopyPredictor.from_config(cfg, panel=panel)
+                result.info["weighting"] = predictor.describe()
             summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
         result.seconds = time.perf_counter() - t0
+        result.info["impute_seconds"] = result.seconds
         result.vcf = out_vcf
         result.info["targets"] = summary.targets.counts
         log(summary.describe())
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    return result
+
+
+def run_minimac(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> MethodResult:
+    """Minimac4 (Debian package ``minimac4``) on the same true-phase targets: compress the train-split
+    reference to .msav (timed apart), then impute GT,DS."""
+    result = MethodResult("minimac4", "minimac4")
+    exe = shutil.which("minimac4")
+    if exe is None:
+        result.status = "not available: no `minimac4` on PATH (apt-get install -y --no-install-recommends minimac4)"
+        return result
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split()
+    if version:
+        result.label = f"minimac4 {version[-1]}"
+        result.info["version"] = version[-1]
+    msav = out_dir / f"{ref_vcf.name.removesuffix('.vcf.gz')}.msav"
+    t0 = time.perf_counter()
+    if not msav.is_file():
+        with open(f"{msav}.tmp", "wb") as fh:
+            proc = subprocess.run([exe, "--compress-reference", str(ref_vcf)], stdout=fh, stderr=subprocess.PIPE, text=False)
+        if proc.returncode != 0:
+            result.status = f"failed: --compress-reference exit {proc.returncode}: {proc.stderr.decode()[-300:]}"
+            return result
+        Path(f"{msav}.tmp").rename(msav)
+    result.info["compress_seconds"] = round(time.perf_counter() - t0, 2)
+    out = out_dir / "minimac4.vcf.gz"
+    out.unlink(missing_ok=True)
+    argv = [exe, str(msav), str(data.targets), "-o", str(out), "-O", "vcf.gz", "-f", "GT,DS", "-t", str(threads)]
+    if data.map is not None:
+        argv += ["--map", str(data.map)]
+    result.info["command"] = " ".join(argv)
+    log(f"running {result.info['command']}")
+    t1 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    result.seconds = time.perf_counter() - t1
+    if proc.returncode != 0 or not out.is_file():
+        result.status = f"failed: exit {proc.returncode}: {' | '.join(proc.stderr.strip().splitlines()[-3:])}"
+        return result
+    import pysam
+
+    pysam.tabix_index(str(out), preset="vcf", force=True)
+    result.vcf = out
     return result
 
 
@@ -335,7 +390,9 @@ def main() -> int:
         "--ambiguous", choices=["skip", "keep"], default="skip", help="strand-ambiguous typed sites, for our methods"
     )
     parser.add_argument("--threads", type=int, default=2, help="Beagle nthreads")
-    parser.add_argument("--methods", default="nearest,beagle,model", help="comma-separated subset of nearest,beagle,model")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (default: all)"
+    )
     parser.add_argument("--out", type=Path, help="keep the imputed VCFs, reports and plot here")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_config_args(parser)
@@ -345,7 +402,7 @@ def main() -> int:
     if any(given) and not all(given):
         parser.error("--ref, --targets and --truth go together")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - {"nearest", "beagle", "model"}
+    unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}")
 
@@ -365,7 +422,7 @@ def main() -> int:
         data = simulated_dataset(work, args.seed)
     t0 = time.perf_counter()
     panel_h5 = prepared_panel(work, data, config)
-    ref_vcf = train_split_vcf(panel_h5, work) if "beagle" in methods else None
+    ref_vcf = train_split_vcf(panel_h5, work) if {"beagle", "minimac4"} & set(methods) else None
     setup_s = time.perf_counter() - t0
 
     from rag_hpc.data.panel import SPLIT_TRAIN, Panel
@@ -382,10 +439,16 @@ def main() -> int:
     results: list[MethodResult] = []
     for method in methods:
         log(f"--- {method}")
-        if method == "nearest":
+        if method in ("nearest", "copy"):
             results.append(
-                guarded(method, lambda: run_nearest(config, panel_h5, data, outputs / "nearest.vcf.gz", args.k, args.ambiguous))
+                guarded(
+                    method,
+                    lambda m=method: run_ours(m, config, panel_h5, data, outputs / f"{m}.vcf.gz", args.k, args.ambiguous),
+                )
             )
+        elif method == "minimac4":
+            assert ref_vcf is not None
+            results.append(guarded(method, lambda: run_minimac(ref_vcf, data, outputs, args.threads)))
         elif method == "beagle":
             assert ref_vcf is not None
             results.append(guarded(method, lambda: run_beagle(ref_vcf, data, outputs, args.threads)))
@@ -435,7 +498,11 @@ def main() -> int:
     for line in table(results):
         print(line)
     for r in results:
-        extra = {k: v for k, v in r.info.items() if k in ("version", "command", "targets", "train_seconds", "stopped_at_step")}
+        extra = {
+            k: v
+            for k, v in r.info.items()
+            if k in ("version", "command", "targets", "train_seconds", "stopped_at_step", "compress_seconds", "weighting")
+        }
         if extra:
             print(f"  {r.label}: " + "; ".join(f"{k}={v}" for k, v in extra.items()))
     print(f"  setup (panel.h5 + train-split VCF, cached): {setup_s:.1f} s")
@@ -457,7 +524,12 @@ def main() -> int:
                     "r2": None if r.evaluation is None else r.evaluation.r2_by_bin(),
                     "r2_all": None if r.evaluation is None else r.evaluation.overall.r2,
                     "nonref_concordance": None if r.evaluation is None else r.evaluation.overall.nonref_concordance,
-                    **{k: v for k, v in r.info.items() if k in ("version", "k", "ambiguous", "budget_min", "train_seconds")},
+                    "impute_seconds": round(r.info.get("impute_seconds", r.seconds or 0.0), 2) if r.seconds is not None else None,
+                    **{
+                        k: v
+                        for k, v in r.info.items()
+                        if k in ("version", "k", "ambiguous", "budget_min", "train_seconds", "compress_seconds", "weighting")
+                    },
                 }
                 for r in results
             },

@@ -1,12 +1,13 @@
 """Imputation: phased array targets -> an imputed VCF (GT:DS:GP) at every panel site.
 
-``python -m rag_hpc.impute (--checkpoint CKPT | --baseline nearest) --targets targets.vcf.gz --out imputed.vcf.gz``
+``python -m rag_hpc.impute (--checkpoint CKPT | --baseline copy|nearest) --targets targets.vcf.gz --out imputed.vcf.gz``
 
 The driver (``impute``) owns everything that is not the model: reading and checking the targets, matching
 their sites to the panel, building each window's query haplotypes, and writing the VCF. What fills the
 unobserved sites is a pluggable ``HaplotypePredictor`` that returns P(ALT) per target haplotype and site,
-one window at a time: the trained model (``load_model_predictor``) or the nearest-haplotype-copy baseline
-(``NearestHaplotypePredictor``), so the two are scored through exactly the same code path.
+one window at a time: the trained model (``load_model_predictor``), the match-weighted copy
+(``CopyPredictor``) or the nearest-haplotype baseline (``NearestHaplotypePredictor``), so all are scored
+through exactly the same code path.
 
 Output per site: GT phased (each haplotype's more probable allele), DS = p1 + p2, GP from the two
 haplotype probabilities (haplotypes treated as independent, as Beagle and Minimac do); INFO AF (mean DS / 2),
@@ -25,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -119,6 +120,98 @@ class NearestHaplotypePredictor:
             self.k,
         )
         return reference[idx.numpy()].mean(axis=1, dtype=np.float32)  # [B, k, L] -> [B, L]
+
+
+class CopyPredictor:
+    """Copy without a model: at an untyped site, each target haplotype's P(ALT) is a weighted mean of the
+    reference alleles there, the weights saying how well each reference matches the target on the typed
+    sites around the site, across window edges (``rag_hpc.index.matching``):
+
+    - ``"li-stephens"`` (default): the posterior copying probabilities of the Li–Stephens HMM over all typed
+      sites (the model Minimac and Beagle rest on), ``k`` heaviest donors per gap; ``ne`` sets the jump
+      rate (1 cM/Mb without a map), ``error`` the copying error (Minimac4's default). The defaults were
+      chosen on the simulated kgp-like panel (ne 1e4 .. 2e6, error 0.01 / 0.001, k 64 / 128: README).
+    - ``"runs"``: softmax(``beta`` x typed sites matched left + right of the site, up to ``cap`` a side).
+
+    The predictor sees every typed site of the targets (``begin``), not only the window's. Reference =
+    the panel's train split, as for the other predictors.
+    """
+
+    name = "copy"
+
+    def __init__(
+        self,
+        cache: WindowCache,
+        weighting: Literal["li-stephens", "runs"] = "li-stephens",
+        *,
+        cap: int = 64,
+        beta: float = 0.5,
+        ne: float = 1_000_000.0,
+        error: float = 0.01,
+        k: int = 64,
+        batch: int = 16,
+    ):
+        if weighting not in ("li-stephens", "runs"):
+            raise ConfigError(f"copy: weighting must be 'li-stephens' or 'runs', got {weighting!r}")
+        if not 1 <= cap <= 255 or beta <= 0 or ne <= 0 or not 0 < error < 0.5 or k < 1:
+            raise ConfigError(
+                f"copy: cap must be in 1..255, beta > 0, ne > 0, error in (0, 0.5) and k >= 1; got cap={cap}, beta={beta}, "
+                f"ne={ne}, error={error}, k={k}"
+            )
+        self.cache, self.weighting, self.cap, self.beta, self.ne, self.error, self.k, self.batch = (
+            cache,
+            weighting,
+            cap,
+            beta,
+            ne,
+            error,
+            k,
+            batch,
+        )
+        self._reference = cache.panel.reference_haplotypes()
+        self._typed: np.ndarray | None = None
+
+    @classmethod
+    def from_config(cls, config: RagConfig, panel: Panel | None = None, **kwargs: Any) -> CopyPredictor:
+        from rag_hpc.index.build import WindowCache
+
+        return cls(WindowCache(config, panel), **kwargs)
+
+    def describe(self) -> str:
+        if self.weighting == "runs":
+            return f"runs (cap {self.cap}, beta {self.beta})"
+        return f"li-stephens (ne {self.ne:g}, error {self.error:g}, k {self.k})"
+
+    def begin(self, targets: TargetSites) -> None:
+        """Take the targets' alleles at all their typed sites and the reference's there (read from the
+        shards); for Li–Stephens, run the HMM over the whole chromosome now."""
+        from rag_hpc.index.matching import li_stephens_donors, switch_probabilities
+
+        typed = targets.panel_index
+        columns = []
+        for window in self.cache.windows:
+            lo, hi = np.searchsorted(typed, [window.start, window.stop])
+            if hi > lo:
+                columns.append(self.cache.shard(window.id).alleles[self._reference][:, typed[lo:hi] - window.start])
+        # One row per typed site: each step of the scans reads two contiguous rows.
+        self._typed, self._query_t = typed, np.ascontiguousarray(targets.haplotypes.T)
+        self._reference_t = np.ascontiguousarray(np.concatenate(columns, axis=1).T)
+        if self.weighting == "li-stephens":
+            switch = switch_probabilities(self.cache.panel.positions[typed], self._reference.size, self.ne)
+            self._donors = li_stephens_donors(self._query_t, self._reference_t, switch, self.error, self.k, self.batch)
+
+    def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        from rag_hpc.index.matching import copy_probabilities, donor_probabilities
+
+        if self._typed is None:
+            raise RuntimeError("CopyPredictor.begin(targets) must run before predict_window")
+        window = self.cache.windows[window_id]
+        alleles = np.ascontiguousarray(self.cache.shard(window_id).alleles[self._reference].T, dtype=np.float32)  # [L, N]
+        # Gap of each window site: between typed sites g and g + 1 (-1: before the first typed site).
+        gaps = np.searchsorted(self._typed, np.arange(window.start, window.stop), side="right") - 1
+        if self.weighting == "li-stephens":
+            return donor_probabilities(self._donors, alleles, gaps)
+        return copy_probabilities(self._query_t, self._reference_t, alleles, gaps, self.cap, self.beta, batch=32)
 
 
 def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> HaplotypePredictor:
@@ -385,6 +478,9 @@ def impute(
     panel = Panel(config.panel_h5) if panel is None else panel
     try:
         targets = match_targets(panel, targets_vcf, ambiguous=ambiguous, skip_non_snps=config.data.skip_non_snps)
+        begin = getattr(predictor, "begin", None)
+        if begin is not None:  # predictors whose evidence reaches beyond the window take all typed sites first
+            begin(targets)
         windows = make_windows(panel.n_sites, config.windows.window_size)
         n_haps = targets.haplotypes.shape[0]
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -441,8 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="trained model checkpoint (rag_hpc.train), or a run directory: its newest valid checkpoint",
     )
-    method.add_argument("--baseline", choices=["nearest"], help="no model: copy the nearest reference haplotype(s)")
+    method.add_argument(
+        "--baseline",
+        choices=["nearest", "copy"],
+        help="no model, no GPU: 'nearest' copies the nearest reference haplotype(s) on the window's typed sites; 'copy' "
+        "averages the references weighted by how far they match each target on the typed sites around each site, "
+        "across window edges (much better: see README, Accuracy)",
+    )
     parser.add_argument("--k", type=int, default=1, help="--baseline nearest: average the k nearest haplotypes (default 1)")
+    parser.add_argument(
+        "--ne", type=float, default=1e6, help="--baseline copy: Li–Stephens effective size, sets the jump rate (default 1e6)"
+    )
+    parser.add_argument(
+        "--error", type=float, default=0.01, help="--baseline copy: Li–Stephens copying error per typed site (default 0.01)"
+    )
     parser.add_argument("--targets", type=Path, help="phased target VCF (.vcf.gz); default: data.targets_vcf")
     parser.add_argument(
         "--out", type=Path, required=True, help="imputed VCF to write (*.vcf.gz; a .tbi index is written beside it)"
@@ -470,12 +578,14 @@ def main(args: argparse.Namespace) -> int:
     if targets is None:
         raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
     if args.checkpoint is None and args.baseline is None:
-        raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline nearest")
+        raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline copy|nearest")
     with Panel(config.panel_h5) as panel:
         if args.checkpoint is not None:
             if not args.checkpoint.exists():  # a file, or a run / checkpoint directory (its newest valid checkpoint)
                 raise InputError(f"--checkpoint {args.checkpoint} does not exist: pass a step_<N>.pt file or a run directory")
             predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
+        elif args.baseline == "copy":
+            predictor = CopyPredictor.from_config(config, panel=panel, ne=args.ne, error=args.error)
         else:
             predictor = NearestHaplotypePredictor.from_config(config, k=args.k, panel=panel)
         summary = impute(
