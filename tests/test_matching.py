@@ -9,6 +9,7 @@ from rag_hpc.config import load_config
 from rag_hpc.data.panel import Panel
 from rag_hpc.evaluate import evaluate
 from rag_hpc.impute import CopyPredictor, NearestHaplotypePredictor, impute
+from rag_hpc.index import matching
 from rag_hpc.index.matching import copy_probabilities, gap_runs, li_stephens_donors, match_weights, switch_probabilities
 
 
@@ -96,20 +97,21 @@ def _li_stephens_by_matrices(query: np.ndarray, reference: np.ndarray, switch: n
     return np.array([p / p.sum() for p in post])
 
 
-def test_li_stephens_donors_are_the_hmm_posteriors_at_every_gap():
+def test_li_stephens_donors_are_the_hmm_posteriors_at_every_gap(monkeypatch):
     rng = np.random.default_rng(3)
     reference = (rng.random((6, 12)) < 0.4).astype(np.uint8)
     queries = np.stack([np.concatenate([reference[2, :6], reference[5, 6:]]), reference[0] ^ (rng.random(12) < 0.1)])
     switch = switch_probabilities(np.cumsum(rng.integers(2_000, 9_000, 12)), 6, ne=20_000)
     query_t, reference_t = np.ascontiguousarray(queries.T.astype(np.uint8)), np.ascontiguousarray(reference.T)
-    # One block, and forward messages recomputed block by block (the memory bound for long chromosomes).
-    for block in (64, 5, 1):
+    # Every forward message kept, and (over the memory budget) recomputed block by block.
+    for budget, block in ((matching.FORWARD_BYTES, 64), (0, 64), (0, 5), (0, 1)):
+        monkeypatch.setattr(matching, "FORWARD_BYTES", budget)
         got = li_stephens_donors(query_t, reference_t, switch, 0.01, k=6, block=block)
         for b, query in enumerate(queries):
             want = _li_stephens_by_matrices(query, reference, switch, 0.01)
             dense = np.zeros_like(want)
             np.put_along_axis(dense, got.donors[:, b], got.weights[:, b], axis=1)
-            assert np.allclose(dense, want, atol=1e-5), (block, b, np.abs(dense - want).max())
+            assert np.allclose(dense, want, atol=1e-5), (budget, block, b, np.abs(dense - want).max())
     # k < N keeps the heaviest states, renormalised.
     top = li_stephens_donors(query_t, reference_t, switch, 0.01, k=2)
     assert np.allclose(top.weights.sum(axis=2), 1) and top.donors.shape == (13, 2, 2)

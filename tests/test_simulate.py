@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cyvcf2
@@ -14,6 +12,7 @@ import pytest
 from rag_hpc.data.simulate import POPULATIONS, PRESETS, SimPreset, choose_array_sites, simulate_panel
 from rag_hpc.data.vcf import read_phased_vcf
 from rag_hpc.errors import ConfigError, InputError
+from tests import kill_points
 from tests.conftest import TINY_SIM_PRESET, TINY_SIM_SEED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,20 +128,24 @@ def test_a_different_simulation_in_the_dir_is_refused_unless_overwrite(tmp_path:
 
 def test_an_interrupted_simulation_leaves_no_output_dir_and_no_temp_dir(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rag_hpc.simulate", "--out", str(out), "--preset", "demo", "--seed", "5"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    # Ctrl-C while the outputs are being made durable in the temp dir, by construction (tests/kill_points.py):
+    # the simulation interrupts itself at its first fsync of panel.vcf.gz, whatever this machine's speed.
+    argv = kill_points.command(
+        "fsync",
+        r"panel\.vcf\.gz",
+        1,
+        "before",
+        "rag_hpc.simulate",
+        "--out",
+        str(out),
+        "--preset",
+        "demo",
+        "--seed",
+        "5",
+        sig="INT",
     )
-    deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".demo.tmp-") for p in tmp_path.iterdir()):
-        assert proc.poll() is None and time.monotonic() < deadline, "simulation never started its temp dir"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -118,6 +118,9 @@ def copy_probabilities(
 # Li–Stephens: the copying model Minimac and Beagle rest on, as donor weights
 
 
+FORWARD_BYTES = 256 * 2**20  # forward messages of one query batch kept whole up to this size
+
+
 @dataclass(frozen=True)
 class GapDonors:
     """The ``k`` heaviest donors of each query haplotype around every gap, and their weights (summing to ~1).
@@ -141,9 +144,9 @@ def li_stephens_donors(
     the gap's way (so a gap's sites share one weight vector), and keeps each query's ``k`` heaviest states.
 
     Messages are rescaled every step and kept in float32: the jump term puts a floor of ~switch / N under
-    every state, far above float32's range. Memory is bounded whatever the chromosome's length: the
-    forward messages are kept every ``block`` typed sites and recomputed one block at a time during the
-    backward sweep, (M / block + block) x batch x N floats.
+    every state, far above float32's range. Memory is bounded whatever the chromosome's length: when a
+    batch's forward messages exceed ``FORWARD_BYTES`` they are kept every ``block`` typed sites and
+    recomputed one block at a time during the backward sweep, (M / block + block) x batch x N floats.
     """
     n_typed, n_ref = reference_t.shape
     k = min(k, n_ref)
@@ -153,16 +156,22 @@ def li_stephens_donors(
     switch = np.clip(np.asarray(switch, np.float64), 0.0, 1.0)
     half = 1.0 - np.sqrt(1.0 - switch)  # a switch probability over half the gap's distance
     hit, miss = np.float32(1.0 - error), np.float32(error)
+    # Kept forward messages: all of a batch's when they fit FORWARD_BYTES, else one per block + one block.
+    keep_all = n_typed * min(batch, n_query) * n_ref * 4 <= FORWARD_BYTES
 
-    def emit(out: np.ndarray, query: np.ndarray, j: int) -> np.ndarray:
-        """out *= P(query allele | each reference) at typed site j."""
-        out *= np.where(query[j][:, None] == reference_t[j][None, :], hit, miss)
-        return out
+    def emit(out: np.ndarray, query: np.ndarray, j: int) -> None:
+        """out *= P(query allele | each reference) at typed site j: one gather from a [2, N] table."""
+        ref = reference_t[j]
+        table = np.stack([np.where(ref == 0, hit, miss), np.where(ref == 1, hit, miss)])
+        out *= table[query[j]]
 
     def forward_step(alpha: np.ndarray, query: np.ndarray, j: int) -> None:
-        if j:  # alpha sums to 1, so the mass that jumps to each reference is switch[j] / N
-            alpha *= np.float32(1.0 - switch[j])
-            alpha += np.float32(switch[j] / n_ref)
+        # alpha sums to 1, so each reference receives switch / N of jumps; the (1 - switch) factor on
+        # staying goes into the rescaling.
+        if j and switch[j] < 1.0:
+            alpha += np.float32(switch[j] / (n_ref * (1.0 - switch[j])))
+        elif j:
+            alpha[:] = 1.0
         emit(alpha, query, j)
         alpha /= alpha.sum(axis=1, keepdims=True)
 
@@ -176,25 +185,31 @@ def li_stephens_donors(
     for q0 in range(0, n_query, batch):
         query = query_t[:, q0 : q0 + batch]
         alpha = np.full((query.shape[1], n_ref), 1.0 / n_ref, np.float32)
-        saved = {}  # alpha_{b0 - 1}, the forward message just before each block (the prior for b0 = 0)
+        # lefts[b0][i] = alpha_{b0 + i - 1} (the prior for b0 + i = 0); without keep_all only [0] is kept
+        lefts: dict[int, list[np.ndarray]] = {}
         for j in range(n_typed):
             if j % block == 0:
-                saved[j] = alpha.copy()
+                lefts[j] = []
+            if keep_all or j % block == 0:
+                lefts[j - j % block].append(alpha.copy())
             forward_step(alpha, query, j)
         keep(n_typed - 1, q0, alpha)  # after the last typed site: the forward message alone
         beta_e = np.ones_like(alpha)  # e_j * beta_j, rescaled to mean 1 (beta after the last site: 1)
         for b0 in reversed(starts):
             b1 = min(b0 + block, n_typed)
-            alpha = saved.pop(b0)
-            lefts = [alpha.copy()]  # lefts[i] = alpha_{b0 + i - 1}
-            for j in range(b0, b1 - 1):
-                forward_step(alpha, query, j)
-                lefts.append(alpha.copy())
+            block_lefts = lefts.pop(b0)
+            if not keep_all:  # recompute this block's forward messages from the one kept
+                alpha = block_lefts[0].copy()
+                for j in range(b0, b1 - 1):
+                    forward_step(alpha, query, j)
+                    block_lefts.append(alpha.copy())
             for j in range(b1 - 1, b0 - 1, -1):
-                if j < n_typed - 1:  # beta_j from e_{j+1} beta_{j+1}
-                    jumped = np.float32(switch[j + 1]) * beta_e.mean(axis=1, keepdims=True)
-                    beta_e *= np.float32(1.0 - switch[j + 1])
-                    beta_e += jumped
+                if j < n_typed - 1:  # beta_j from e_{j+1} beta_{j+1}, up to a factor (1 - switch)
+                    s_next = switch[j + 1]
+                    if s_next < 1.0:
+                        beta_e += np.float32(s_next / (1.0 - s_next)) * beta_e.mean(axis=1, keepdims=True)
+                    else:
+                        beta_e[:] = 1.0
                 emit(beta_e, query, j)
                 beta_e /= beta_e.mean(axis=1, keepdims=True)
                 # The gap left of typed site j: alpha_{j-1} and e_j beta_j, each moved half the gap.
@@ -203,7 +218,7 @@ def li_stephens_donors(
                 if j == 0:
                     keep(-1, q0, right)
                 else:
-                    keep(j - 1, q0, ((1 - h) * lefts[j - b0] + h / n_ref) * right)
+                    keep(j - 1, q0, ((1 - h) * block_lefts[j - b0] + h / n_ref) * right)
     return GapDonors(donors, weights)
 
 
