@@ -1,8 +1,8 @@
 """Run a rag_hpc CLI that signals itself at an exact point of its file writes.
 
-    python -m tests.kill_points CALL PATTERN NTH WHEN SIGNAL MODULE [ARGS...]
+    python -m tests.kill_points CALL PATTERN NTH WHEN SIGNAL (MODULE | -c SCRIPT) [ARGS...]
 
-runs ``python -m MODULE ARGS`` with ``os.CALL`` (``fsync``, ``rename`` or ``replace``) wrapped: on the
+runs ``python -m MODULE ARGS`` (or ``python -c SCRIPT ARGS``) with ``os.CALL`` (``fsync``, ``rename`` or ``replace``) wrapped: on the
 NTH call whose file (the fd's path for fsync, the destination for a rename) has a basename matching
 the regular expression PATTERN, the process sends itself SIGNAL (``KILL`` or ``INT``) ``before`` or
 ``after`` the call. So a fault test's kill lands exactly where it means to, inside a write or between
@@ -50,8 +50,16 @@ def main() -> None:
         return out
 
     setattr(os, call, wrapped)
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if signum == signal.SIGINT:
+        # A process started in the background of a non-interactive shell (CI, nohup) inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler: restore the terminal's Ctrl-C.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if module == "-c":  # a script given inline, as to python -c
+        sys.argv = ["-c", *args[1:]]
+        exec(compile(args[0], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = [module, *args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from rag_hpc.index.cache import Artifact, ArtifactStore, artifact_key
+from tests import kill_points
+
+REPO = Path(__file__).resolve().parents[1]
 
 FIELDS = {"panel_sha256": "ab" * 32, "window": [3, 1533, 2044], "window_size": 511}
 
@@ -100,14 +101,9 @@ import sys
 from rag_hpc.index.cache import Artifact, ArtifactStore
 store = ArtifactStore(sys.argv[1])
 payload = bytes(range(256)) * (int(sys.argv[2]) // 256)
-print("ready", flush=True)
 for n in range(int(sys.argv[3]), int(sys.argv[4])):
     store.commit(Artifact("shard", {"n": n}), {"big.bin": payload, "small.bin": b"tail"})
 """
-
-
-def _writer(root, size, first, last):
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(size), str(first), str(last)], stdout=subprocess.PIPE)
 
 
 def test_sigkill_during_commits_never_leaves_a_readable_partial_artifact(tmp_path):
@@ -117,11 +113,15 @@ def test_sigkill_during_commits_never_leaves_a_readable_partial_artifact(tmp_pat
     published = unpublished = 0
     for trial in range(6):
         first, last = trial * 1000, trial * 1000 + 200
-        proc = _writer(tmp_path, size, first, last)
-        assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(float(rng.uniform(0.05, 0.6)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # The writer SIGKILLs itself (tests/kill_points.py) just before the rename that would publish its
+        # k-th artifact: inside the write sequence by construction, whatever the disk's speed.
+        k = int(rng.integers(2, 12))
+        argv = kill_points.command(
+            "rename", "[0-9a-f]{64}", k, "before", "-c", WRITER, str(tmp_path), str(size), str(first), str(last)
+        )
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=300, check=False)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        trial_published = 0
         for n in range(first, last):
             art = Artifact("shard", {"n": n})
             files = store.read(art)
@@ -129,12 +129,18 @@ def test_sigkill_during_commits_never_leaves_a_readable_partial_artifact(tmp_pat
                 assert store.problem(art) is not None
                 unpublished += 1
             else:
-                published += 1
+                trial_published += 1
                 assert len(files["big.bin"]) == size and files["small.bin"] == b"tail"
+        assert trial_published == k - 1, (trial, k, trial_published)
+        published += trial_published
     assert published > 0 and unpublished > 0  # the kills landed inside the write sequence
     assert store.sweep_stale() >= 1  # the killed writers' temporaries
     assert not list(tmp_path.glob("*/*/.tmp-*"))
     assert store.read(Artifact("shard", {"n": 0})) is not None  # sweeping never touches published ones
+
+
+def _writer(root: Path, size: int, first: int, last: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(size), str(first), str(last)], stdout=subprocess.PIPE)
 
 
 def test_two_processes_committing_one_key_leave_one_valid_artifact(tmp_path):
