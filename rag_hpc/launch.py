@@ -453,6 +453,11 @@ def _job_order(job_id: str) -> tuple[int, str]:
     return int(head) if head.isdigit() else 0, tail
 
 
+def _listing(jobs: dict[str, str], states: dict[str, str]) -> str:
+    """'index array 12 (PENDING), training job 13 (PENDING)': ``states``' jobs by id, named by ``jobs``."""
+    return ", ".join(f"{jobs[j]} {j} ({states[j]})" for j in sorted(states, key=_job_order))
+
+
 def _jobs_of_run(records: list[dict[str, Any]], run_dir: Path) -> dict[str, str]:
     """job id -> what it is, for every job any launch of ``run_dir`` submitted."""
     jobs: dict[str, str] = {}
@@ -481,12 +486,12 @@ def _attach(jobs: dict[str, str], queued: dict[str, str], workdir: Path, log: An
     """Wait for the queued jobs of this run instead of submitting; returns the newest record of the run."""
     from rag_hpc.status import job_states, render, run_status
 
-    log("attached (nothing submitted): " + ", ".join(f"{jobs[j]} {j} {queued[j]}" for j in sorted(queued, key=_job_order)))
+    log(f"attached (nothing submitted): {_listing(jobs, queued)}")
     while queued:
         time.sleep(ATTACH_POLL_S)
         now = queued_jobs(sorted(jobs))
         if now != queued:
-            log("  " + (", ".join(f"{jobs[j]} {j} {now[j]}" for j in sorted(now, key=_job_order)) or "all left the queue"))
+            log(f"  {_listing(jobs, now) or 'all left the queue'}")
         queued = now
     record = next(r for r in reversed(read_records(workdir)) if r.get("train_id") in jobs)
     log(render(run_status(record)))
@@ -514,9 +519,8 @@ def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
             queued = queued_jobs(sorted(jobs))
             if queued and not opts.attach:
                 order = sorted(queued, key=_job_order)
-                listing = ", ".join(f"{jobs[j]} {j} ({queued[j]})" for j in order)
                 raise LaunchError(
-                    f"run {run_dir} already has {listing} in the queue, which would write the same checkpoints: "
+                    f"run {run_dir} already has {_listing(jobs, queued)} in the queue, which would write the same checkpoints: "
                     f"watch it (`python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}`), wait for it (launch --attach), "
                     f"or cancel it first (`scancel {' '.join(order)}`)"
                 )

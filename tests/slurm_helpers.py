@@ -112,6 +112,21 @@ def squeue_ids() -> set[str]:
 # ---------------------------------------------------------------- the launcher's tiny run
 
 
+# The tiny CPU model every launcher and training test runs (tests/train_helpers.py too).
+TINY_RUN = (
+    "windows.window_size=100",
+    "masks.epochs_per_level=1",
+    "model.dims=32",
+    "model.layers=2",
+    "model.heads=4",
+    "model.k=4",
+    "model.match_scales=[2, 8]",
+    "train.batch_size=8",
+    "train.warmup_steps=5",
+    "train.lr=1e-3",
+)
+
+
 def tiny_sets(sim: Path, workdir: Path, cache: Path | None = None, epochs: int = 1, *extra: str) -> list[str]:
     return [
         f"data.panel_vcf={sim / 'panel.vcf.gz'}",
@@ -120,17 +135,8 @@ def tiny_sets(sim: Path, workdir: Path, cache: Path | None = None, epochs: int =
         f"data.truth_vcf={sim / 'targets.truth.vcf.gz'}",
         f"paths.workdir={workdir}",
         f"paths.cache_dir={cache or workdir / 'cache'}",
-        "windows.window_size=100",
-        "masks.epochs_per_level=1",
-        "model.dims=32",
-        "model.layers=2",
-        "model.heads=4",
-        "model.k=4",
-        "model.match_scales=[2, 8]",
-        "train.batch_size=8",
+        *TINY_RUN,
         f"train.epochs={epochs}",
-        "train.warmup_steps=5",
-        "train.lr=1e-3",
         "train.checkpoint_every_steps=4",
         "train.log_every=5",
         "train.progress=false",

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tests.slurm_helpers import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 27  # 3 windows (259 sites / 100) x 74 train haplotypes // batch 8 = 9 batches each
 EPOCHS = 4
@@ -23,17 +25,8 @@ def train_overrides(panel: Path, workdir: Path, *extra: str) -> list[str]:
         f"data.panel_h5={panel}",
         f"paths.workdir={workdir}",
         f"paths.cache_dir={workdir.parent / 'cache'}",
-        "windows.window_size=100",
-        "masks.epochs_per_level=1",
-        "model.dims=32",
-        "model.layers=2",
-        "model.heads=4",
-        "model.k=4",
-        "model.match_scales=[2, 8]",
-        "train.batch_size=8",
+        *TINY_RUN,
         f"train.epochs={EPOCHS}",
-        "train.warmup_steps=5",
-        "train.lr=1e-3",
         "train.checkpoint_every_steps=4",
         "train.keep_checkpoints=50",
         "train.log_every=1",
