@@ -294,7 +294,7 @@ def run_model(
     result = MethodResult("model", "model", info={"budget_min": budget_min})
     from rag_hpc.data.panel import Panel
     from rag_hpc.impute import impute, load_model_predictor
-    from rag_hpc.train import TrainingInterrupted, request_checkpoint, train
+    from rag_hpc.train import TrainingInterrupted, request_checkpoint, train, validate_checkpoint
 
     cfg = config.model_copy(deep=True)
     cfg.data.panel_h5 = panel_h5
@@ -315,6 +315,10 @@ def run_model(
         timer.cancel()
     result.info["train_seconds"] = time.perf_counter() - t0
     result.info["checkpoint"] = str(checkpoint)
+    # The training's own validation of this checkpoint (val split typed at the targets' array): what the
+    # training log promises the imputation will score.
+    val = validate_checkpoint(cfg)
+    result.info["val_r2"] = {k.removeprefix("val_r2_maf_"): v for k, v in val.items() if k.startswith("val_r2_maf_")}
     t1 = time.perf_counter()
     with Panel(panel_h5) as panel:
         predictor = load_model_predictor(checkpoint, cfg)

@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_model
 
+from rag_hpc.index.embedding import SiteEmbedding
 from rag_hpc.index.lxd import (
+    embedding_site_weights,
     lxd_bytes,
     lxd_embed,
     lxd_exact_distances,
@@ -50,8 +52,7 @@ from rag_hpc.index.lxd import (
     lxd_tolerance,
     topk_agreement,
 )
-from rag_hpc.index.retrieval import FixedMaskIndex, embedding_site_weights, masked_topk
-from rag_hpc.model.embedding import SiteEmbedding
+from rag_hpc.index.retrieval import FixedMaskIndex, masked_topk
 
 
 def ld_haplotypes(

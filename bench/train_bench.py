@@ -1,28 +1,26 @@
-"""Training step throughput of the Embedding-RAG imputer on one device, with synthetic panel data.
+"""Training step throughput of the donor imputer on one device, with synthetic panel data.
 
-    python bench/train_bench.py [--dims 192 --layers 10 --heads 6 --batch 32 --seq 512 --k 1 --steps 50
+    python bench/train_bench.py [--dims 32 --layers 2 --kernel 5 --k 64 --batch 32 --seq 511 --steps 50
                                  --warmup 10 --panel-haps 4508 --device auto] [--json]
 
 One "batch" is what one optimizer step of ``rag_hpc.train`` does for one micro-batch, through the same
-functions: counter-based AF-guided masks for the queries (mask rate 0.5), the exact retrieval of the
-k nearest reference haplotypes under each query's mask (a float64 GEMM over the whole synthetic panel,
-own sample excluded), forward, masked BCE, backward, gradient clipping and the AdamW step. ms/batch
-is the median over --steps timed batches after --warmup untimed ones (CUDA synchronised), and
-*includes retrieval*. samples/s = batch / that median.
+functions (``forward_batch``): gather each query's donors' alleles at every site of the window from its
+donor table, the per-site donor attention and residual network forward, masked BCE on the untyped sites,
+backward, gradient clipping and the AdamW step. The donor tables themselves are built once per run and
+cached (``rag_hpc.index.donors``), so they are not part of a step; here they are random (the step's cost
+does not depend on which donors they name). ms/batch is the median over --steps timed batches after
+--warmup untimed ones (CUDA synchronised). samples/s = batch / that median.
 
-The panel is one window of --seq - 1 sites over --panel-haps haplotypes with LD-like structure
-(mosaics of 16 founders with recombination and mutation, as in bench/index_bench.py); it needs no files.
+The panel is one window of --seq sites over --panel-haps haplotypes with LD-like structure (mosaics of 16
+founders, as in bench/index_bench.py), typed at every 40th site; it needs no files.
 
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak RSS (ru_maxrss), which
-includes the interpreter, torch and faiss themselves.
+includes the interpreter and torch themselves.
 
 MFU (GPU only): model FLOPs per batch / time / the device's peak dense bf16 (or TF32 with --no-bf16)
-tensor-core rate. Model FLOPs = 3 x forward FLOPs (backward ~ 2 x forward), where forward FLOPs are
-counted, not estimated from a parameter count: 2 x in x out per token for every nn.Linear call
-(forward hooks, so the retrieved haplotypes' embedding and key projections are counted on their
-B x k x L tokens and the encoder on B x (L + 1)), plus attention 4 x B x T^2 x D per layer and the
-fusion einsums 4 x B x k x L x D. Retrieval (float64, off the tensor cores), norms, activations and
-the optimizer are not model FLOPs; activation checkpointing's recompute is not counted either.
+tensor-core rate. Model FLOPs = 3 x forward FLOPs (backward ~ 2 x forward): 2 x in x out per token for
+every nn.Linear call (forward hooks), 2 x in x out x kernel per site for every convolution, and the
+attention over donors (4 x B x L x k). The gather, norms, activations and the optimizer are not counted.
 """
 
 from __future__ import annotations
@@ -46,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line
 from index_bench import ld_haplotypes
 
-from rag_hpc.config import MaskConfig, ModelConfig, TrainConfig
-from rag_hpc.data.masks import train_mask
-from rag_hpc.model.rag import RagImputer, imputation_loss
+from rag_hpc.config import ModelConfig, TrainConfig
+from rag_hpc.data.windows import Window
+from rag_hpc.index.donors import DonorTable
+from rag_hpc.model.rag import DonorImputer, imputation_loss
 from rag_hpc.train.distributed import resolve_device
 from rag_hpc.train.trainer import build_optimizer, forward_batch, window_data
 
@@ -62,33 +61,43 @@ PEAKS = {
 }
 
 GPU_DEFAULTS = {
-    "dims": 192,
-    "layers": 10,
-    "heads": 6,
-    "batch": 32,
-    "seq": 512,
-    "k": 1,
+    "dims": 64,
+    "layers": 4,
+    "kernel": 5,
+    "batch": 256,
+    "seq": 511,
+    "k": 64,
     "steps": 50,
     "warmup": 10,
     "panel_haps": 4508,
 }
-CPU_DEFAULTS = {"dims": 64, "layers": 2, "heads": 4, "batch": 8, "seq": 512, "k": 1, "steps": 20, "warmup": 3, "panel_haps": 1000}
+CPU_DEFAULTS = {
+    "dims": 32,
+    "layers": 2,
+    "kernel": 5,
+    "batch": 32,
+    "seq": 511,
+    "k": 64,
+    "steps": 20,
+    "warmup": 3,
+    "panel_haps": 4508,
+}
+TYPED_EVERY = 40  # a genotyping array's density
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int)
     parser.add_argument("--layers", type=int)
-    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kernel", type=int)
     parser.add_argument("--batch", type=int, help="queries per batch")
-    parser.add_argument("--seq", type=int, help="model sequence length: SOS + (seq - 1) window sites")
-    parser.add_argument("--k", type=int, help="retrieved haplotypes per query")
+    parser.add_argument("--seq", type=int, help="sites per window")
+    parser.add_argument("--k", type=int, help="donors per query and gap")
     parser.add_argument("--steps", type=int, help="timed batches")
     parser.add_argument("--warmup", type=int, help="untimed batches first")
     parser.add_argument("--panel-haps", type=int, help="haplotypes in the synthetic reference window")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU when its name is not in the table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -103,25 +112,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def count_forward_flops(model: RagImputer, run_forward: Any, batch: int, seq: int, k: int) -> float:
-    """Forward FLOPs of one batch: Linear calls counted by hooks, attention and fusion einsums analytically."""
-    linear = [0.0]
+def count_forward_flops(model: DonorImputer, run_forward: Any, batch: int, seq: int, k: int) -> float:
+    """Forward FLOPs of one batch: Linear and Conv1d calls counted by hooks, the donor attention analytically."""
+    counted = [0.0]
 
-    def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        tokens = inputs[0].numel() // module.in_features
-        linear[0] += 2.0 * tokens * module.in_features * module.out_features
+    def linear(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        counted[0] += 2.0 * (inputs[0].numel() // module.in_features) * module.in_features * module.out_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    def conv(module: nn.Conv1d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        counted[0] += 2.0 * output.numel() * module.in_channels * module.kernel_size[0]
+
+    handles = [m.register_forward_hook(linear) for m in model.modules() if isinstance(m, nn.Linear)]
+    handles += [m.register_forward_hook(conv) for m in model.modules() if isinstance(m, nn.Conv1d)]
     try:
         with torch.no_grad():
             run_forward()
     finally:
         for h in handles:
             h.remove()
-    d, length = model.cfg.dims, seq - 1
-    attention = model.cfg.layers * 4.0 * batch * seq * seq * d
-    fusion = 4.0 * batch * k * length * d
-    return linear[0] + attention + fusion
+    return counted[0] + 4.0 * batch * seq * k
 
 
 def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None) -> float | None:
@@ -139,42 +148,48 @@ def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
-    length = args.seq - 1
     rng = np.random.default_rng(args.seed)
-    panel = ld_haplotypes(rng, args.panel_haps, length)
+    panel = ld_haplotypes(rng, args.panel_haps, args.seq)
     af = panel.mean(0).astype(np.float32)
     all_ids = np.arange(args.panel_haps, dtype=np.int64)
-    data = window_data(0, panel, af, all_ids, device)  # the whole synthetic panel is the reference
+    typed = np.arange(0, args.seq, TYPED_EVERY, dtype=np.int64)
+    observed = np.zeros(args.seq, bool)
+    observed[typed] = True
+    data = window_data(0, panel, af, all_ids, observed, device)  # the whole synthetic panel is the reference
+    window = Window(0, 0, args.seq)
+    # A donor table for every haplotype as a query: random donors, softmax weights (float16, as stored).
+    n_gaps = typed.size + 1
+    donors = rng.integers(0, args.panel_haps, (n_gaps, args.panel_haps, args.k)).astype(np.uint16)
+    weights = rng.dirichlet(np.ones(args.k), (n_gaps, args.panel_haps)).astype(np.float16)
+    table = DonorTable(typed, donors, weights)
 
-    model_cfg = ModelConfig(
-        dims=args.dims, layers=args.layers, heads=args.heads, k=args.k, activation_checkpointing=args.activation_checkpointing
-    )
-    masks_cfg = MaskConfig(levels=[0.5])
+    model_cfg = ModelConfig(dims=args.dims, layers=args.layers, kernel=args.kernel, k=args.k)
     train_cfg = TrainConfig()
     torch.manual_seed(args.seed)
-    model = RagImputer(model_cfg, args.seq).to(device).train()
+    model = DonorImputer(model_cfg).to(device).train()
     optimizer = build_optimizer(model, train_cfg)
     n_params = sum(p.numel() for p in model.parameters())
+    masked_row = torch.from_numpy(~observed).to(device)
 
-    def batch_inputs(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = np.random.default_rng([args.seed, i]).choice(all_ids, size=args.batch, replace=False)
-        masked = train_mask(masks_cfg, 0, ids, 0, af)
-        return torch.from_numpy(ids).to(device), torch.from_numpy(masked).to(device)
+    def batch_ids(i: int) -> np.ndarray:
+        return np.sort(np.random.default_rng([args.seed, i]).choice(all_ids, size=args.batch, replace=False))
+
+    def forward(ids: np.ndarray) -> torch.Tensor:
+        return forward_batch(model, window, data, table, ids, torch.from_numpy(ids).to(device), args.bf16)
 
     def step(i: int) -> float:
-        ids, masked = batch_inputs(i)  # masks are part of the step's cost, as in training
-        logits = forward_batch(model, model, data, ids, masked, args.k, args.bf16)
-        loss = imputation_loss(logits, data.alleles[ids], masked)
+        ids = batch_ids(i)
+        logits = forward(ids)
+        masked = masked_row.expand_as(logits)
+        loss = imputation_loss(logits, data.alleles[torch.from_numpy(ids).to(device)], masked)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm or 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()  # synchronises, as the training loop's per-step loss does
 
-    fwd_ids, fwd_masked = batch_inputs(10**9)  # a batch the timed loop never draws
-    fwd_flops = count_forward_flops(
-        model, lambda: forward_batch(model, model, data, fwd_ids, fwd_masked, args.k, args.bf16), args.batch, args.seq, args.k
-    )
+    fwd_ids = batch_ids(10**9)  # a batch the timed loop never draws
+    fwd_flops = count_forward_flops(model, lambda: forward(fwd_ids), args.batch, args.seq, args.k)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(args.warmup):
@@ -205,13 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "dims": args.dims,
             "layers": args.layers,
-            "heads": args.heads,
+            "kernel": args.kernel,
             "batch": args.batch,
             "seq": args.seq,
             "k": args.k,
             "panel_haps": args.panel_haps,
             "bf16": args.bf16,
-            "activation_checkpointing": args.activation_checkpointing,
             "threads": torch.get_num_threads(),
         },
         "parameters": n_params,
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_batch_min": round(1000.0 * min(times), 3),
         "samples_per_s": round(args.batch / (ms / 1000.0), 2),
         "tokens_per_s": round(args.batch * args.seq / (ms / 1000.0), 1),
-        "includes": "masks + exact retrieval + forward + backward + clip + AdamW step",
+        "includes": "donor gather + forward + backward + clip + AdamW step",
         "peak_memory_mib": round(peak_mem, 1),
         "peak_memory_kind": mem_kind,
         "model_tflop_per_batch": round(train_flops / 1e12, 6),
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{row['machine']}; {row['device']}")
     print(
-        f"model: dims {args.dims}, layers {args.layers}, heads {args.heads}, k {args.k}, seq {args.seq}, "
+        f"model: dims {args.dims}, layers {args.layers}, kernel {args.kernel}, k {args.k}, window {args.seq}, "
         f"batch {args.batch}, bf16 {'on' if args.bf16 else 'off'}: {n_params:,} parameters; panel {args.panel_haps} haplotypes"
     )
     print(

@@ -64,70 +64,46 @@ class DataConfig(_Section):
 
 class WindowConfig(_Section):
     window_size: int = Field(511, gt=0, description="sites per window (the last window is shorter)")
-    max_seq_len: int = Field(512, gt=1, description="model sequence length: SOS + window_size must fit")
-
-    @model_validator(mode="after")
-    def _fits(self) -> WindowConfig:
-        if self.window_size + 1 > self.max_seq_len:
-            raise ValueError(
-                f"window_size + 1 > max_seq_len ({self.window_size} + 1 > {self.max_seq_len}): "
-                "the SOS token needs one slot; lower window_size or raise max_seq_len"
-            )
-        return self
 
 
 class MaskConfig(_Section):
     seed: int = 0
-    af_threshold: float = Field(0.05, ge=0.0, le=0.5, description="sites with AF below this are 'rare'")
-    rare_rate: float = Field(0.7, ge=0.0, le=1.0, description="mask rate floor for rare sites")
-    levels: list[float] = Field(
-        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-        min_length=1,
-        description="curriculum mask rates, one level per epochs_per_level epochs",
-    )
-    epochs_per_level: int = Field(2, gt=0)
-    val_rate: float = Field(0.5, gt=0.0, lt=1.0, description="fixed validation mask rate")
-    array_share: float = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="share of training haplotypes masked like a genotyping array (only typed sites observed), "
-        "the way imputation queries look",
+    af_threshold: float = Field(
+        0.05, ge=0.0, le=0.5, description="MAF below this is 'rare': the simulated array types only sites at or above it"
     )
     array_density: float = Field(
         0.025,
         gt=0.0,
         le=1.0,
-        description="sites typed by the simulated array when no target VCF is configured (common sites only)",
+        description="share of sites the simulated array types when no target VCF is configured (common sites only); "
+        "training and validation queries see only the array's sites, the way imputation targets do",
     )
 
-    @model_validator(mode="after")
-    def _rates(self) -> MaskConfig:
-        bad = [r for r in self.levels if not 0.0 < r < 1.0]
-        if bad:
-            raise ValueError(f"levels must lie in (0, 1); got {bad}")
-        return self
+
+class DonorConfig(_Section):
+    """Li–Stephens donor retrieval (``rag_hpc.index.donors``): what the model and the copy predictor read."""
+
+    ne: float = Field(1_000_000.0, gt=0.0, description="effective population size scaling the HMM's jump rate (1 cM/Mb)")
+    error: float = Field(0.01, gt=0.0, lt=0.5, description="copying error per typed site (Minimac4's default)")
+    train_samples: int = Field(
+        384, gt=0, description="train-split samples used as training queries (their donor tables are built once and cached)"
+    )
+    batch: int = Field(16, gt=0, description="query haplotypes per HMM sweep (memory: batch x reference x typed sites floats)")
 
 
 class ModelConfig(_Section):
-    dims: int = Field(192, gt=0)
-    layers: int = Field(10, gt=0)
-    heads: int = Field(6, gt=0)
-    k: int = Field(1, gt=0, description="reference haplotypes retrieved per query")
+    dims: int = Field(32, gt=0, description="width of the per-site residual network")
+    layers: int = Field(2, ge=0, description="residual convolution layers over neighbouring sites")
+    kernel: int = Field(5, gt=0, description="sites each residual convolution sees (odd)")
+    k: int = Field(
+        64, gt=1, description="donors per query haplotype and gap between typed sites (the copy predictor reads it too)"
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    activation_checkpointing: bool = Field(
-        False, description="recompute encoder activations in backward: less memory, ~30% more compute"
-    )
-    match_scales: list[int] = Field(
-        default_factory=lambda: [4, 16, 64],
-        min_length=1,
-        description="half-widths (sites) over which each retrieved haplotype's agreement with the query is counted",
-    )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelConfig:
-        if self.dims % self.heads:
-            raise ValueError(f"dims ({self.dims}) must be divisible by heads ({self.heads})")
+    def _odd_kernel(self) -> ModelConfig:
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel ({self.kernel}) must be odd, so a site sees as many neighbours on each side")
         return self
 
 
@@ -159,9 +135,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, gt=0, description="query haplotypes per micro-batch over ALL ranks (split evenly across them)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     mix_windows: int = Field(4, gt=0, description="windows whose batches are interleaved (their shards stay loaded together)")
-    epochs: int = Field(
-        16, gt=0, description="length of the run and of the LR schedule (masks.levels step every epochs_per_level)"
-    )
+    epochs: int = Field(4, gt=0, description="length of the run and of the LR schedule")
     max_steps: int | None = Field(
         None, gt=0, description="stop (with a checkpoint) at this global step; the schedule still spans `epochs`"
     )
@@ -204,6 +178,7 @@ class RagConfig(BaseSettings):
     data: DataConfig = Field(default_factory=DataConfig)
     windows: WindowConfig = Field(default_factory=WindowConfig)
     masks: MaskConfig = Field(default_factory=MaskConfig)
+    donors: DonorConfig = Field(default_factory=DonorConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)

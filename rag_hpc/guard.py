@@ -54,22 +54,14 @@ GT_CHUNK_BYTES = 8 * MiB
 # Host memory of a CUDA training process beyond the imports (CUDA context, pinned staging).
 CUDA_HOST_BYTES = 1 * GiB
 CUDA_CONTEXT_BYTES = 600 * MiB  # per GPU, not usable by tensors
-# Activation bytes per (token x dim x layer) of a pre-LN block: under bf16 autocast with fused
-# attention (Korthikanti et al. 2022: 34 s·b·h without the s² attention term), and fp32 as measured on
-# CPU (the first step's RSS growth between 4 and 8 layers: 72; their count gives 68).
-ACT_BYTES_BF16 = 34
-ACT_BYTES_FP32 = 72
-# Outside the encoder, per (query token x dim): the query's embedding, the fusion's projections and MLP,
-# the head; per (retrieved token x dim): the k references' embeddings and key projection. Fitted on
-# the first step's RSS growth on CPU (fp32) across dims 64-128, batch 16-32, k 1-8; kept at fp32 under
-# bf16 autocast too (LayerNorm and softmax stay fp32 there), which errs high.
-QUERY_BYTES = 120
-RETRIEVED_BYTES = 28
-# Without autograd (validation, imputation) nothing is saved for backward: at the fusion's peak the
-# retrieved embeddings, their key projection and the copy einsum makes to batch it are live, fp32
-# each. The same no-grad run peaks 10-15 % apart from one run to the next (allocator timing), so this
-# rounds up rather than fitting the lower run.
-RETRIEVED_BYTES_NO_GRAD = 12
+# The model's step (rag_hpc/model/rag.py), fp32: per (site x donor) the gathered alleles, the gap score
+# gathered to sites, the site score, its softmax and the weighted alleles, each kept for backward and
+# with a gradient of the same size; without autograd about two of them are live at a time. Per (site x
+# dim x layer) the convolution's output, its GELU and the residual sum. Counted from the model's
+# tensors, not yet fitted on measured RSS (bench/guard_bench.py): they err high.
+DONOR_BYTES = 40
+DONOR_BYTES_NO_GRAD = 16
+ACT_BYTES_FP32 = 24
 
 # -- disk. Every cache artifact is a directory holding its data file and manifest.json, under a
 # fan-out directory (one per 256 keys at most), with a lock file: a filesystem block (4 KiB) each for
@@ -100,14 +92,17 @@ class Plan:
     haplotypes: int
     sites: int
     window_size: int = 511
-    dims: int = 192
-    layers: int = 10
-    heads: int = 6
-    k: int = 1
+    dims: int = 32
+    layers: int = 2
+    kernel: int = 5
+    k: int = 64
     batch_size: int = 32  # per training rank
     index: Literal["compact", "flat-lxd"] = "compact"
     val_fraction: float = 0.1
-    val_rate: float = 0.5
+    array_density: float = 0.025  # typed share of sites (the target array's, or the simulated one's)
+    targets: bool = False  # a target VCF is configured (its reader and sites are held)
+    train_samples: int = 384  # training queries (their donor tables are held in RAM)
+    donor_batch: int = 16  # queries per HMM sweep
     windows_per_task: int = 16
     cached_windows: int = 0
     bf16: bool = True
@@ -119,8 +114,6 @@ class Plan:
     steps: int = 100_000  # optimizer steps of the run (its logs grow with them)
     log_every: int = 50
     tensorboard: bool = True
-    target_sites: int = 0  # panel sites the target array types; 0 = no targets index
-    match_scales: int = 3
 
     @property
     def windows(self) -> int:
@@ -131,13 +124,19 @@ class Plan:
         return max(1, round(self.haplotypes * (1 - self.val_fraction)))
 
     @property
-    def observed(self) -> int:
-        return max(1, round(self.window_size * (1 - self.val_rate)))
+    def typed(self) -> int:
+        """Array sites on the chromosome: every query's typed sites, one HMM step each."""
+        return max(1, round(self.sites * self.array_density))
 
     @property
-    def target_observed(self) -> int:
-        """Typed sites per window of the target array (its fixed-mask index's dimension)."""
-        return math.ceil(self.target_sites / self.windows) if self.target_sites else 0
+    def observed(self) -> int:
+        """Typed sites per window (the dimension of the array's fixed-mask index)."""
+        return max(1, math.ceil(self.typed / self.windows))
+
+    @property
+    def queries(self) -> tuple[int, int]:
+        """(training, validation) query haplotypes, each with a donor table."""
+        return min(2 * self.train_samples, self.reference), self.haplotypes - self.reference
 
 
 @dataclass
@@ -159,31 +158,34 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
     from rag_hpc.data.panel import SPLIT_TRAIN
 
     train_haplotypes = int((panel.haplotype_split() == SPLIT_TRAIN).sum())
-    target_sites = 0
+    density = config.masks.array_density
     if config.data.targets_vcf is not None:
         from rag_hpc.data.vcf import target_panel_sites
 
-        target_sites = int(target_panel_sites(panel, config.data.targets_vcf).sum())
+        density = max(1, int(target_panel_sites(panel, config.data.targets_vcf).sum())) / panel.n_sites
     t = config.train
     on_gpu = config.cluster.gpus_per_node > 0 and t.device != "cpu"
     windows = math.ceil(panel.n_sites / config.windows.window_size)
-    # WindowBatchSampler: every window gives (train haplotypes // batch) micro-batches per epoch.
-    steps = t.epochs * windows * (train_haplotypes // t.batch_size) // t.grad_accum
+    # WindowBatchSampler: every window gives (training queries // batch) micro-batches per epoch.
+    queries = min(2 * config.donors.train_samples, train_haplotypes)
+    steps = t.epochs * windows * (queries // t.batch_size) // t.grad_accum
     return Plan(
         haplotypes=panel.n_haplotypes,
         sites=panel.n_sites,
         window_size=config.windows.window_size,
         dims=config.model.dims,
         layers=config.model.layers,
-        heads=config.model.heads,
+        kernel=config.model.kernel,
         k=config.model.k,
         batch_size=max(1, t.batch_size // max(1, config.cluster.nodes * tasks_per_node)),
         val_fraction=1 - train_haplotypes / panel.n_haplotypes,
-        val_rate=config.masks.val_rate,
+        array_density=density,
+        targets=config.data.targets_vcf is not None,
+        train_samples=config.donors.train_samples,
+        donor_batch=config.donors.batch,
         windows_per_task=config.index.windows_per_task,
         cached_windows=cached_windows,
         bf16=t.bf16 if t.bf16 is not None else on_gpu,
-        activation_checkpointing=config.model.activation_checkpointing,
         train_on_gpu=on_gpu,
         mix_windows=t.mix_windows,
         val_batch_size=t.val_batch_size,
@@ -191,27 +193,44 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
         steps=min(steps, t.max_steps or steps),
         log_every=t.log_every,
         tensorboard=t.tensorboard,
-        target_sites=target_sites,
-        match_scales=len(config.model.match_scales),
     )
 
 
-def model_params(dims: int, layers: int, fusion_scales: int = 3) -> int:
-    d = dims
-    block = 12 * d * d + 13 * d  # qkv, proj, 4x MLP, two LayerNorms
-    embed = 7 * d + 2 * 16 * d + d + 16 + 2 * d
-    fusion = (2 * fusion_scales + 1) * 32 + 32 + 33 + 2 * (d * d + d) + (2 * d + 1) * d + d + d * d + d
-    return layers * block + embed + fusion + 2 * d + d + 1
+def model_shape(plan: Plan) -> tuple[int, int]:
+    """(parameters, parameter tensors) of the model this plan trains, counted from the model itself
+    built on the meta device (no memory), so a change to the model cannot leave the guard behind."""
+    import torch
 
+    from rag_hpc.config import ModelConfig
+    from rag_hpc.model.rag import DonorImputer
 
-def model_tensors(layers: int) -> int:
-    """Parameter tensors: 12 per block (4 Linear, 2 LayerNorm), 22 in embedding, fusion and head."""
-    return 12 * layers + 22
+    with torch.device("meta"):
+        model = DonorImputer(ModelConfig(dims=plan.dims, layers=plan.layers, kernel=plan.kernel, k=plan.k))
+    tensors = list(model.parameters())
+    return sum(p.numel() for p in tensors), len(tensors)
 
 
 def checkpoint_bytes(plan: Plan) -> int:
-    params = model_params(plan.dims, plan.layers, plan.match_scales)
-    return 12 * params + CHECKPOINT_BYTES_PER_TENSOR * model_tensors(plan.layers) + CHECKPOINT_FIXED_BYTES
+    params, tensors = model_shape(plan)
+    return 12 * params + CHECKPOINT_BYTES_PER_TENSOR * tensors + CHECKPOINT_FIXED_BYTES
+
+
+def donor_table_bytes(plan: Plan, queries: int) -> int:
+    """One donor table (``rag_hpc.index.donors``): a donor (uint16 up to 65,536 references, else int32) and
+    a float16 weight per query, gap and donor."""
+    return (plan.typed + 1) * queries * plan.k * (4 if plan.reference <= 65536 else 6)
+
+
+def donor_build_bytes(plan: Plan) -> int:
+    """Peak of computing a donor table beyond the tables themselves: the reference and the queries at the
+    typed sites (uint8), and one HMM sweep's forward messages (all kept up to FORWARD_BYTES, else one per
+    block of 64 sites plus one block) and its few working vectors of batch x reference floats."""
+    from rag_hpc.index.matching import FORWARD_BYTES
+
+    q_train, q_val = plan.queries
+    per_site = plan.donor_batch * plan.reference * 4
+    forward = per_site * plan.typed if per_site * plan.typed <= FORWARD_BYTES else per_site * (plan.typed // 64 + 64)
+    return plan.typed * (plan.reference + max(q_train, q_val)) + forward + 8 * per_site
 
 
 def lxd_window_bytes(plan: Plan) -> int:
@@ -236,32 +255,24 @@ def _chunk_cache_bytes(plan: Plan) -> int:
 def _panel_bytes(plan: Plan) -> int:
     """What a panel reader keeps for the whole chromosome: positions (int64), AF (float32) and the
     target array's sites (bool), plus the reader for the targets VCF when there is one."""
-    return 13 * plan.sites + (TARGETS_READER_BYTES if plan.target_sites else 0)
+    return 13 * plan.sites + (TARGETS_READER_BYTES if plan.targets else 0)
 
 
 def _step_bytes(plan: Plan, batch: int, amp: bool, training: bool) -> int:
     """Memory of one forward (+ backward when ``training``) beyond the weights, on the training device."""
     L, D = plan.window_size, plan.dims
-    tokens = batch * (L + 1)
-    act_unit = ACT_BYTES_BF16 if amp else ACT_BYTES_FP32
-    if training:
-        layers_held = 1 if plan.activation_checkpointing else plan.layers
-        recompute = 2 * plan.layers if plan.activation_checkpointing else 0
-        # + one layer's worth while backward holds the gradients of the layer it is in.
-        encoder = tokens * D * (act_unit * (layers_held + 1) + recompute)
-    else:
-        encoder = tokens * D * act_unit  # no graph: one block's tensors at a time
-    outside = tokens * D * QUERY_BYTES + tokens * plan.k * D * (RETRIEVED_BYTES if training else RETRIEVED_BYTES_NO_GRAD)
-    # Exact retrieval: float64 distances to every reference (GEMM output, the running top-k concatenated
-    # to it, tie masks and their cumsum), and the retrieved alleles as float64 then int64.
-    retrieval = batch * min(plan.reference, 16384) * 8 * 4 + batch * plan.k * L * 16
-    return encoder + outside + retrieval
+    sites = batch * L
+    # Per (site x donor): the gathered alleles, score, softmax and its products (DONOR_BYTES kept for
+    # backward); per (site x dim): the residual network's activations, per layer and outside.
+    per_donor = DONOR_BYTES if training else DONOR_BYTES_NO_GRAD
+    per_dim = ACT_BYTES_FP32 * (plan.layers + 2) if training else 3 * 4
+    return sites * plan.k * per_donor + sites * D * per_dim
 
 
 def estimate(plan: Plan) -> Estimate:
     L, H, R = plan.window_size, plan.haplotypes, plan.reference
     notes: list[str] = []
-    params = model_params(plan.dims, plan.layers, plan.match_scales)
+    params, _ = model_shape(plan)
     ckpt = checkpoint_bytes(plan)
     # The run dir holds keep_checkpoints checkpoints with their sidecars, and the logs.
     train_disk = (
@@ -270,6 +281,12 @@ def estimate(plan: Plan) -> Estimate:
         + RUN_LOG_ROW_BYTES * (plan.steps // max(1, plan.log_every) + 1)
     )
     amp = plan.bf16
+    # The two donor tables are cache artifacts too (npz of the arrays, a manifest each).
+    donor_disk = (
+        0
+        if plan.index == "flat-lxd"
+        else sum(donor_table_bytes(plan, q) + 8 * (plan.typed + q) + ARTIFACT_OVERHEAD_BYTES for q in plan.queries)
+    )
     if plan.index == "flat-lxd":
         emb = lxd_window_bytes(plan)
         # Predecessor, per window: complete + masked embeddings + the FAISS copy, and int64 tokens
@@ -281,50 +298,49 @@ def estimate(plan: Plan) -> Estimate:
         train_ram = JOB_IMPORT_BYTES + CUDA_HOST_BYTES + held
         notes.append("flat-lxd holds every window's L×D embeddings in RAM (the predecessor's design)")
     else:
-        t = plan.target_observed
         shard_file = H * math.ceil(L / 8) + 12 * L + 2 * KiB  # npz: packed alleles, positions, AF
         disk_per_window = shard_file + _index_file_bytes(plan, plan.observed) + 2 * ARTIFACT_OVERHEAD_BYTES
-        if t:
-            disk_per_window += _index_file_bytes(plan, t) + ARTIFACT_OVERHEAD_BYTES
         # One window at a time: the shard's alleles (H·L bytes), the reference rows (R·L) and their
         # observed columns, and the float32 vectors three times (the array given to FAISS, FAISS's copy,
         # the serialised bytes); the heap rarely returns freed blocks between these steps, so they add up.
         window_ram = H * L + R * L + R * plan.observed + 3 * R * plan.observed * 4
-        if t:
-            window_ram += R * t + 3 * R * t * 4
         index_ram = JOB_IMPORT_BYTES + INDEX_FIRST_USE_BYTES + _panel_bytes(plan) + _chunk_cache_bytes(plan) + window_ram
-        # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, and at a checkpoint
-        # torch.save's BytesIO plus the bytes copied out of it.
+        # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, the donor tables of
+        # the training and validation queries (held whole; the larger one is built while the other is
+        # held, and its npz bytes are copied once on commit), and at a checkpoint torch.save's BytesIO
+        # plus the bytes copied out of it.
+        tables = [donor_table_bytes(plan, q) for q in plan.queries]
         train_ram = (
             JOB_IMPORT_BYTES
             + TRAIN_FIRST_USE_BYTES
             + OPTIMIZER_IMPORT_BYTES
             + _panel_bytes(plan)
             + (TENSORBOARD_BYTES if plan.tensorboard else 0)
+            + sum(tables)
+            + max(max(tables) + donor_build_bytes(plan), 2 * ckpt)
         )
-        save = 2 * ckpt
-        # A window's tensors: alleles (uint8) for the queries, the reference rows as float64 for the
-        # exact search; mix_windows of them stay loaded (_WindowLoader).
-        window = H * L + R * L * 8
+        # A window's tensors: alleles (uint8) of every haplotype, the reference rows again (uint8);
+        # mix_windows of them stay loaded (_WindowLoader).
+        window = H * L + R * L
         if plan.train_on_gpu:
             # Weights, optimizer state and windows live on the GPU; the host stages one shard (its
             # npz bytes and the unpacked alleles) on the way there.
-            train_ram += CUDA_HOST_BYTES + max(save, H * math.ceil(L / 8) + 2 * H * L)
+            train_ram += CUDA_HOST_BYTES + H * math.ceil(L / 8) + 2 * H * L
         else:
             val_batch = min(plan.val_batch_size, max(2, H - R))
             train_ram += (
                 16 * params
                 + min(plan.mix_windows, plan.windows) * window
-                + max(save, _step_bytes(plan, plan.batch_size, amp, True), _step_bytes(plan, val_batch, amp, False))
+                + max(_step_bytes(plan, plan.batch_size, amp, True), _step_bytes(plan, val_batch, amp, False))
             )
     gpu = CUDA_CONTEXT_BYTES + 16 * params + _step_bytes(plan, plan.batch_size, amp, True)
-    gpu += min(plan.mix_windows, plan.windows) * (H * L + R * L * 8)
+    gpu += min(plan.mix_windows, plan.windows) * (H * L + R * L)
     if plan.index == "flat-lxd":
         gpu += lxd_window_bytes(plan)  # the predecessor searched a window's L×D index on the GPU
     return Estimate(
         index_task_ram=int(index_ram),
         disk_per_window=int(disk_per_window),
-        disk_to_build=int(disk_per_window * max(0, plan.windows - plan.cached_windows)),
+        disk_to_build=int(disk_per_window * max(0, plan.windows - plan.cached_windows) + donor_disk),
         train_host_ram=int(train_ram),
         gpu_per_device=int(gpu),
         params=params,
@@ -398,7 +414,7 @@ def render(plan: Plan, est: Estimate, rows: list[Row]) -> str:
     lines = [
         f"plan: {plan.haplotypes:,} haplotypes x {plan.sites:,} sites = {plan.windows} windows of {plan.window_size}, "
         f"index {plan.index}, D={plan.dims}, {plan.layers} layers, batch {plan.batch_size}, k={plan.k}; "
-        f"{est.params / 1e6:.1f} M parameters",
+        f"{est.params:,} parameters",
         f"{'figure':<28}{'need':>12}{'budget':>12}  status",
     ]
     for r in rows:
@@ -423,10 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--haplotypes", type=int, required=True, help="reference panel haplotypes (2 x samples)")
     p.add_argument("--sites", type=int, required=True, help="biallelic sites on the chromosome")
     p.add_argument("--window-size", type=int, default=511)
-    p.add_argument("--dims", type=int, default=192)
-    p.add_argument("--layers", type=int, default=10)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--dims", type=int, default=Plan.dims)
+    p.add_argument("--layers", type=int, default=Plan.layers)
+    p.add_argument("--kernel", type=int, default=Plan.kernel)
+    p.add_argument("--k", type=int, default=Plan.k, help="donors per query and gap")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--index",
@@ -449,11 +465,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    for name in ("haplotypes", "sites", "window_size", "dims", "layers", "heads", "k", "batch_size"):
+    for name in ("haplotypes", "sites", "window_size", "dims", "kernel", "k", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     plan = Plan(
-        args.haplotypes, args.sites, args.window_size, args.dims, args.layers, args.heads, args.k, args.batch_size, args.index
+        args.haplotypes, args.sites, args.window_size, args.dims, args.layers, args.kernel, args.k, args.batch_size, args.index
     )
     budget = Budget(*(parse_bytes(v) if v else None for v in (args.mem, args.disk_free, args.gpu_mem)))
     est = estimate(plan)

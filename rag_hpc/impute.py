@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,9 +36,11 @@ from rag_hpc.data.vcf import VcfError, VcfWriter
 from rag_hpc.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from rag_hpc.config import DonorConfig
     from rag_hpc.data.panel import Panel
     from rag_hpc.data.vcf import PhasedVcf
     from rag_hpc.index.build import WindowCache
+    from rag_hpc.index.donors import DonorTable
 
 AmbiguousPolicy = Literal["skip", "keep"]
 
@@ -123,95 +125,61 @@ class NearestHaplotypePredictor:
 
 
 class CopyPredictor:
-    """Copy without a model: at an untyped site, each target haplotype's P(ALT) is a weighted mean of the
-    reference alleles there, the weights saying how well each reference matches the target on the typed
-    sites around the site, across window edges (``rag_hpc.index.matching``):
-
-    - ``"li-stephens"`` (default): the posterior copying probabilities of the Li–Stephens HMM over all typed
-      sites (the model Minimac and Beagle rest on), ``k`` heaviest donors per gap; ``ne`` sets the jump
-      rate (1 cM/Mb without a map), ``error`` the copying error (Minimac4's default). The defaults were
-      chosen on the simulated kgp-like panel (ne 1e4 .. 2e6, error 0.01 / 0.001, k 64 / 128: README).
-    - ``"runs"``: softmax(``beta`` x typed sites matched left + right of the site, up to ``cap`` a side).
-
-    The predictor sees every typed site of the targets (``begin``), not only the window's. Reference =
-    the panel's train split, as for the other predictors.
+    """Copy without a model: at an untyped site, each target haplotype's P(ALT) is the mean of its donors'
+    alleles there, weighted by their Li–Stephens posterior copying probabilities over all the targets'
+    typed sites (``rag_hpc.index.donors``: the model Minimac and Beagle rest on), ``k`` heaviest donors per
+    gap between typed sites (default ``model.k``). ``ne`` sets the jump rate (1 cM/Mb without a map),
+    ``error`` the copying error; defaults from ``donors`` in the config, chosen on the simulated kgp-like
+    panel (README). Reference = the
+    panel's train split, as for the other predictors. What the model starts from: an untrained model with
+    the same donors predicts exactly this.
     """
 
     name = "copy"
 
-    def __init__(
-        self,
-        cache: WindowCache,
-        weighting: Literal["li-stephens", "runs"] = "li-stephens",
-        *,
-        cap: int = 64,
-        beta: float = 0.5,
-        ne: float = 1_000_000.0,
-        error: float = 0.01,
-        k: int = 64,
-        batch: int = 16,
-    ):
-        if weighting not in ("li-stephens", "runs"):
-            raise ConfigError(f"copy: weighting must be 'li-stephens' or 'runs', got {weighting!r}")
-        if not 1 <= cap <= 255 or beta <= 0 or ne <= 0 or not 0 < error < 0.5 or k < 1:
-            raise ConfigError(
-                f"copy: cap must be in 1..255, beta > 0, ne > 0, error in (0, 0.5) and k >= 1; got cap={cap}, beta={beta}, "
-                f"ne={ne}, error={error}, k={k}"
-            )
-        self.cache, self.weighting, self.cap, self.beta, self.ne, self.error, self.k, self.batch = (
-            cache,
-            weighting,
-            cap,
-            beta,
-            ne,
-            error,
-            k,
-            batch,
-        )
+    def __init__(self, cache: WindowCache, donors: DonorConfig, k: int):
+        if k < 1:
+            raise ConfigError(f"copy: k must be >= 1, got {k}")
+        self.cache, self.donor_cfg, self.k = cache, donors, k
         self._reference = cache.panel.reference_haplotypes()
-        self._typed: np.ndarray | None = None
+        self._table: DonorTable | None = None
 
     @classmethod
-    def from_config(cls, config: RagConfig, panel: Panel | None = None, **kwargs: Any) -> CopyPredictor:
+    def from_config(
+        cls,
+        config: RagConfig,
+        panel: Panel | None = None,
+        *,
+        ne: float | None = None,
+        error: float | None = None,
+        k: int | None = None,
+    ) -> CopyPredictor:
         from rag_hpc.index.build import WindowCache
 
-        return cls(WindowCache(config, panel), **kwargs)
+        try:
+            donors = config.donors.model_copy(update={k: v for k, v in (("ne", ne), ("error", error)) if v is not None})
+            donors = type(donors)(**donors.model_dump())  # validated
+        except ValueError as exc:
+            raise ConfigError(f"copy: {exc}") from None
+        return cls(WindowCache(config, panel), donors, config.model.k if k is None else k)
 
     def describe(self) -> str:
-        if self.weighting == "runs":
-            return f"runs (cap {self.cap}, beta {self.beta})"
-        return f"li-stephens (ne {self.ne:g}, error {self.error:g}, k {self.k})"
+        return f"li-stephens (ne {self.donor_cfg.ne:g}, error {self.donor_cfg.error:g}, k {self.k})"
 
     def begin(self, targets: TargetSites) -> None:
-        """Take the targets' alleles at all their typed sites and the reference's there (read from the
-        shards); for Li–Stephens, run the HMM over the whole chromosome now."""
-        from rag_hpc.index.matching import li_stephens_donors, switch_probabilities
+        """Run the HMM over the targets' alleles at all their typed sites."""
+        from rag_hpc.index.donors import compute_donors
 
-        typed = targets.panel_index
-        columns = []
-        for window in self.cache.windows:
-            lo, hi = np.searchsorted(typed, [window.start, window.stop])
-            if hi > lo:
-                columns.append(self.cache.shard(window.id).alleles[self._reference][:, typed[lo:hi] - window.start])
-        # One row per typed site: each step of the scans reads two contiguous rows.
-        self._typed, self._query_t = typed, np.ascontiguousarray(targets.haplotypes.T)
-        self._reference_t = np.ascontiguousarray(np.concatenate(columns, axis=1).T)
-        if self.weighting == "li-stephens":
-            switch = switch_probabilities(self.cache.panel.positions[typed], self._reference.size, self.ne)
-            self._donors = li_stephens_donors(self._query_t, self._reference_t, switch, self.error, self.k, self.batch)
+        query_t = np.ascontiguousarray(targets.haplotypes.T)
+        self._table = compute_donors(self.cache, targets.panel_index, query_t, self.donor_cfg, self.k)
 
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
-        from rag_hpc.index.matching import copy_probabilities, donor_probabilities
-
-        if self._typed is None:
+        if self._table is None:
             raise RuntimeError("CopyPredictor.begin(targets) must run before predict_window")
-        window = self.cache.windows[window_id]
-        alleles = np.ascontiguousarray(self.cache.shard(window_id).alleles[self._reference].T, dtype=np.float32)  # [L, N]
-        # Gap of each window site: between typed sites g and g + 1 (-1: before the first typed site).
-        gaps = np.searchsorted(self._typed, np.arange(window.start, window.stop), side="right") - 1
-        if self.weighting == "li-stephens":
-            return donor_probabilities(self._donors, alleles, gaps)
-        return copy_probabilities(self._query_t, self._reference_t, alleles, gaps, self.cap, self.beta, batch=32)
+        reference = self.cache.shard(window_id).alleles[self._reference]  # uint8 [N, L]
+        donors, weights, gaps = self._table.window(self.cache.windows[window_id], slice(None))
+        alleles = reference[donors[:, gaps, :], np.arange(gaps.size)[None, :, None]]  # [B, L, k]
+        return np.clip(np.einsum("blk,blk->bl", alleles, weights[:, gaps, :], dtype=np.float32), 0.0, 1.0)
 
 
 def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> HaplotypePredictor:
@@ -541,15 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         choices=["nearest", "copy"],
         help="no model, no GPU: 'nearest' copies the nearest reference haplotype(s) on the window's typed sites; 'copy' "
-        "averages the references weighted by how far they match each target on the typed sites around each site, "
-        "across window edges (much better: see README, Accuracy)",
+        "averages each target's Li–Stephens donors over all its typed sites, across window edges (much better: see README, "
+        "Accuracy)",
     )
     parser.add_argument("--k", type=int, default=1, help="--baseline nearest: average the k nearest haplotypes (default 1)")
     parser.add_argument(
-        "--ne", type=float, default=1e6, help="--baseline copy: Li–Stephens effective size, sets the jump rate (default 1e6)"
+        "--ne", type=float, help="--baseline copy: Li–Stephens effective size, sets the jump rate (default: donors.ne, 1e6)"
     )
     parser.add_argument(
-        "--error", type=float, default=0.01, help="--baseline copy: Li–Stephens copying error per typed site (default 0.01)"
+        "--error", type=float, help="--baseline copy: Li–Stephens copying error per typed site (default: donors.error, 0.01)"
     )
     parser.add_argument("--targets", type=Path, help="phased target VCF (.vcf.gz); default: data.targets_vcf")
     parser.add_argument(

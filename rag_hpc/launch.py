@@ -51,9 +51,9 @@ DEMO_SEED = 1
 # The demo must run end to end in minutes on 2 CPU cores; applied only when no config file is given
 # and the simulated demo panel is used; --set still wins.
 DEMO_OVERRIDES: dict[str, Any] = {
-    "windows": {"window_size": 255, "max_seq_len": 256},
-    "masks": {"epochs_per_level": 1, "levels": [0.5]},
-    "model": {"dims": 32, "layers": 2, "heads": 4, "k": 4, "match_scales": [4, 16]},
+    "windows": {"window_size": 255},
+    "donors": {"train_samples": 128},
+    "model": {"dims": 16, "layers": 1, "k": 16},
     "index": {"windows_per_task": 4},
     "train": {
         "batch_size": 32,

@@ -24,21 +24,21 @@ import enum
 import numpy as np
 
 # Part of every cache key that depends on a mask. v2: streams moved into one registry (the sampler
-# and dropout streams changed), so nothing built under the old streams is reused.
-RNG_NAME = "splitmix64-v2"
+# and dropout streams changed), so nothing built under the old streams is reused. v3: the simulated
+# array is drawn once per site (not per haplotype and epoch), training queries by TRAIN_QUERIES.
+RNG_NAME = "splitmix64-v3"
 
 
 @enum.unique
 class Stream(enum.IntEnum):
     """Every stream of the counter-based hash; add one here, never a bare int at a call site."""
 
-    TRAIN_MASK = 1  # per (haplotype, site): curriculum training mask
-    VAL_MASK = 2  # per site: the fixed validation mask of a window
-    ARRAY_PICK = 3  # per haplotype: is this training haplotype masked like a genotyping array?
-    ARRAY_SITES = 4  # per (haplotype, site): which common sites a simulated array types
+    # 1-3 (the old per-haplotype training, validation and array-pick masks) are retired, not reused.
+    ARRAY_SITES = 4  # per site: which common sites the simulated array types
     WINDOW_ORDER = 5  # per window: the epoch's window permutation
     HAPLOTYPE_ORDER = 6  # per haplotype: the (epoch, window) haplotype permutation cut into batches
     DROPOUT = 7  # per (rank, step, micro-batch): the torch seed for dropout
+    TRAIN_QUERIES = 8  # per train-split sample: is it one of the run's training queries?
     # Kept at its historical value so the reference order (and models trained against it) is unchanged.
     REFERENCE_ORDER = 0xC0FFEE  # per reference haplotype: the order retrieval searches (tie-breaking)
 

@@ -115,12 +115,10 @@ def squeue_ids() -> set[str]:
 # The tiny CPU model every launcher and training test runs (tests/train_helpers.py too).
 TINY_RUN = (
     "windows.window_size=100",
-    "masks.epochs_per_level=1",
-    "model.dims=32",
+    "masks.array_density=0.1",
+    "model.dims=16",
     "model.layers=2",
-    "model.heads=4",
-    "model.k=4",
-    "model.match_scales=[2, 8]",
+    "model.k=8",
     "train.batch_size=8",
     "train.warmup_steps=5",
     "train.lr=1e-3",

@@ -164,11 +164,11 @@ CORPUS = [
     ),
     # -- configs
     index(
-        "window_size >= max_seq_len",
+        "an even convolution kernel",
         ConfigError,
-        r"^config error: windows: window_size \+ 1 > max_seq_len \(512 \+ 1 > 512\).*lower window_size or raise max_seq_len",
+        r"^config error: model: kernel \(4\) must be odd, so a site sees as many neighbours on each side",
         "--set",
-        "windows.window_size=512",
+        "model.kernel=4",
     ),
     index(
         "zero size",

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from rag_hpc.config import RagConfig, load_config
-from rag_hpc.data.masks import val_mask
 from rag_hpc.data.panel import SPLIT_TRAIN, Panel
 from rag_hpc.errors import ConfigError
 from rag_hpc.index.build import WindowCache, build_windows
@@ -22,7 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(panel: Path, cache: Path, *extra: str, targets: Path | None = None) -> RagConfig:
-    overrides = [f"data.panel_h5={panel}", f"paths.cache_dir={cache}", "windows.window_size=100", *extra]
+    # A dense simulated array: every 100-site window of the tiny panel types some sites.
+    overrides = [
+        f"data.panel_h5={panel}",
+        f"paths.cache_dir={cache}",
+        "windows.window_size=100",
+        "masks.array_density=0.2",
+        *extra,
+    ]
     if targets is not None:
         overrides.append(f"data.targets_vcf={targets}")
     return load_config(overrides=overrides)
@@ -33,7 +39,7 @@ def test_first_build_builds_every_window_and_rerun_skips_them_all(tiny_panel, tm
     first = build_windows(cfg, progress=False)
     with Panel(tiny_panel) as panel:
         assert len(first) == -(-panel.n_sites // 100)
-    assert all(r.status == "built" and r.built == ["shard", "index:val"] for r in first)
+    assert all(r.status == "built" and r.built == ["shard", "index:array"] for r in first)
     second = build_windows(cfg, progress=False)
     assert [r.status for r in second] == ["cached"] * len(first)
 
@@ -57,16 +63,16 @@ def test_shard_holds_the_panel_alleles_of_its_window(tiny_panel, tmp_path):
         assert np.array_equal(shard.af, panel.af[100:200])
 
 
-def test_validation_index_answers_like_the_exact_retriever_under_the_fixed_mask(tiny_panel, tmp_path):
+def test_the_array_index_answers_like_the_exact_retriever_on_the_array_sites(tiny_panel, tmp_path):
     cfg = _config(tiny_panel, tmp_path / "cache")
     cache = WindowCache(cfg)
     build_windows(cfg, [2], progress=False)
     shard = cache.shard(2)
-    index = cache.fixed_index(2, "val")
+    index = cache.fixed_index(2, "array")
     with Panel(tiny_panel) as panel:
         is_ref = panel.haplotype_split() == SPLIT_TRAIN
     reference, queries = shard.alleles[is_ref], shard.alleles[~is_ref]
-    observed = ~val_mask(cfg.masks, 2, shard.window.length)
+    observed = cache.fixed_masks(shard.window)["array"][1]
     import torch
 
     want = masked_topk(
@@ -80,7 +86,7 @@ def test_validation_index_answers_like_the_exact_retriever_under_the_fixed_mask(
     assert torch.equal(torch.as_tensor(got[1]), want[1])
 
 
-def test_targets_add_an_index_over_the_array_sites(tiny_panel, tiny_simulation, tmp_path):
+def test_with_targets_the_array_index_is_over_their_typed_sites(tiny_panel, tiny_simulation, tmp_path):
     cfg = _config(tiny_panel, tmp_path / "cache", targets=tiny_simulation / "targets.array.vcf.gz")
     cache = WindowCache(cfg)
     typed = cache.target_observed()
@@ -89,18 +95,18 @@ def test_targets_add_an_index_over_the_array_sites(tiny_panel, tiny_simulation, 
     with_sites = [w.id for w in cache.windows if typed[w.start : w.stop].any()]
     assert with_sites
     for r in results:
-        assert ("index:targets" in r.built) == (r.window_id in with_sites)
-    index = cache.fixed_index(with_sites[0], "targets")
+        assert ("index:array" in r.built) == (r.window_id in with_sites)
+    index = cache.fixed_index(with_sites[0], "array")
     assert index.n_observed == typed[cache.windows[with_sites[0]].start : cache.windows[with_sites[0]].stop].sum()
 
 
 def test_changing_an_input_of_the_key_rebuilds_and_keeps_the_old_artifacts(tiny_panel, tmp_path):
     cache_dir = tmp_path / "cache"
     build_windows(_config(tiny_panel, cache_dir), [0], progress=False)
-    other_mask = build_windows(_config(tiny_panel, cache_dir, "masks.val_rate=0.3"), [0], progress=False)
-    assert other_mask[0].built == ["index:val"]  # the shard does not depend on the mask
+    other_mask = build_windows(_config(tiny_panel, cache_dir, "masks.array_density=0.3"), [0], progress=False)
+    assert other_mask[0].built == ["index:array"]  # the shard does not depend on the array
     other_window = build_windows(_config(tiny_panel, cache_dir, "windows.window_size=50"), [0], progress=False)
-    assert other_window[0].built == ["shard", "index:val"]
+    assert other_window[0].built == ["shard", "index:array"]
     assert build_windows(_config(tiny_panel, cache_dir), [0], progress=False)[0].status == "cached"
 
 

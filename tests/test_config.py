@@ -9,14 +9,14 @@ from rag_hpc.config import ConfigError, load_config, parse_overrides
 
 def test_defaults_match_the_design():
     cfg = load_config()
-    assert (cfg.windows.window_size, cfg.windows.max_seq_len) == (511, 512)
-    assert cfg.masks.val_rate == 0.5 and cfg.masks.levels[0] == 0.1 and cfg.masks.levels[-1] == 0.8
+    assert cfg.windows.window_size == 511 and cfg.masks.array_density == 0.025
+    assert (cfg.donors.ne, cfg.donors.error, cfg.model.k) == (1e6, 0.01, 64)
     assert cfg.paths.cache == cfg.paths.workdir / "cache"
 
 
 def test_cli_beats_environment_beats_yaml(tmp_path, monkeypatch):
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  dims: 64\n  heads: 4\n  k: 2\nwindows:\n  window_size: 100\n")
+    path.write_text("model:\n  dims: 64\n  k: 2\nwindows:\n  window_size: 100\n")
     monkeypatch.setenv("RAG_HPC_MODEL__K", "4")
     monkeypatch.setenv("RAG_HPC_WINDOWS__WINDOW_SIZE", "200")
     cfg = load_config(path, ["windows.window_size=300"])
@@ -44,11 +44,11 @@ def test_the_shipped_configs_load():
 @pytest.mark.parametrize(
     ("overrides", "field", "words"),
     [
-        (["windows.window_size=512"], "windows", "window_size + 1 > max_seq_len"),
         (["windows.window_size=0"], "windows.window_size", "greater than 0"),
         (["model.dims=-8"], "model.dims", "greater than 0"),
-        (["model.dims=100", "model.heads=6"], "model", "divisible by heads"),
-        (["masks.levels=[0.1, 1.5]"], "masks", "levels must lie in (0, 1)"),
+        (["model.kernel=4"], "model", "kernel (4) must be odd"),
+        (["donors.error=0.6"], "donors.error", "less than 0.5"),
+        (["masks.array_density=0"], "masks.array_density", "greater than 0"),
         (["data.val_fraction=1.0"], "data.val_fraction", "less than 1"),
         (["windows.windw=5"], "windows.windw", "unknown key"),
         (["nosuchsection.x=1"], "nosuchsection", "unknown key"),

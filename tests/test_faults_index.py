@@ -40,7 +40,7 @@ Audit = tuple[dict[tuple[int, str], ArtifactFiles], list[str]]
 
 @pytest.fixture(scope="module")
 def settings(tiny_panel: Path, tiny_simulation: Path) -> list[str]:
-    """Config overrides of every build here, less the cache directory: targets add a third artifact kind."""
+    """Config overrides of every build here, less the cache directory: the targets' sites are the array."""
     return [
         f"data.panel_h5={tiny_panel}",
         f"data.targets_vcf={tiny_simulation / 'targets.array.vcf.gz'}",
@@ -286,7 +286,7 @@ def test_two_builders_of_overlapping_window_ranges_leave_every_artifact_valid(se
 # ------------------------------------------------------------------------------------------------
 # 3. Truncated or bit-flipped shard and index files
 
-CORRUPTIONS = [(name, how) for name in ("shard", "index:val", "index:targets") for how in ("truncate", "flip")]
+CORRUPTIONS = [(name, how) for name in ("shard", "index:array") for how in ("truncate", "flip")]
 CORRUPTION_ROUNDS = 2
 
 
@@ -350,7 +350,7 @@ def test_truncated_or_bit_flipped_artifacts_are_named_rebuilt_and_equal_the_orig
         trials=trials,
         survived=survived,
         data_lost=lost,
-        note="shard, val and target indexes; truncated (to 0..n-1 bytes) or one bit flipped; detected by sha256 on the next build",
+        note="shard and array indexes; truncated (to 0..n-1 bytes) or one bit flipped; detected by sha256 on the next build",
     )
     assert failures == []
     assert survived == trials and lost == 0

@@ -10,8 +10,8 @@ import pytest
 
 from rag_hpc.config import ModelConfig
 from rag_hpc.errors import ConfigError
-from rag_hpc.guard import Budget, Plan, check, estimate, model_params, parse_bytes
-from rag_hpc.model.rag import RagImputer
+from rag_hpc.guard import Budget, Plan, check, donor_table_bytes, estimate, model_shape, parse_bytes
+from rag_hpc.model.rag import DonorImputer
 
 PREDECESSOR = Plan(haplotypes=2008, sites=331 * 1030, window_size=1030, dims=192, index="flat-lxd")
 KGP_CHR21 = Plan(haplotypes=5008, sites=150_000)
@@ -37,13 +37,29 @@ def test_chr21_scale_plan_fits_a_modest_node():
 def test_cached_windows_need_no_disk():
     full = estimate(KGP_CHR21).disk_to_build
     half = estimate(Plan(haplotypes=5008, sites=150_000, cached_windows=147)).disk_to_build
-    assert half == pytest.approx(full / 2, rel=0.01)
+    tables = full - estimate(KGP_CHR21).disk_per_window * KGP_CHR21.windows  # the donor tables: built once per run
+    assert tables > 0 and half - tables == pytest.approx((full - tables) / 2, rel=0.01)
 
 
-@pytest.mark.parametrize(("dims", "layers", "heads"), [(192, 10, 6), (384, 12, 12), (64, 2, 4)])
-def test_parameter_count_matches_the_real_model(dims, layers, heads):
-    model = RagImputer(ModelConfig(dims=dims, layers=layers, heads=heads), 512)
-    assert model_params(dims, layers) == sum(p.numel() for p in model.parameters())
+@pytest.mark.parametrize(("dims", "layers", "kernel"), [(32, 2, 5), (128, 6, 9), (16, 0, 3)])
+def test_parameter_count_is_the_real_models(dims, layers, kernel):
+    model = DonorImputer(ModelConfig(dims=dims, layers=layers, kernel=kernel))
+    params = list(model.parameters())
+    assert model_shape(Plan(haplotypes=100, sites=1000, dims=dims, layers=layers, kernel=kernel)) == (
+        sum(p.numel() for p in params),
+        len(params),
+    )
+
+
+def test_the_donor_tables_are_counted_and_a_genome_in_one_table_is_refused():
+    est = estimate(KGP_CHR21)
+    train_q, val_q = KGP_CHR21.queries
+    tables = donor_table_bytes(KGP_CHR21, train_q) + donor_table_bytes(KGP_CHR21, val_q)
+    assert (KGP_CHR21.typed + 1) * (train_q + val_q) * KGP_CHR21.k * 4 == tables  # uint16 donor, float16 weight
+    assert est.train_host_ram > tables and est.disk_to_build > tables
+    genome = Plan(haplotypes=5008, sites=80_000_000)
+    rows = check(genome, estimate(genome), Budget(mem=parse_bytes("256G")))
+    assert [r.figure for r in rows if not r.ok] == ["RAM for training (host)"]
 
 
 def test_sizes_parse_like_slurm_and_garbage_is_refused():

@@ -1,74 +1,60 @@
-"""The Embedding-RAG model: what it may see, what it may not, and where gradients go."""
+"""The donor imputer: an untrained model is the Li–Stephens copy, hidden alleles cannot reach it, and
+gradients reach every correction."""
 
 from __future__ import annotations
 
 import torch
 
 from rag_hpc.config import ModelConfig
-from rag_hpc.index.retrieval import own_sample_exclusion
-from rag_hpc.model.embedding import SiteEmbedding
-from rag_hpc.model.rag import RagImputer, allele_tokens, imputation_loss, retrieve
+from rag_hpc.model.rag import DonorImputer, imputation_loss
 
-CFG = ModelConfig(dims=32, layers=2, heads=4, k=4, match_scales=[2, 8])
+CFG = ModelConfig(dims=16, layers=2, kernel=3, k=4)
 
 
-def _panel(n: int = 60, length: int = 40, seed: int = 0) -> torch.Tensor:
+def _inputs(b: int = 3, length: int = 40, gaps: int = 5, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    founders = (torch.rand(6, length, generator=g) < 0.4).to(torch.uint8)
-    haps = founders[torch.randint(0, 6, (n,), generator=g)].clone()
-    flips = torch.rand(n, length, generator=g) < 0.05
-    return torch.where(flips, 1 - haps, haps)
+    alleles = (torch.rand(b, length, CFG.k, generator=g) < 0.3).float()
+    weights = torch.rand(b, gaps, CFG.k, generator=g)
+    weights = weights / weights.sum(-1, keepdim=True)
+    site_gaps = torch.sort(torch.randint(0, gaps, (length,), generator=g)).values
+    query = (torch.rand(b, length, generator=g) < 0.3).long()
+    observed = torch.rand(length, generator=g) < 0.2
+    maf = torch.rand(length, generator=g) * 0.5
+    return alleles, weights, site_gaps, query, observed, maf
 
 
-def test_embedding_is_strictly_per_position():
+def test_an_untrained_model_predicts_the_weighted_mean_of_its_donors_alleles():
     torch.manual_seed(0)
-    emb = SiteEmbedding(32, 64)
-    tokens = allele_tokens(_panel(2, 40)[:1])
-    af = torch.rand(41)
-    changed = tokens.clone()
-    changed[0, 7] = 11 - changed[0, 7]  # REF <-> ALT at one site
-    diff = (emb(changed, af) - emb(tokens, af)).abs().sum(-1)[0]
-    assert diff[7] > 0 and torch.count_nonzero(diff) == 1
+    alleles, weights, gaps, query, observed, maf = _inputs()
+    p = torch.sigmoid(DonorImputer(CFG).eval()(alleles, weights, gaps, query, observed, maf))
+    copy = (alleles * weights[:, gaps]).sum(-1).clamp(1e-4, 1 - 1e-4)
+    assert torch.allclose(p, copy, atol=1e-6)
 
 
 def test_hidden_alleles_cannot_influence_the_prediction():
     torch.manual_seed(0)
-    model = RagImputer(CFG, 64).eval()
-    ref = _panel()
-    af = ref.float().mean(0)
-    query = ref[:3].clone()
-    masked = torch.rand(3, 40, generator=torch.Generator().manual_seed(1)) < 0.5
-    retrieved = ref[10:22].view(3, 4, 40)
-    out = model(query.long(), masked, af, retrieved.long())
-    flipped = torch.where(masked, 1 - query, query)
-    assert torch.equal(out, model(flipped.long(), masked, af, retrieved.long()))
+    model = DonorImputer(CFG).eval()
+    with torch.no_grad():  # trained-looking weights: every correction active
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    alleles, weights, gaps, query, observed, maf = _inputs()
+    out = model(alleles, weights, gaps, query, observed, maf)
+    flipped = torch.where(observed, query, 1 - query)  # every untyped allele of the query flipped
+    assert torch.equal(out, model(alleles, weights, gaps, flipped, observed, maf))
+    typed_flipped = torch.where(observed, 1 - query, query)
+    assert not torch.equal(out, model(alleles, weights, gaps, typed_flipped, observed, maf))  # typed ones are read
 
 
-def test_a_query_never_retrieves_itself_or_its_sample_mate():
+def test_gradients_reach_the_donor_scores_and_the_residual_network():
     torch.manual_seed(0)
-    model = RagImputer(CFG, 64)
-    ref = _panel()
-    query_ids = torch.tensor([0, 1, 17, 33])
-    observed = torch.ones(4, 40, dtype=torch.bool)  # fully observed: self would be at distance 0
-    exclude = own_sample_exclusion(query_ids, torch.arange(len(ref)))
-    idx, alleles = retrieve(model, ref[query_ids], observed, ref, ref.float().mean(0), 4, exclude)
-    assert not (idx // 2 == (query_ids // 2)[:, None]).any()
-    assert torch.equal(alleles, ref[idx])
-
-
-def test_gradients_reach_the_embedding_through_the_retrieved_haplotypes():
-    torch.manual_seed(0)
-    model = RagImputer(CFG, 64)
-    ref = _panel()
-    af = ref.float().mean(0)
-    query = ref[:4]
-    masked = torch.ones(4, 40, dtype=torch.bool)  # the query shows nothing: all signal is retrieved
-    retrieved = ref[20:36].view(4, 4, 40)
-    loss = imputation_loss(model(query.long(), masked, af, retrieved.long()), query, masked)
-    loss.backward()
+    model = DonorImputer(CFG)
+    alleles, weights, gaps, query, observed, maf = _inputs()
+    masked = ~observed.expand(query.shape[0], -1)
+    imputation_loss(model(alleles, weights, gaps, query, observed, maf), query, masked).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert model.embed.token.weight.grad[5:7].abs().sum() > 0  # REF/ALT rows: only retrieved tokens carry them
+    # The zero-initialised output layers get a gradient at once; the layers before them follow.
+    assert model.gap_score[-1].weight.grad.abs().sum() > 0 and model.head[-1].weight.grad.abs().sum() > 0
 
 
 def test_loss_is_zero_without_masked_sites_and_positive_with():
@@ -76,13 +62,3 @@ def test_loss_is_zero_without_masked_sites_and_positive_with():
     target = torch.ones(2, 5, dtype=torch.uint8)
     assert imputation_loss(logits, target, torch.zeros(2, 5, dtype=torch.bool)).item() == 0.0
     assert abs(imputation_loss(logits, target, torch.ones(2, 5, dtype=torch.bool)).item() - 0.6931) < 1e-3
-
-
-def test_retrieval_ranks_by_the_current_embeddings_site_weights():
-    torch.manual_seed(0)
-    model = RagImputer(CFG, 64)
-    af = torch.rand(40)
-    w = model.site_weights(af)
-    e = model.embed.allele_embeddings(af)
-    assert torch.allclose(w, ((e[1] - e[0]) ** 2).sum(-1).double(), rtol=1e-5)
-    assert w.shape == (40,) and not w.requires_grad

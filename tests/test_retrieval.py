@@ -17,22 +17,18 @@ import pytest
 import torch
 
 from rag_hpc.errors import ClusterError
+from rag_hpc.index.embedding import SiteEmbedding
 from rag_hpc.index.lxd import (
+    embedding_site_weights,
     lxd_bytes,
     lxd_embed,
     lxd_exact_distances,
     lxd_flat_index,
     lxd_tolerance,
+    site_weights,
     topk_agreement,
 )
-from rag_hpc.index.retrieval import (
-    FixedMaskIndex,
-    embedding_site_weights,
-    masked_topk,
-    own_sample_exclusion,
-    site_weights,
-)
-from rag_hpc.model.embedding import SiteEmbedding
+from rag_hpc.index.retrieval import FixedMaskIndex, masked_topk, own_sample_exclusion
 
 SITES = 160
 N_REF = 320  # 160 samples

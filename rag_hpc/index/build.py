@@ -1,15 +1,17 @@
-"""Per-window artifacts: the panel shard and a FAISS index for each fixed mask the config declares.
+"""Per-window artifacts: the panel shard and a FAISS index over the run's array sites.
 
 ``build_windows(config, window_ids)`` is what one index-prebuild array task runs. Everything a
 window's artifacts depend on is in their cache keys, so a rerun skips exactly the windows that are
-complete and valid (every checksum verified), and train/val/target artifacts can never overwrite one
+complete and valid (every checksum verified), and artifacts of different inputs can never overwrite one
 another. A corrupted artifact is reported (one warning line naming it) and rebuilt.
 
 Shard: alleles of every panel haplotype, bit-packed along sites (1 bit per haplotype per site),
-with positions and AF. Indexes: the train-split (reference) haplotypes under the fixed validation
-mask, and — when the config names a target VCF — under the target array's observed sites, as
-compact vectors of one float per observed site (DESIGN.md §2), uniform site weights. Indexes over
-a trained model's site weights are keyed by those weights (``fixed_index(..., weights=w)``).
+with positions and AF; training, validation and every predictor read them. Index: the train-split
+(reference) haplotypes on the run's array sites (the target VCF's, else the simulated array's), as
+compact vectors of one float per typed site (DESIGN.md §2), uniform site weights: exact Hamming kNN on
+the array. Known gap (issue #10, item 2): no pipeline stage reads this index yet — the model and the copy
+predictor read Li–Stephens donor tables (``rag_hpc.index.donors``) and the nearest baseline searches the
+shard directly; it is to become the HMM's candidate prefilter or go.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rag_hpc.config import RagConfig
-from rag_hpc.data.masks import val_mask, val_mask_spec
+from rag_hpc.data.masks import simulated_array, sites_digest
 from rag_hpc.data.panel import SPLIT_TRAIN, Panel
 from rag_hpc.data.windows import Window, make_windows
 from rag_hpc.errors import ConfigError, InputError
@@ -129,6 +131,7 @@ class WindowCache:
         self.store = ArtifactStore(config.paths.cache)
         self.windows = make_windows(self.panel.n_sites, config.windows.window_size)
         self._target_observed: np.ndarray | bool | None = False  # False = not computed yet
+        self._array: np.ndarray | None = None
 
     # -- fixed masks the config declares ---------------------------------------------------
 
@@ -142,17 +145,25 @@ class WindowCache:
                 self._target_observed = target_panel_sites(self.panel, self.config.data.targets_vcf)
         return self._target_observed  # type: ignore[return-value]
 
+    def array_sites(self) -> np.ndarray:
+        """The run's typed sites (panel indices, increasing): the target VCF's when the config names one,
+        else the simulated array. Training and validation queries see these sites only."""
+        if self._array is None:
+            typed = self.target_observed()
+            self._array = (
+                np.flatnonzero(typed).astype(np.int64) if typed is not None else simulated_array(self.config.masks, self.panel.af)
+            )
+        return self._array
+
     def fixed_masks(self, window: Window) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
-        """name -> (mask spec for the key, observed sites bool [L]) for every fixed mask that
-        leaves at least one site observed in this window (with none there is nothing to search on:
-        a short last window under the validation mask, a window without array sites)."""
-        masks = {"val": (val_mask_spec(self.config.masks), ~val_mask(self.config.masks, window.id, window.length))}
-        typed = self.target_observed()
-        if typed is not None:
-            observed = typed[window.start : window.stop]
-            digest = hashlib.sha256(np.flatnonzero(observed).astype(np.int64).tobytes()).hexdigest()
-            masks["targets"] = ({"kind": "sites", "sites_sha256": digest}, observed)
-        return {name: (spec, observed) for name, (spec, observed) in masks.items() if observed.any()}
+        """name -> (mask spec for the key, observed sites bool [L]) for the run's array where it types at
+        least one site of this window (with none there is nothing to search on)."""
+        observed = np.zeros(window.length, bool)
+        typed = self.array_sites()
+        observed[typed[(typed >= window.start) & (typed < window.stop)] - window.start] = True
+        if not observed.any():
+            return {}
+        return {"array": ({"kind": "sites", "sites_sha256": sites_digest(np.flatnonzero(observed))}, observed)}
 
     def artifacts(self, window: Window) -> dict[str, Artifact]:
         out = {"shard": shard_artifact(self.panel, window, self.config)}
@@ -231,7 +242,7 @@ class WindowCache:
             raise self._altered(f"shard of window {window_id}", art, exc) from None
 
     def fixed_index(self, window_id: int, mask: str, weights: np.ndarray | None = None) -> FixedMaskIndex:
-        """The FAISS index of ``mask`` ('val' or 'targets') over the reference haplotypes,
+        """The FAISS index of ``mask`` ('array') over the reference haplotypes,
         built for ``weights`` (None = uniform); checksum-verified, rebuilt if missing or corrupt."""
         window = self.windows[window_id]
         masks = self.fixed_masks(window)

@@ -20,12 +20,44 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rag_hpc.model.embedding import ALT, MASK, REF, SOS, SiteEmbedding
+from rag_hpc.index.embedding import ALT, MASK, REF, SOS, SiteEmbedding
 
-__all__ = ["lxd_bytes", "lxd_embed", "lxd_exact_distances", "lxd_flat_index", "lxd_tolerance", "topk_agreement"]
+__all__ = [
+    "embedding_site_weights",
+    "lxd_bytes",
+    "lxd_embed",
+    "lxd_exact_distances",
+    "lxd_flat_index",
+    "lxd_tolerance",
+    "site_weights",
+    "topk_agreement",
+]
 
 # Floats per chunk of one [rows, L+1, D] activation: bounds peak memory whatever the panel size.
 _CHUNK_FLOATS = 1 << 24
+
+
+@torch.no_grad()
+def site_weights(allele_emb: Tensor) -> Tensor:
+    """w_i = ||e(ALT, i) - e(REF, i)||^2 from ``allele_embeddings(af)`` [2, L, D] -> float64 [L].
+
+    float64 because the yardstick is the exact L×D distance of the float32 embeddings: squaring
+    and summing their differences in float64 reproduces it to ~1e-16 relative, whereas float32
+    would add ~D * 2^-24 relative noise per site, enough to reorder near-tied references. It costs
+    L×D operations once per search, nothing next to the search itself. Carries no gradient.
+    """
+    if allele_emb.dim() != 3 or allele_emb.shape[0] != 2:
+        raise ValueError(f"allele_emb must be [2, L, D] (REF, ALT), got {tuple(allele_emb.shape)}")
+    diff = allele_emb[1].detach().double() - allele_emb[0].detach().double()
+    return (diff * diff).sum(-1)
+
+
+@torch.no_grad()
+def embedding_site_weights(embedding: SiteEmbedding, af: Tensor | np.ndarray) -> Tensor:
+    """Site weights of a ``SiteEmbedding`` at allele frequencies ``af`` [L] -> float64 [L]."""
+    param = next(embedding.parameters())
+    af_t = torch.as_tensor(af, dtype=param.dtype, device=param.device)
+    return site_weights(embedding.allele_embeddings(af_t))
 
 
 def lxd_bytes(n_haplotypes: int, sites: int, dims: int) -> int:

@@ -39,15 +39,12 @@ from torch import Tensor
 
 from rag_hpc.config import IndexConfig
 from rag_hpc.errors import ClusterError
-from rag_hpc.model.embedding import SiteEmbedding
 
 __all__ = [
     "FixedMaskIndex",
-    "embedding_site_weights",
     "fixed_point_weights",
     "masked_topk",
     "own_sample_exclusion",
-    "site_weights",
 ]
 
 IndexKind = Literal["flat", "ivf"]
@@ -62,29 +59,6 @@ _GEMM_CHUNK = 16384
 
 # ----------------------------------------------------------------------------------------------
 # weights
-
-
-@torch.no_grad()
-def site_weights(allele_emb: Tensor) -> Tensor:
-    """w_i = ||e(ALT, i) - e(REF, i)||^2 from ``allele_embeddings(af)`` [2, L, D] -> float64 [L].
-
-    float64 because the yardstick is the exact L×D distance of the float32 embeddings: squaring
-    and summing their differences in float64 reproduces it to ~1e-16 relative, whereas float32
-    would add ~D * 2^-24 relative noise per site, enough to reorder near-tied references. It costs
-    L×D operations once per search, nothing next to the search itself. Carries no gradient.
-    """
-    if allele_emb.dim() != 3 or allele_emb.shape[0] != 2:
-        raise ValueError(f"allele_emb must be [2, L, D] (REF, ALT), got {tuple(allele_emb.shape)}")
-    diff = allele_emb[1].detach().double() - allele_emb[0].detach().double()
-    return (diff * diff).sum(-1)
-
-
-@torch.no_grad()
-def embedding_site_weights(embedding: SiteEmbedding, af: Tensor | np.ndarray) -> Tensor:
-    """Site weights of a ``SiteEmbedding`` at allele frequencies ``af`` [L] -> float64 [L]."""
-    param = next(embedding.parameters())
-    af_t = torch.as_tensor(af, dtype=param.dtype, device=param.device)
-    return site_weights(embedding.allele_embeddings(af_t))
 
 
 def fixed_point_weights(weights: Tensor | np.ndarray) -> Tensor:
@@ -190,7 +164,7 @@ def masked_topk(
 
     query [B, L] alleles 0/1; observed [B, L] bool (True = observed in that query; [L] is
     broadcast); reference [N, L] alleles 0/1 (any dtype; float64 avoids a per-call conversion);
-    weights [L] >= 0 (``site_weights``); exclude [B, N] bool (True = never return this reference).
+    weights [L] >= 0 (e.g. ``lxd.site_weights``); exclude [B, N] bool (True = never return this reference).
 
     Returns (dist float64 [B, k], idx int64 [B, k]) on query's device, ascending by distance, ties
     to the lower reference index. dist is sum_i m_i w_i [q_i != r_i] with w on the fixed-point grid.

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
-from rag_hpc.config import ModelConfig, RagConfig
+from rag_hpc.config import DonorConfig, ModelConfig, RagConfig
+from rag_hpc.data.windows import Window
 from rag_hpc.errors import CheckpointError, ConfigError, InputError
 from rag_hpc.index.build import WindowCache
-from rag_hpc.model.rag import RagImputer, retrieve
+from rag_hpc.index.donors import DonorTable, compute_donors
+from rag_hpc.model.rag import DonorImputer
+
+if TYPE_CHECKING:
+    from rag_hpc.impute import TargetSites
 
 
 def load_checkpoint_state(checkpoint: str | os.PathLike[str]) -> dict:
@@ -34,38 +41,69 @@ def load_checkpoint_state(checkpoint: str | os.PathLike[str]) -> dict:
     return CheckpointManager(path.parent).load(CheckpointFile(int(step), path))
 
 
-def load_model(checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[RagImputer, dict]:
+def load_model(checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[DonorImputer, dict]:
     state = load_checkpoint_state(checkpoint)
     saved = state["config"]
-    model = RagImputer(ModelConfig(**saved["model"]), saved["windows"]["max_seq_len"])
+    model = DonorImputer(ModelConfig(**saved["model"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), saved
 
 
-class ModelPredictor:
-    """P(ALT) per site for target haplotypes: retrieve from the reference (train split) of the
-    window under the target's observed sites, then run the model."""
+def donor_logits(
+    model: nn.Module,
+    table: DonorTable,
+    window: Window,
+    rows: slice | np.ndarray,
+    reference: Tensor,
+    query: Tensor,
+    observed: Tensor,
+    maf: Tensor,
+) -> Tensor:
+    """ALT logits [B, L] of the queries ``rows`` of ``table`` in ``window`` from ``model`` (a DonorImputer or
+    its DDP wrapper); ``reference`` uint8 [N, L]: the window's reference alleles (train split,
+    ``reference_haplotypes`` order), on the model's device like ``query``, ``observed`` and ``maf``."""
+    donors, weights, gaps = table.window(window, rows)
+    device = reference.device
+    donors_t = torch.from_numpy(donors).to(device).long()
+    gaps_t = torch.from_numpy(gaps).to(device)
+    sites = torch.arange(reference.shape[1], device=device)
+    alleles = reference[donors_t[:, gaps_t, :], sites[None, :, None]]  # [B, L, k]
+    return model(alleles, torch.from_numpy(weights).to(device), gaps_t, query, observed, maf)
 
-    def __init__(self, model: RagImputer, cache: WindowCache, seed: int = 0, batch_size: int = 64):
+
+class ModelPredictor:
+    """P(ALT) per site for target haplotypes: their Li–Stephens donors over all their typed sites
+    (``begin``), then the model per window."""
+
+    name = "model"
+
+    def __init__(self, model: DonorImputer, cache: WindowCache, donors: DonorConfig, batch_size: int = 64):
         self.model = model
         self.cache = cache
+        self.donor_cfg = donors
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
-        self._reference = cache.panel.reference_haplotypes(seed)  # the order training searched in
+        self._reference = cache.panel.reference_haplotypes()
+        self._table: DonorTable | None = None
+
+    def begin(self, targets: TargetSites) -> None:
+        query_t = np.ascontiguousarray(targets.haplotypes.T)
+        self._table = compute_donors(self.cache, targets.panel_index, query_t, self.donor_cfg, self.model.cfg.k)
 
     @torch.no_grad()
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        if self._table is None:
+            raise RuntimeError("ModelPredictor.begin(targets) must run before predict_window")
         shard = self.cache.shard(window_id)
-        reference = torch.from_numpy(shard.alleles[self._reference]).to(self.device)
-        af = torch.from_numpy(shard.af).to(self.device)
-        k = min(self.model.cfg.k, reference.shape[0])
+        reference = torch.from_numpy(np.ascontiguousarray(shard.alleles[self._reference])).to(self.device)
+        maf = torch.from_numpy(np.minimum(shard.af, 1 - shard.af)).to(self.device)
+        obs = torch.from_numpy(observed).to(self.device)
         out = np.empty(query.shape, dtype=np.float32)
         for lo in range(0, query.shape[0], self.batch_size):
-            q = torch.from_numpy(np.ascontiguousarray(query[lo : lo + self.batch_size])).to(self.device)
-            obs = torch.from_numpy(observed).to(self.device).expand_as(q)
-            _, retrieved = retrieve(self.model, q, obs, reference, af, k)
-            logits = self.model(q.long(), ~obs, af, retrieved.long())
-            out[lo : lo + q.shape[0]] = torch.sigmoid(logits.float()).cpu().numpy()
+            rows = slice(lo, min(lo + self.batch_size, query.shape[0]))
+            q = torch.from_numpy(np.ascontiguousarray(query[rows])).to(self.device)
+            logits = donor_logits(self.model, self._table, self.cache.windows[window_id], rows, reference, q, obs, maf)
+            out[rows] = torch.sigmoid(logits.float()).cpu().numpy()
         return out
 
 
@@ -77,4 +115,4 @@ def model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> Mo
             f"checkpoint was trained with windows.window_size={saved['windows']['window_size']} but the config "
             f"says {config.windows.window_size}: impute with the training window size"
         )
-    return ModelPredictor(model, WindowCache(config), seed=saved["train"]["seed"])
+    return ModelPredictor(model, WindowCache(config), DonorConfig(**saved["donors"]))

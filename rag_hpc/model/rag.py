@@ -1,161 +1,90 @@
-"""Embedding-RAG imputer: one file, nanoGPT-style.
+"""Retrieval-augmented imputer: per-site attention over Li–Stephens donors, then a residual network.
 
-Per batch (all queries from one window, so one length L):
+Per batch (query haplotypes of one window, typed at one array's sites):
 
-1. each query haplotype retrieves its k nearest reference haplotypes of the window by the exact
-   masked distance (``retrieve``; site weights read from the current embedding, own sample excluded);
-2. the query (masked sites = MASK) and the retrieved *complete* haplotypes go through the same
-   per-position embedding, with gradient; retrieved haplotypes never run through the encoder, so
-   fusion costs O(B·L·(k+1)·D) memory;
-3. per site, attention over the k retrieved embeddings, scored by the query·key product plus how
-   well each retrieved haplotype agrees with the query on the observed sites around that site at
-   several scales (a learned, local version of "copy from the haplotype that matches here");
-4. the fused query runs through a pre-LN transformer encoder (scaled_dot_product_attention);
-5. a head gives one logit per site: P(ALT). Loss: binary cross-entropy on masked sites, on logits
-   (one sigmoid, applied once — the predecessor's double softmax squashed probabilities).
+1. retrieval (``rag_hpc.index.donors``, outside the model): for every gap between typed sites, each
+   query's k donors — the reference haplotypes the Li–Stephens HMM over *all* the chromosome's typed sites
+   says it copies from there — with their posterior weights w;
+2. per site, attention over the gap's donors: score = log w + a learned correction from the weight and
+   the donor's rank (per gap) and from the donor's allele and the site's MAF (per site); P_copy = Σ α ·
+   donor allele — the copy Li–Stephens does, re-weighted where training shows it over- or under-trusts;
+3. a residual network over the sites of the window (per-site features, then 1-D convolutions over
+   neighbouring sites) adds a logit correction for what the donors miss (calibration by frequency,
+   disagreement among donors, the typed neighbours);
+4. loss: binary cross-entropy on the untyped sites, on logits.
+
+Both learned corrections start at exactly zero, so an untrained model *is* the copy predictor with k
+donors: training starts from Li–Stephens and can only be kept if it validates better. Every cost is
+O(B·L·k) for the attention and O(B·L·D²) for the residual network: imputation runs on CPU in seconds.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from rag_hpc.config import ModelConfig
-from rag_hpc.index.retrieval import masked_topk, site_weights
-from rag_hpc.model.embedding import ALT, MASK, REF, SOS, SiteEmbedding
+
+# Probabilities are kept inside [EPS, 1 - EPS] before the logit: a copy that every donor agrees on
+# would otherwise be an infinite logit.
+EPS = 1e-4
+SITE_FEATURES = 8
 
 
-def allele_tokens(alleles: Tensor, masked: Tensor | None = None) -> Tensor:
-    """[..., L] alleles (0/1) -> [..., L + 1] tokens with SOS first and MASK where masked."""
-    tokens = torch.where(alleles.bool(), ALT, REF).long()
-    if masked is not None:
-        tokens = tokens.masked_fill(masked, MASK)
-    sos = torch.full((*tokens.shape[:-1], 1), SOS, dtype=torch.long, device=tokens.device)
-    return torch.cat([sos, tokens], dim=-1)
+def _zero(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
 
 
-def _window_sums(x: Tensor, half: int) -> Tensor:
-    """Sum of x over sites [i - half, i + half] along the last axis (clipped at the edges)."""
-    c = F.pad(x.cumsum(-1), (1, 0))
-    length = x.shape[-1]
-    idx = torch.arange(length, device=x.device)
-    hi = (idx + half + 1).clamp(max=length)
-    lo = (idx - half).clamp(min=0)
-    return c[..., hi] - c[..., lo]
-
-
-class Block(nn.Module):
-    def __init__(self, dims: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(dims)
-        self.qkv = nn.Linear(dims, 3 * dims)
-        self.proj = nn.Linear(dims, dims)
-        self.ln2 = nn.LayerNorm(dims)
-        self.mlp = nn.Sequential(nn.Linear(dims, 4 * dims), nn.GELU(), nn.Linear(4 * dims, dims))
-        self.dropout = dropout
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop).transpose(1, 2).reshape(b, t, d)
-        x = x + F.dropout(self.proj(y), drop, self.training)
-        return x + F.dropout(self.mlp(self.ln2(x)), drop, self.training)
-
-
-class RetrievalFusion(nn.Module):
-    """Per-site attention of the query over its k retrieved haplotypes."""
-
-    def __init__(self, dims: int, scales: list[int]):
-        super().__init__()
-        self.scales = list(scales)
-        n_feat = 2 * len(self.scales) + 1
-        self.match = nn.Sequential(nn.Linear(n_feat, 32), nn.GELU(), nn.Linear(32, 1))
-        self.q = nn.Linear(dims, dims)
-        self.k = nn.Linear(dims, dims)
-        self.out = nn.Sequential(nn.Linear(2 * dims + 1, dims), nn.GELU(), nn.Linear(dims, dims))
-
-    def match_features(self, query: Tensor, observed: Tensor, retrieved: Tensor) -> Tensor:
-        """[B, k, L, F]: mismatch rate and observed density around each site, per scale, + rank."""
-        obs = observed.float()[:, None, :]  # [B, 1, L]
-        mism = (query[:, None, :] != retrieved).float() * obs  # [B, k, L]
-        feats = []
-        for half in self.scales:
-            n_obs = _window_sums(obs, half)
-            feats.append(_window_sums(mism, half) / n_obs.clamp(min=1.0))
-            feats.append((n_obs / (2 * half + 1)).expand_as(mism))
-        k = retrieved.shape[1]
-        rank = torch.arange(k, device=query.device, dtype=torch.float32) / max(k - 1, 1)
-        feats.append(rank[None, :, None].expand_as(mism))
-        return torch.stack(feats, dim=-1)
-
-    def forward(self, e_query: Tensor, e_ret: Tensor, query: Tensor, observed: Tensor, retrieved: Tensor) -> Tensor:
-        """e_query [B, L, D], e_ret [B, k, L, D] -> fused [B, L, D]."""
-        d = e_query.shape[-1]
-        score = self.match(self.match_features(query, observed, retrieved)).squeeze(-1)  # [B, k, L]
-        score = score + torch.einsum("bld,bkld->bkl", self.q(e_query), self.k(e_ret)) / d**0.5
-        alpha = score.softmax(dim=1)
-        fused = torch.einsum("bkl,bkld->bld", alpha, e_ret)
-        p_copy = torch.einsum("bkl,bkl->bl", alpha, retrieved.float())[..., None]
-        return e_query + self.out(torch.cat([e_query, fused, 2 * p_copy - 1], dim=-1))
-
-
-class RagImputer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_seq_len: int):
+class DonorImputer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.max_seq_len = max_seq_len
-        self.embed = SiteEmbedding(cfg.dims, max_seq_len)
-        self.fusion = RetrievalFusion(cfg.dims, cfg.match_scales)
-        self.blocks = nn.ModuleList(Block(cfg.dims, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
-        self.ln_f = nn.LayerNorm(cfg.dims)
-        self.head = nn.Linear(cfg.dims, 1)
+        # No bias on the score: a shift common to all donors cancels in the softmax, so its gradient is
+        # rounding noise, which AdamW would turn into steps.
+        self.gap_score = nn.Sequential(nn.Linear(2, 16), nn.GELU(), _zero(nn.Linear(16, 1, bias=False)))
+        self.allele_score = _zero(nn.Linear(2, 1))
+        self.inp = nn.Linear(SITE_FEATURES, cfg.dims)
+        self.mix = nn.ModuleList(nn.Conv1d(cfg.dims, cfg.dims, cfg.kernel, padding=cfg.kernel // 2) for _ in range(cfg.layers))
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(cfg.dims, cfg.dims), nn.GELU(), _zero(nn.Linear(cfg.dims, 1)))
 
-    @torch.no_grad()
-    def site_weights(self, af: Tensor) -> Tensor:
-        """w_i = ||e(ALT, i) - e(REF, i)||^2 of the current embedding: what retrieval ranks by."""
-        return site_weights(self.embed.allele_embeddings(af.float()))
-
-    def forward(self, query: Tensor, masked: Tensor, af: Tensor, retrieved: Tensor) -> Tensor:
-        """query [B, L] alleles (values at masked sites are ignored), masked [B, L] bool,
-        af [L], retrieved [B, k, L] alleles of the retrieved references -> ALT logits [B, L]."""
-        b, length = query.shape
-        if length + 1 > self.max_seq_len:
-            raise ValueError(f"window of {length} sites + SOS exceeds max_seq_len={self.max_seq_len}")
-        k = retrieved.shape[1]
-        af_seq = torch.cat([af.new_zeros(1), af]).float()
-        query = torch.where(masked, torch.zeros_like(query), query)  # nothing leaks from hidden sites
-        e_query = self.embed(allele_tokens(query, masked), af_seq)
-        e_ret = self.embed(allele_tokens(retrieved.reshape(b * k, length)), af_seq).view(b, k, length + 1, -1)
-        fused = self.fusion(e_query[:, 1:], e_ret[:, :, 1:], query, ~masked, retrieved)
-        x = torch.cat([e_query[:, :1], fused], dim=1)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.cfg.activation_checkpointing and self.training else block(x)
-        return self.head(self.ln_f(x[:, 1:])).squeeze(-1)
+    def forward(self, alleles: Tensor, weights: Tensor, gaps: Tensor, query: Tensor, observed: Tensor, maf: Tensor) -> Tensor:
+        """alleles [B, L, k] donor alleles (0/1) at each site; weights [B, G, k] donor weights per gap;
+        gaps [L] long: each site's gap (row of ``weights``), i.e. donors and weights of site l are those
+        of gap gaps[l]; query [B, L] the query's alleles (read at typed sites only); observed [L] bool:
+        typed sites; maf [L] -> ALT logits [B, L]."""
+        b, length, k = alleles.shape
+        log_w = torch.log(weights.float().clamp(min=1e-6))
+        rank = (torch.arange(k, device=alleles.device, dtype=torch.float32) / k).expand_as(log_w)
+        score = log_w + self.gap_score(torch.stack([log_w / 10, rank], dim=-1)).squeeze(-1)  # [B, G, k]
+        log_maf = torch.log10(maf.float().clamp(min=EPS)) / 4  # [L], in about [-1, 0]
+        allele_bias = self.allele_score(torch.stack([log_maf, log_maf * log_maf], dim=-1))  # [L, 1]
+        alleles = alleles.float()
+        site_score = score[:, gaps] + alleles * allele_bias  # [B, L, k]
+        alpha = site_score.softmax(dim=-1)
+        p = (alpha * alleles).sum(-1).clamp(EPS, 1 - EPS)
+        logit = torch.logit(p)
+        entropy = -(alpha * torch.log(alpha.clamp(min=1e-9))).sum(-1) / math.log(k)
+        typed = observed.float().expand(b, length)
+        known = torch.where(observed, 2 * query.float() - 1, torch.zeros_like(p))  # ±1 at typed sites
+        features = torch.stack(
+            [logit / 5, p, entropy, alpha.max(-1).values, log_maf.expand(b, length), typed, known, (2 * p - 1) * known],
+            dim=-1,
+        )
+        x = self.inp(features)  # [B, L, D]
+        drop = self.cfg.dropout if self.training else 0.0
+        for conv in self.mix:
+            x = x + F.dropout(F.gelu(conv(x.transpose(1, 2))).transpose(1, 2), drop, self.training)
+        return logit + self.head(x).squeeze(-1)
 
 
 def imputation_loss(logits: Tensor, target: Tensor, masked: Tensor) -> Tensor:
-    """Mean binary cross-entropy over masked sites (0 when nothing is masked)."""
+    """Mean binary cross-entropy over masked (untyped) sites (0 when nothing is masked)."""
     if not bool(masked.any()):
         return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[masked].float(), target[masked].float())
-
-
-@torch.no_grad()
-def retrieve(
-    model: RagImputer,
-    query: Tensor,
-    observed: Tensor,
-    reference: Tensor,
-    af: Tensor,
-    k: int,
-    exclude: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Exact k nearest references per query under each query's own mask, ranked by the current
-    embedding's site weights. Returns (reference indices [B, k], their alleles [B, k, L])."""
-    weights = model.site_weights(af)
-    _, idx = masked_topk(query, observed, reference, weights, k, exclude)
-    return idx, reference[idx]

@@ -15,7 +15,7 @@ EXIT_INTERRUPTED = 75
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rag_hpc.train",
-        description="Train the Embedding-RAG imputer on the prepared panel (data.panel_h5). Rerunning with the "
+        description="Train the donor imputer on the prepared panel (data.panel_h5). Rerunning with the "
         "same config resumes from the newest valid checkpoint in the run directory (<workdir>/runs/<train.name>) "
         "at the exact next batch. Under torchrun or a submitit multi-task job (RANK/WORLD_SIZE/MASTER_ADDR/"
         "MASTER_PORT set) each process is one DDP rank. SIGUSR2 or SIGTERM: checkpoint at the next step, "

@@ -1,12 +1,12 @@
 """Validation metrics on masked sites, and where epoch metrics go (CSV, TensorBoard).
 
 Dosage r² pairs the two haplotypes of each validation sample (haplotypes 2s and 2s + 1): predicted
-dosage P(ALT | h1) + P(ALT | h2) against the true ALT count, at the sites the fixed validation mask
-hides (shared by every validation haplotype of a window, so both haplotypes of a sample are masked
-at the same sites). r² per MAF bin is the *aggregate* r² of imputation papers: the squared Pearson
-correlation over all (sample, site) genotypes whose site falls in the bin, pooled across windows.
-Per-site r² would be undefined at the many rare sites where no validation sample carries the ALT.
-MAF comes from the panel's train-split AF (what the model sees).
+dosage P(ALT | h1) + P(ALT | h2) against the true ALT count, at the sites the run's array leaves
+untyped (the same for every validation haplotype). r² per MAF bin is the statistic ``rag_hpc.evaluate``
+reports for an imputed VCF, so the two can be compared: the squared Pearson correlation over the
+validation samples at each site, averaged over the bin's sites; sites monomorphic in the validation
+truth have none and are left out, a constant prediction where the truth varies scores 0. MAF comes
+from the panel's train-split AF (what the model sees).
 
 Every quantity is a sum, accumulated in one float64 vector, so ranks (each validating its own
 windows) combine with a single all_reduce.
@@ -35,7 +35,7 @@ MAF_BINS = tuple(f"{lo:.3f}-{hi:.3f}" for lo, hi in itertools.pairwise(MAF_EDGES
 # Layout of the accumulator vector.
 _LOSS, _N, _CORRECT, _TP, _FP, _FN = range(6)
 _HEAD = 6
-_PER_BIN = 6  # n, sum x, sum y, sum xx, sum yy, sum xy
+_PER_BIN = 2  # sites with an r², sum of their r²
 SIZE = _HEAD + _PER_BIN * len(MAF_BINS)
 
 
@@ -73,21 +73,18 @@ class ValAccumulator:
         s[_FP] += (pred & ~truth).sum()
         s[_FN] += (~pred & truth).sum()
         p = torch.sigmoid(lg)
-        dose = p[0::2] + p[1::2]  # [samples, masked sites]
+        dose = p[0::2] + p[1::2]  # [samples, untyped sites]
         true = y[0::2] + y[1::2]
+        dx, dy = dose - dose.mean(0), true - true.mean(0)
+        sxx, syy, sxy = (dx * dx).sum(0), (dy * dy).sum(0), (dx * dy).sum(0)
+        r2 = torch.where(sxx > 1e-12, sxy * sxy / (sxx * syy).clamp(min=1e-300), torch.zeros_like(sxy)).clamp(max=1.0)
+        has = (syy > 1e-12) & (dose.shape[0] >= 2)  # monomorphic in the truth: no r²
         bins = maf_bin(af[masked])
         for b in range(len(MAF_BINS)):
-            cols = bins == b
-            if not bool(cols.any()):
-                continue
-            x, t = dose[:, cols], true[:, cols]
+            cols = has & (bins == b)
             o = _HEAD + _PER_BIN * b
-            s[o] += x.numel()
-            s[o + 1] += x.sum()
-            s[o + 2] += t.sum()
-            s[o + 3] += (x * x).sum()
-            s[o + 4] += (t * t).sum()
-            s[o + 5] += (x * t).sum()
+            s[o] += cols.sum()
+            s[o + 1] += r2[cols].sum()
 
     def result(self) -> dict[str, float]:
         s = self.sums.cpu().tolist()
@@ -100,21 +97,9 @@ class ValAccumulator:
         out["val_f1_alt"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else math.nan
         for b, name in enumerate(MAF_BINS):
             o = _HEAD + _PER_BIN * b
-            out[f"val_r2_maf_{name}"] = aggregate_r2(*s[o : o + _PER_BIN])
+            out[f"val_r2_maf_{name}"] = s[o + 1] / s[o] if s[o] else math.nan
             out[f"val_n_maf_{name}"] = s[o]
         return out
-
-
-def aggregate_r2(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float:
-    """Squared Pearson correlation from sums; NaN when either side has no variance."""
-    if n < 2:
-        return math.nan
-    cov = n * sxy - sx * sy
-    vx = n * sxx - sx * sx
-    vy = n * syy - sy * sy
-    if vx <= 0 or vy <= 0:
-        return math.nan
-    return cov * cov / (vx * vy)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +108,6 @@ def aggregate_r2(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: fl
 EPOCH_COLUMNS = (
     "epoch",
     "step",
-    "mask_rate",
     "lr",
     "train_loss",
     "val_loss",

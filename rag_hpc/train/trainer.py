@@ -37,13 +37,14 @@ import yaml
 from torch import Tensor, nn
 
 from rag_hpc.config import RagConfig, TrainConfig
-from rag_hpc.data.masks import curriculum_rate, train_mask, val_mask
 from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
+from rag_hpc.data.windows import Window
 from rag_hpc.errors import CheckpointError, ConfigError
 from rag_hpc.index.build import WindowCache
-from rag_hpc.index.retrieval import own_sample_exclusion
+from rag_hpc.index.donors import DonorTable, panel_donors
 from rag_hpc.locks import RunInUseError, one_writer
-from rag_hpc.model.rag import RagImputer, imputation_loss, retrieve
+from rag_hpc.model.predict import donor_logits
+from rag_hpc.model.rag import DonorImputer, imputation_loss
 from rag_hpc.rng import RNG_NAME, Stream, uniforms
 from rag_hpc.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
@@ -74,6 +75,7 @@ _FREE_ON_RESUME = {
     "train.progress",
     "train.tensorboard",
     "train.min_step_seconds",
+    "donors.batch",
 }
 
 
@@ -167,47 +169,44 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 class WindowData:
     window: int
     alleles: Tensor  # uint8 [n_haplotypes, L] on the device: queries are rows of it
-    reference: Tensor  # float64 [n_reference, L]: the train split, the dtype the exact search computes in
-    reference_ids: Tensor  # int64 [n_reference]: panel haplotype ids of those rows
-    af: Tensor  # float32 [L]
-    af_np: np.ndarray
+    reference: Tensor  # uint8 [n_reference, L]: the train split in ``reference_haplotypes`` order (donor rows)
+    observed: Tensor  # bool [L]: the run's array sites in this window, all a query sees
+    maf: Tensor  # float32 [L], train-split MAF
 
     @property
     def length(self) -> int:
-        return int(self.af.shape[0])
+        return int(self.maf.shape[0])
 
 
-def window_data(window: int, alleles: np.ndarray, af: np.ndarray, reference_ids: np.ndarray, device: torch.device) -> WindowData:
+def window_data(
+    window: int, alleles: np.ndarray, af: np.ndarray, reference_ids: np.ndarray, observed: np.ndarray, device: torch.device
+) -> WindowData:
     all_t = torch.from_numpy(np.ascontiguousarray(alleles)).to(device)
-    ref_ids = torch.from_numpy(np.asarray(reference_ids, dtype=np.int64)).to(device)
     return WindowData(
         window,
         all_t,
-        all_t[ref_ids].to(torch.float64),
-        ref_ids,
-        torch.from_numpy(np.asarray(af, dtype=np.float32)).to(device),
-        np.asarray(af, dtype=np.float32),
+        all_t[torch.from_numpy(np.asarray(reference_ids, dtype=np.int64)).to(device)],
+        torch.from_numpy(observed).to(device),
+        torch.from_numpy(np.minimum(af, 1 - af).astype(np.float32)).to(device),
     )
 
 
 def forward_batch(
-    model: RagImputer, net: nn.Module, data: WindowData, query_ids: Tensor, masked: Tensor, k: int, amp: bool
+    net: nn.Module, window: Window, data: WindowData, table: DonorTable, rows: np.ndarray, query_ids: Tensor, amp: bool
 ) -> Tensor:
-    """Retrieve (exact, own sample excluded, outside autocast) then run ``net`` (the model or its DDP
-    wrapper) on the queries ``query_ids`` (panel haplotype ids) under ``masked``: ALT logits [B, L]."""
-    query = data.alleles[query_ids].long()
-    exclude = own_sample_exclusion(query_ids, data.reference_ids)
-    _, retrieved = retrieve(model, query, ~masked, data.reference, data.af, k, exclude)
-    with autocast(data.af.device, amp):
-        return net(query, masked, data.af, retrieved.long())
+    """Run ``net`` (the model or its DDP wrapper) on the queries ``query_ids`` (panel haplotype ids, rows
+    ``rows`` of their donor table) typed at the window's array sites: ALT logits [B, L]."""
+    with autocast(data.maf.device, amp):
+        return donor_logits(net, table, window, rows, data.reference, data.alleles[query_ids], data.observed, data.maf)
 
 
 class _WindowLoader:
     """Shards of the windows in flight, on the device; loaded (checksum-verified) once each."""
 
-    def __init__(self, cache: WindowCache, reference_ids: np.ndarray, device: torch.device, capacity: int):
+    def __init__(self, cache: WindowCache, reference_ids: np.ndarray, donors: DonorTable, device: torch.device, capacity: int):
         self.cache = cache
         self.reference_ids = reference_ids
+        self.donors = donors  # for its typed sites
         self.device = device
         self.capacity = capacity
         self._held: OrderedDict[int, WindowData] = OrderedDict()
@@ -217,11 +216,22 @@ class _WindowLoader:
             self._held.move_to_end(window)
             return self._held[window]
         shard = self.cache.shard(window)
-        data = window_data(window, shard.alleles, shard.af, self.reference_ids, self.device)
+        observed = self.donors.observed(self.cache.windows[window])
+        data = window_data(window, shard.alleles, shard.af, self.reference_ids, observed, self.device)
         self._held[window] = data
         while len(self._held) > self.capacity:
             self._held.popitem(last=False)
         return data
+
+
+def training_queries(train_haplotypes: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
+    """Panel haplotype ids (sorted, both of each sample) of ``n_samples`` train-split samples drawn by
+    ``Stream.TRAIN_QUERIES``: all of them when the split has no more."""
+    samples = np.unique(np.asarray(train_haplotypes) // 2)
+    if samples.size > n_samples:
+        keys = uniforms(seed, Stream.TRAIN_QUERIES, 0, samples.astype(np.uint64), 0, 1)[:, 0]
+        samples = np.sort(samples[np.argsort(keys, kind="stable")[:n_samples]])
+    return np.stack([2 * samples, 2 * samples + 1], axis=1).reshape(-1).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,11 +328,12 @@ class Trainer:
         self.cache = WindowCache(config)
         panel = self.cache.panel
         hap_split = panel.haplotype_split()
-        self.train_ids = np.flatnonzero(hap_split == SPLIT_TRAIN).astype(np.int64)
+        self.train_ids = training_queries(np.flatnonzero(hap_split == SPLIT_TRAIN), config.donors.train_samples, self.cfg.seed)
         self.val_ids = np.flatnonzero(hap_split == SPLIT_VAL).astype(np.int64)
-        if config.model.k > len(self.train_ids) - 2:
+        reference = panel.reference_haplotypes()
+        if config.model.k > reference.size - 2:
             raise ConfigError(
-                f"model.k={config.model.k} but a query can retrieve only {len(self.train_ids) - 2} train-split "
+                f"model.k={config.model.k} but a query can copy only {reference.size - 2} train-split "
                 "haplotypes (its own sample is excluded): lower model.k"
             )
         self.n_windows = len(self.cache.windows)
@@ -337,13 +348,10 @@ class Trainer:
             )
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
-        self.loader = _WindowLoader(
-            self.cache, panel.reference_haplotypes(self.cfg.seed), self.device, capacity=self.sampler.mix_windows
-        )
         self.panel_id = {"source_sha256": panel.info.source_sha256, "split": panel.split_digest()}
 
         torch.manual_seed(self.cfg.seed)
-        self.model = RagImputer(config.model, config.windows.max_seq_len).to(self.device)
+        self.model = DonorImputer(config.model).to(self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.cfg.warmup_steps, self.total_steps, self.cfg.min_lr_ratio)
@@ -355,6 +363,24 @@ class Trainer:
         self.epoch_seconds = 0.0
         self.last_checkpoint: Path | None = None
         self.resumed_from = self._resume()
+        # After the checkpoint checks: a run refused for its checkpoint costs no HMM.
+        # Every query of the run sees the same array sites, so each one's donors are computed once (cached).
+        typed = self.cache.array_sites()
+        if typed.size == 0:
+            raise ConfigError("the run's array types no panel site: check data.targets_vcf, or raise masks.array_density")
+        k, donor_cfg, t0 = config.model.k, config.donors, time.perf_counter()
+        self.train_donors = panel_donors(self.cache, typed, self.train_ids, donor_cfg, k, "training")
+        self.val_donors = panel_donors(self.cache, typed, self.val_ids, donor_cfg, k, "validation") if self.val_ids.size else None
+        log.info(
+            "donors: %d training and %d validation haplotypes typed at %d array sites, k %d, ready in %.1f s (%s)",
+            self.train_ids.size,
+            self.val_ids.size,
+            typed.size,
+            k,
+            time.perf_counter() - t0,
+            "the target VCF's sites" if self.cache.target_observed() is not None else "simulated array",
+        )
+        self.loader = _WindowLoader(self.cache, reference, self.train_donors, self.device, capacity=self.sampler.mix_windows)
         self.net = wrap_model(self.model, env)
 
         self.csv: MetricsCsv | None = None
@@ -399,14 +425,12 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-        level = min(epoch // self.config.masks.epochs_per_level, len(self.config.masks.levels) - 1)
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "epoch": epoch,
             "batch_in_epoch": in_epoch * self.cfg.grad_accum,  # the sampler position of the next micro-batch
-            "curriculum_level": level,
-            "mask_rate": curriculum_rate(epoch, self.config.masks),
+            "array_sites": int(self.train_donors.typed.size),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -486,26 +510,18 @@ class Trainer:
         """Forward + backward of one micro-batch; returns this rank's share of the step loss."""
         env, cfg = self.env, self.cfg
         data = self.loader(mb.window)
-        masks = train_mask(self.config.masks, mb.window, mb.haplotypes, mb.epoch, data.af_np, self._typed(mb.window))
-        n_global = int(masks.sum())
-        per = len(mb.haplotypes) // env.world_size
-        masked = torch.from_numpy(masks[env.rank * per : (env.rank + 1) * per]).to(self.device)
-        ids = torch.from_numpy(mb.local(env.rank, env.world_size)).to(self.device)
+        n_global = len(mb.haplotypes) * int((~data.observed).sum())  # every query hides the same sites
+        local = mb.local(env.rank, env.world_size)
+        ids = torch.from_numpy(local).to(self.device)
+        rows = np.searchsorted(self.train_ids, local)  # the train query table is in haplotype-id order
         seed = uniforms(cfg.seed, Stream.DROPOUT, env.rank, np.array([self.step], np.uint64), micro, 1)[0, 0]
         torch.manual_seed(int(seed * 2**53))
-        logits = forward_batch(self.model, self.net, data, ids, masked, self.config.model.k, self.amp)
+        logits = forward_batch(self.net, self.cache.windows[mb.window], data, self.train_donors, rows, ids, self.amp)
+        masked = (~data.observed).expand_as(logits)
         bce_sum = imputation_loss(logits, data.alleles[ids], masked) * int(masked.sum())
         scale = 1.0 / (max(n_global, 1) * cfg.grad_accum)
         (bce_sum * (scale * env.world_size)).backward()
         return bce_sum.detach().double() * scale
-
-    def _typed(self, window: int) -> np.ndarray | None:
-        """The target array's sites in ``window`` when the config names targets: train on the real array."""
-        typed = self.cache.target_observed()
-        if typed is None:
-            return None
-        w = self.cache.windows[window]
-        return typed[w.start : w.stop]
 
     def train_step(self) -> tuple[Tensor, float]:
         """One optimizer step at ``self.step``: (this rank's loss share, grad norm)."""
@@ -532,8 +548,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss, accuracy, ALT F1 and dosage r² by MAF bin on the val split under the fixed mask;
-        windows are dealt round-robin to ranks and the sums combined."""
+        """Loss, accuracy, ALT F1 and dosage r² by MAF bin on the val split typed at the run's array (the
+        task imputation does, so the figure the accuracy bench finds for this checkpoint); windows are
+        dealt round-robin to ranks and the sums combined."""
         model, env = self.model, self.env
         model.eval()
         acc = ValAccumulator(self.device)
@@ -541,15 +558,16 @@ class Trainer:
         val_ids = torch.from_numpy(self.val_ids).to(self.device)
         for window in range(env.rank, self.n_windows, env.world_size):
             data = self.loader(window)
-            hidden = torch.from_numpy(val_mask(self.config.masks, window, data.length)).to(self.device)
-            if not bool(hidden.any()) or len(val_ids) == 0:
+            hidden = ~data.observed
+            if not bool(hidden.any()) or self.val_donors is None:
                 continue
             logits = []
             for start in range(0, len(val_ids), vbs):
-                ids = val_ids[start : start + vbs]
-                masked = hidden.expand(len(ids), -1)
-                logits.append(forward_batch(model, model, data, ids, masked, self.config.model.k, self.amp).float())
-            acc.add_window(torch.cat(logits), data.alleles[val_ids], hidden, data.af)
+                rows = np.arange(start, min(start + vbs, len(val_ids)))
+                logits.append(
+                    forward_batch(model, self.cache.windows[window], data, self.val_donors, rows, val_ids[rows], self.amp).float()
+                )
+            acc.add_window(torch.cat(logits), data.alleles[val_ids], hidden, data.maf)  # MAF bins the same as AF
         all_reduce_sum(acc.sums, env)
         model.train()
         return acc.result()
@@ -591,8 +609,6 @@ class Trainer:
             while self.step < self.stop_step:
                 t0 = time.perf_counter()
                 epoch = self.step // self.steps_per_epoch
-                if self.step % self.steps_per_epoch == 0:
-                    log.info("epoch %d: mask rate %.2f", epoch, curriculum_rate(epoch, self.config.masks))
                 share, grad_norm = self.train_step()
                 if cfg.min_step_seconds > 0:
                     # Tests and benchmarks only: a sleep, so the numbers are those of a run without it.
@@ -671,7 +687,6 @@ class Trainer:
         row: dict[str, Any] = {
             "epoch": epoch,
             "step": self.step,
-            "mask_rate": curriculum_rate(epoch, self.config.masks),
             "lr": self.scheduler.get_last_lr()[0],
             "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_steps),
             **val,
@@ -762,4 +777,21 @@ def train(config: RagConfig, signals: tuple[int, ...] = DEFAULT_SIGNALS) -> Path
                     trainer.close()
     finally:
         _Requests.clear()
+        shutdown(env)
+
+
+def validate_checkpoint(config: RagConfig) -> dict[str, float]:
+    """The validation metrics of the newest checkpoint in the config's run directory, computed by the
+    training's own validator (what an epoch end logs): for a run stopped between epochs (a time budget,
+    a preemption), and for comparing a checkpoint's validation with what imputation scores."""
+    env = init_distributed(config.train.device)
+    try:
+        trainer = Trainer(config, env)
+        try:
+            if trainer.resumed_from is None:
+                raise CheckpointError(f"no valid checkpoint in {trainer.checkpoints.directory} to validate: train first")
+            return trainer.validate()
+        finally:
+            trainer.close()
+    finally:
         shutdown(env)

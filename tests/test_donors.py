@@ -1,0 +1,65 @@
+"""Donor tables: the retrieval training, validation and imputation read — each query's Li–Stephens
+donors over the run's array sites, its own sample never among them, computed once and read from the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rag_hpc.config import load_config
+from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
+from rag_hpc.index.build import WindowCache
+from rag_hpc.index.donors import DONORS, compute_donors, panel_donors, typed_columns
+from rag_hpc.train import train
+from tests.train_helpers import train_overrides
+
+
+def _cache(tiny_panel, tmp_path, *extra: str) -> WindowCache:
+    return WindowCache(load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", *extra)))
+
+
+def test_a_training_query_never_copies_itself_or_its_sample_mate(tiny_panel, tmp_path):
+    cache = _cache(tiny_panel, tmp_path)
+    queries = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_TRAIN)
+    typed = cache.array_sites()
+    table = panel_donors(cache, typed, queries, cache.config.donors, 8, "test")
+    reference = cache.panel.reference_haplotypes()
+    donor_samples = reference[table.donors] // 2  # [M + 1, Q, k] panel sample of every donor
+    assert not (donor_samples == (queries // 2)[None, :, None]).any()
+    assert np.allclose(table.weights.astype(np.float32).sum(axis=2), 1, atol=2e-3)  # float16 weights
+    # Validation queries are not in the reference: nothing to exclude, and their table says so in its key.
+    val = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_VAL)
+    assert not np.isin(val, reference).any()
+
+
+def test_a_window_reads_each_sites_gap_donors(tiny_panel, tmp_path):
+    cache = _cache(tiny_panel, tmp_path)
+    typed = cache.array_sites()
+    queries = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_VAL)
+    table = compute_donors(cache, typed, typed_columns(cache, typed, queries), cache.config.donors, 8)
+    window = cache.windows[1]
+    donors, weights, gaps = table.window(window, slice(None))
+    for site in (window.start, window.start + 37, window.stop - 1):
+        row = np.searchsorted(typed, site, side="right")  # gap after the last typed site at or before it
+        assert np.array_equal(donors[:, gaps[site - window.start]], table.donors[row])
+        assert np.array_equal(weights[:, gaps[site - window.start]], table.weights[row])
+    assert np.array_equal(
+        np.flatnonzero(table.observed(window)) + window.start, typed[(typed >= window.start) & (typed < window.stop)]
+    )
+
+
+def test_training_and_its_resume_read_the_donor_tables_built_once(tiny_panel, tmp_path):
+    config = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=4"))
+    train(config)
+    tables = sorted((config.paths.cache / DONORS).glob("*/*/donors.npz"))
+    assert len(tables) == 2  # training and validation queries
+    stamps = [t.stat().st_mtime_ns for t in tables]
+    log = (tmp_path / "work" / "runs" / "default" / "train.log").read_text()
+    assert "74 training and 6 validation haplotypes" in log
+    resumed = load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=8"))
+    train(resumed)
+    assert sorted((config.paths.cache / DONORS).glob("*/*/donors.npz")) == tables
+    assert [t.stat().st_mtime_ns for t in tables] == stamps  # read, not rebuilt
+    # A table that no longer matches its checksum is rebuilt, not read.
+    tables[0].write_bytes(b"garbage")
+    train(load_config(overrides=train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=9")))
+    assert tables[0].read_bytes()[:2] == b"PK"
