@@ -223,14 +223,18 @@ def donor_table_bytes(plan: Plan, queries: int) -> int:
 
 def donor_build_bytes(plan: Plan) -> int:
     """Peak of computing a donor table beyond the tables themselves: the reference and the queries at the
-    typed sites (uint8), and one HMM sweep's forward messages (all kept up to FORWARD_BYTES, else one per
-    block of 64 sites plus one block) and its few working vectors of batch x reference floats."""
+    typed sites (uint8), the HMM's emission tables, and one sweep's forward messages (all kept up to
+    FORWARD_BYTES, else one per block of 64 sites plus one block) and its few working vectors of batch x
+    reference floats."""
     from rag_hpc.index.matching import FORWARD_BYTES
 
     q_train, q_val = plan.queries
     per_site = plan.donor_batch * plan.reference * 4
     forward = per_site * plan.typed if per_site * plan.typed <= FORWARD_BYTES else per_site * (plan.typed // 64 + 64)
-    return plan.typed * (plan.reference + max(q_train, q_val)) + forward + 8 * per_site
+    tables = 8 * plan.typed * plan.reference  # the emission tables, kept when they fit FORWARD_BYTES
+    return (
+        plan.typed * (plan.reference + max(q_train, q_val)) + forward + (tables if tables <= FORWARD_BYTES else 0) + 8 * per_site
+    )
 
 
 def lxd_window_bytes(plan: Plan) -> int:

@@ -72,10 +72,18 @@ def li_stephens_donors(
     if exclude is not None and exclude.shape[0] != n_query:
         raise ValueError(f"exclude has {exclude.shape[0]} rows for {n_query} queries")
 
+    # Emission tables [2, N] per typed site, made once for all query batches when they fit FORWARD_BYTES
+    # (each is read twice per batch: forward and backward).
+    tables: dict[int, np.ndarray] | None = {} if n_typed * 2 * n_ref * 4 <= FORWARD_BYTES else None
+
     def emit(out: np.ndarray, query: np.ndarray, j: int, q0: int) -> None:
         """out *= P(query allele | each reference) at typed site j: one gather from a [2, N] table."""
-        ref = reference_t[j]
-        table = np.stack([np.where(ref == 0, hit, miss), np.where(ref == 1, hit, miss)])
+        table = tables.get(j) if tables is not None else None
+        if table is None:
+            ref = reference_t[j]
+            table = np.stack([np.where(ref == 0, hit, miss), np.where(ref == 1, hit, miss)])
+            if tables is not None:
+                tables[j] = table
         out *= table[query[j]]
         if exclude is not None:
             np.put_along_axis(out, exclude[q0 : q0 + out.shape[0]], 0.0, axis=1)
