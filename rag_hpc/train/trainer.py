@@ -609,6 +609,10 @@ class Trainer:
             while self.step < self.stop_step:
                 t0 = time.perf_counter()
                 epoch = self.step // self.steps_per_epoch
+                if self.step % self.steps_per_epoch == 0:
+                    log.info(
+                        "epoch %d: %d steps of %d queries", epoch, self.steps_per_epoch, self.cfg.batch_size * self.cfg.grad_accum
+                    )
                 share, grad_norm = self.train_step()
                 if cfg.min_step_seconds > 0:
                     # Tests and benchmarks only: a sleep, so the numbers are those of a run without it.
