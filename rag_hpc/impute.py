@@ -154,11 +154,12 @@ class CopyPredictor:
         error: float | None = None,
         k: int | None = None,
     ) -> CopyPredictor:
+        from rag_hpc.config import DonorConfig
         from rag_hpc.index.build import WindowCache
 
+        given = {name: value for name, value in (("ne", ne), ("error", error)) if value is not None}
         try:
-            donors = config.donors.model_copy(update={k: v for k, v in (("ne", ne), ("error", error)) if v is not None})
-            donors = type(donors)(**donors.model_dump())  # validated
+            donors = DonorConfig(**{**config.donors.model_dump(), **given})
         except ValueError as exc:
             raise ConfigError(f"copy: {exc}") from None
         return cls(WindowCache(config, panel), donors, config.model.k if k is None else k)

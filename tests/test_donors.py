@@ -43,7 +43,7 @@ def test_a_window_reads_each_sites_gap_donors(tiny_panel, tmp_path):
         assert np.array_equal(donors[:, gaps[site - window.start]], table.donors[row])
         assert np.array_equal(weights[:, gaps[site - window.start]], table.weights[row])
     assert np.array_equal(
-        np.flatnonzero(table.observed(window)) + window.start, typed[(typed >= window.start) & (typed < window.stop)]
+        np.flatnonzero(window.observed(typed)) + window.start, typed[(typed >= window.start) & (typed < window.stop)]
     )
 
 

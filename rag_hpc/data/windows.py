@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Window:
@@ -18,6 +20,13 @@ class Window:
     @property
     def length(self) -> int:
         return self.stop - self.start
+
+    def observed(self, typed: np.ndarray) -> np.ndarray:
+        """bool [L]: which of this window's sites are in ``typed`` (panel site indices, increasing)."""
+        out = np.zeros(self.length, bool)
+        lo, hi = np.searchsorted(typed, [self.start, self.stop])
+        out[typed[lo:hi] - self.start] = True
+        return out
 
 
 def make_windows(n_sites: int, window_size: int) -> list[Window]:

@@ -158,9 +158,7 @@ class WindowCache:
     def fixed_masks(self, window: Window) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
         """name -> (mask spec for the key, observed sites bool [L]) for the run's array where it types at
         least one site of this window (with none there is nothing to search on)."""
-        observed = np.zeros(window.length, bool)
-        typed = self.array_sites()
-        observed[typed[(typed >= window.start) & (typed < window.stop)] - window.start] = True
+        observed = window.observed(self.array_sites())
         if not observed.any():
             return {}
         return {"array": ({"kind": "sites", "sites_sha256": sites_digest(np.flatnonzero(observed))}, observed)}

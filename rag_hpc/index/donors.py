@@ -50,10 +50,6 @@ class DonorTable:
     donors: np.ndarray
     weights: np.ndarray
 
-    @property
-    def k(self) -> int:
-        return int(self.donors.shape[2])
-
     def window(self, window: Window, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What the model reads for the queries ``rows`` in ``window``: donors and weights [B, G, k] of the
         G gaps the window's sites fall in, and each site's gap among them (int64 [L])."""
@@ -62,13 +58,6 @@ class DonorTable:
         donors = self.donors[first:last][:, rows].transpose(1, 0, 2).astype(np.int64)
         weights = self.weights[first:last][:, rows].transpose(1, 0, 2).astype(np.float32)
         return donors, weights, gap_rows - first
-
-    def observed(self, window: Window) -> np.ndarray:
-        """bool [L]: the window's typed sites."""
-        out = np.zeros(window.length, bool)
-        inside = self.typed[(self.typed >= window.start) & (self.typed < window.stop)]
-        out[inside - window.start] = True
-        return out
 
 
 def typed_columns(cache: WindowCache, typed: np.ndarray, haplotypes: np.ndarray) -> np.ndarray:
@@ -146,8 +135,12 @@ def panel_donors(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, cfg
             files = cache.store.read(art)
             if files is None:
                 t0 = time.perf_counter()
-                reference_t = typed_columns(cache, typed, reference)
-                query_t = typed_columns(cache, typed, queries)
+                both = typed_columns(cache, typed, np.concatenate([reference, queries]))  # one pass over the shards
+                reference_t, query_t = (
+                    np.ascontiguousarray(both[:, : reference.size]),
+                    np.ascontiguousarray(both[:, reference.size :]),
+                )
+                del both
                 exclude = own_sample_rows(queries, reference) if exclude_own else None
                 table = compute_donors(cache, typed, query_t, cfg, k, exclude, reference_t)
                 cache.store.commit(art, {"donors.npz": _table_bytes(table, queries)})

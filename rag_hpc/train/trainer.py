@@ -203,10 +203,10 @@ def forward_batch(
 class _WindowLoader:
     """Shards of the windows in flight, on the device; loaded (checksum-verified) once each."""
 
-    def __init__(self, cache: WindowCache, reference_ids: np.ndarray, donors: DonorTable, device: torch.device, capacity: int):
+    def __init__(self, cache: WindowCache, reference_ids: np.ndarray, typed: np.ndarray, device: torch.device, capacity: int):
         self.cache = cache
         self.reference_ids = reference_ids
-        self.donors = donors  # for its typed sites
+        self.typed = typed
         self.device = device
         self.capacity = capacity
         self._held: OrderedDict[int, WindowData] = OrderedDict()
@@ -216,7 +216,7 @@ class _WindowLoader:
             self._held.move_to_end(window)
             return self._held[window]
         shard = self.cache.shard(window)
-        observed = self.donors.observed(self.cache.windows[window])
+        observed = self.cache.windows[window].observed(self.typed)
         data = window_data(window, shard.alleles, shard.af, self.reference_ids, observed, self.device)
         self._held[window] = data
         while len(self._held) > self.capacity:
@@ -380,7 +380,7 @@ class Trainer:
             time.perf_counter() - t0,
             "the target VCF's sites" if self.cache.target_observed() is not None else "simulated array",
         )
-        self.loader = _WindowLoader(self.cache, reference, self.train_donors, self.device, capacity=self.sampler.mix_windows)
+        self.loader = _WindowLoader(self.cache, reference, typed, self.device, capacity=self.sampler.mix_windows)
         self.net = wrap_model(self.model, env)
 
         self.csv: MetricsCsv | None = None
@@ -430,7 +430,6 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "batch_in_epoch": in_epoch * self.cfg.grad_accum,  # the sampler position of the next micro-batch
-            "array_sites": int(self.train_donors.typed.size),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
