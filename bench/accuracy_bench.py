@@ -505,7 +505,8 @@ def main() -> int:
         extra = {
             k: v
             for k, v in r.info.items()
-            if k in ("version", "command", "targets", "train_seconds", "stopped_at_step", "compress_seconds", "weighting")
+            if k
+            in ("version", "command", "targets", "train_seconds", "stopped_at_step", "compress_seconds", "weighting", "val_r2")
         }
         if extra:
             print(f"  {r.label}: " + "; ".join(f"{k}={v}" for k, v in extra.items()))
@@ -532,7 +533,8 @@ def main() -> int:
                     **{
                         k: v
                         for k, v in r.info.items()
-                        if k in ("version", "k", "ambiguous", "budget_min", "train_seconds", "compress_seconds", "weighting")
+                        if k
+                        in ("version", "k", "ambiguous", "budget_min", "train_seconds", "compress_seconds", "weighting", "val_r2")
                     },
                 }
                 for r in results

@@ -15,7 +15,8 @@ Per batch (query haplotypes of one window, typed at one array's sites):
 
 Both learned corrections start at exactly zero, so an untrained model *is* the copy predictor with k
 donors: training starts from Li–Stephens and can only be kept if it validates better. Every cost is
-O(B·L·k) for the attention and O(B·L·D²) for the residual network: imputation runs on CPU in seconds.
+O(B·L·k) for the attention and O(B·L·D²) for the residual network, small next to the HMM that finds
+the donors.
 """
 
 from __future__ import annotations
