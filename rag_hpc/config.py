@@ -88,12 +88,18 @@ class DonorConfig(_Section):
     train_samples: int = Field(
         384, gt=0, description="train-split samples used as training queries (their donor tables are built once and cached)"
     )
-    batch: int = Field(16, gt=0, description="query haplotypes per HMM sweep (memory: batch x reference x typed sites floats)")
+    batch: int = Field(32, gt=0, description="query haplotypes per HMM sweep (memory: batch x reference x typed sites floats)")
+    threads: int | None = Field(
+        None, gt=0, description="HMM sweeps run at once (each holds its own messages); None: the CPUs this process may use"
+    )
+
+    def sweep_threads(self) -> int:
+        return self.threads or len(os.sched_getaffinity(0))
 
 
 class ModelConfig(_Section):
-    dims: int = Field(32, gt=0, description="width of the per-site residual network")
-    layers: int = Field(2, ge=0, description="residual convolution layers over neighbouring sites")
+    dims: int = Field(8, gt=0, description="width of the per-site residual network")
+    layers: int = Field(1, ge=0, description="residual convolution layers over neighbouring sites")
     kernel: int = Field(5, gt=0, description="sites each residual convolution sees (odd)")
     k: int = Field(
         64, gt=1, description="donors per query haplotype and gap between typed sites (the copy predictor reads it too)"

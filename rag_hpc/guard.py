@@ -92,8 +92,8 @@ class Plan:
     haplotypes: int
     sites: int
     window_size: int = 511
-    dims: int = 32
-    layers: int = 2
+    dims: int = 8
+    layers: int = 1
     kernel: int = 5
     k: int = 64
     batch_size: int = 32  # per training rank
@@ -102,7 +102,7 @@ class Plan:
     array_density: float = 0.025  # typed share of sites (the target array's, or the simulated one's)
     targets: bool = False  # a target VCF is configured (its reader and sites are held)
     train_samples: int = 384  # training queries (their donor tables are held in RAM)
-    donor_batch: int = 16  # queries per HMM sweep
+    donor_batch: int = 32  # queries per HMM sweep
     windows_per_task: int = 16
     cached_windows: int = 0
     bf16: bool = True

@@ -177,10 +177,13 @@ class CopyPredictor:
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
         if self._table is None:
             raise RuntimeError("CopyPredictor.begin(targets) must run before predict_window")
-        reference = self.cache.shard(window_id).alleles[self._reference]  # uint8 [N, L]
-        donors, weights, gaps = self._table.window(self.cache.windows[window_id], slice(None))
-        alleles = reference[donors[:, gaps, :], np.arange(gaps.size)[None, :, None]]  # [B, L, k]
-        return np.clip(np.einsum("blk,blk->bl", alleles, weights[:, gaps, :], dtype=np.float32), 0.0, 1.0)
+        import torch
+
+        from rag_hpc.model.rag import donor_sums
+
+        reference = torch.from_numpy(self.cache.shard(window_id).alleles[self._reference]).float()
+        donors, weights, gaps = (torch.from_numpy(a) for a in self._table.window(self.cache.windows[window_id], slice(None)))
+        return donor_sums(weights, donors, reference, gaps).clamp(0.0, 1.0).numpy()
 
 
 def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> HaplotypePredictor:

@@ -35,13 +35,13 @@ from rag_hpc.index.matching import li_stephens_donors, switch_probabilities
 log = logging.getLogger("rag_hpc.index")
 
 DONORS = "donors"
-DONOR_FORMAT = 1
+DONOR_FORMAT = 2  # 2: donors heaviest first
 
 
 @dataclass(frozen=True)
 class DonorTable:
     """k donors per query and gap. ``typed`` int64 [M]: panel sites, increasing; ``donors`` [M + 1, Q, k]:
-    rows of the reference (``Panel.reference_haplotypes()`` order), uint16 when the reference has fewer
+    rows of the reference (``Panel.reference_haplotypes()`` order), heaviest first per query and gap, uint16 when the reference has fewer
     than 65,536 haplotypes, else int32; ``weights`` float16 [M + 1, Q, k], summing to 1 per query and gap
     (to float16's 1e-3: the tables are the run's largest artifact, and a weight needs no more).
     Row ``g + 1`` is the gap after typed site ``g``."""
@@ -86,8 +86,11 @@ def compute_donors(
     if reference_t is None:
         reference_t = typed_columns(cache, typed, reference)
     switch = switch_probabilities(cache.panel.positions[typed], reference.size, cfg.ne)
-    found = li_stephens_donors(query_t, reference_t, switch, cfg.error, k, cfg.batch, exclude=exclude)
-    return DonorTable(typed, found.donors.astype(donor_dtype(reference.size)), found.weights.astype(np.float16))
+    dtypes = (donor_dtype(reference.size), np.float16)
+    found = li_stephens_donors(
+        query_t, reference_t, switch, cfg.error, k, cfg.batch, exclude=exclude, threads=cfg.sweep_threads(), dtypes=dtypes
+    )
+    return DonorTable(typed, found.donors, found.weights)
 
 
 def donor_dtype(n_reference: int) -> type[np.integer]:

@@ -14,18 +14,20 @@ numpy on alleles at typed sites (uint8, one row per typed site); nothing here de
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-FORWARD_BYTES = 256 * 2**20  # forward messages of one query batch kept whole up to this size
+FORWARD_BYTES = 512 * 2**20  # forward messages of one query batch (per thread) kept whole up to this size
 
 
 @dataclass(frozen=True)
 class GapDonors:
-    """The ``k`` heaviest donors of each query haplotype around every gap, and their weights (summing to ~1).
+    """The ``k`` heaviest donors of each query haplotype around every gap, heaviest first, and their weights
+    (summing to ~1).
 
-    donors int32 [M + 1, B, k]: reference rows; weights float32 [M + 1, B, k]; row ``g + 1`` is gap ``g``
+    donors [M + 1, B, k]: reference rows; weights [M + 1, B, k]; row ``g + 1`` is gap ``g``
     (between typed sites g and g + 1; row 0 is before the first typed site)."""
 
     donors: np.ndarray
@@ -41,6 +43,8 @@ def li_stephens_donors(
     batch: int = 16,
     block: int = 64,
     exclude: np.ndarray | None = None,
+    threads: int = 1,
+    dtypes: tuple[type, type] = (np.int32, np.float32),
 ) -> GapDonors:
     """Posterior copying probabilities of the Li–Stephens HMM at every gap between typed sites.
 
@@ -57,12 +61,14 @@ def li_stephens_donors(
 
     ``exclude`` (int [B, e], reference rows) takes states out of each query's HMM (emission 0 everywhere):
     a panel haplotype used as a query must not copy itself or its own sample's other haplotype.
+    ``threads`` query batches are swept at once (each holds its own forward messages). ``dtypes``: of the
+    donors and the weights kept (narrow ones save the conversion afterwards, which the threads share).
     """
     n_typed, n_ref = reference_t.shape
     k = min(k, n_ref)
     n_query = query_t.shape[1]
-    donors = np.zeros((n_typed + 1, n_query, k), np.int32)
-    weights = np.zeros((n_typed + 1, n_query, k), np.float32)
+    donors = np.zeros((n_typed + 1, n_query, k), dtypes[0])
+    weights = np.zeros((n_typed + 1, n_query, k), dtypes[1])
     switch = np.clip(np.asarray(switch, np.float64), 0.0, 1.0)
     half = 1.0 - np.sqrt(1.0 - switch)  # a switch probability over half the gap's distance
     hit, miss = np.float32(1.0 - error), np.float32(error)
@@ -72,19 +78,17 @@ def li_stephens_donors(
     if exclude is not None and exclude.shape[0] != n_query:
         raise ValueError(f"exclude has {exclude.shape[0]} rows for {n_query} queries")
 
+    def emission(j: int) -> np.ndarray:
+        ref = reference_t[j]
+        return np.stack([np.where(ref == 0, hit, miss), np.where(ref == 1, hit, miss)])
+
     # Emission tables [2, N] per typed site, made once for all query batches when they fit FORWARD_BYTES
     # (each is read twice per batch: forward and backward).
-    tables: dict[int, np.ndarray] | None = {} if n_typed * 2 * n_ref * 4 <= FORWARD_BYTES else None
+    tables = [emission(j) for j in range(n_typed)] if n_typed * 2 * n_ref * 4 <= FORWARD_BYTES else None
 
     def emit(out: np.ndarray, query: np.ndarray, j: int, q0: int) -> None:
         """out *= P(query allele | each reference) at typed site j: one gather from a [2, N] table."""
-        table = tables.get(j) if tables is not None else None
-        if table is None:
-            ref = reference_t[j]
-            table = np.stack([np.where(ref == 0, hit, miss), np.where(ref == 1, hit, miss)])
-            if tables is not None:
-                tables[j] = table
-        out *= table[query[j]]
+        out *= (tables[j] if tables is not None else emission(j))[query[j]]
         if exclude is not None:
             np.put_along_axis(out, exclude[q0 : q0 + out.shape[0]], 0.0, axis=1)
 
@@ -99,15 +103,16 @@ def li_stephens_donors(
         alpha /= alpha.sum(axis=1, keepdims=True)
 
     def keep(gap: int, q0: int, post: np.ndarray) -> None:
+        """Store each query's k heaviest states at ``gap``, heaviest first (the model reads a donor's rank)."""
         if exclude is not None:  # the half-gap jump gives every state a share, excluded ones too
             np.put_along_axis(post, exclude[q0 : q0 + post.shape[0]], 0.0, axis=1)
-        top = np.argpartition(post, n_ref - k, axis=1)[:, n_ref - k :]
-        w = np.take_along_axis(post, top, axis=1)
+        top, w = heaviest(post, k)
         donors[gap + 1, q0 : q0 + post.shape[0]] = top
         weights[gap + 1, q0 : q0 + post.shape[0]] = w / w.sum(axis=1, keepdims=True)
 
     starts = list(range(0, n_typed, block))
-    for q0 in range(0, n_query, batch):
+
+    def sweep(q0: int) -> None:
         query = query_t[:, q0 : q0 + batch]
         alpha = np.full((query.shape[1], n_ref), 1.0 / n_ref, np.float32)
         # lefts[b0][i] = alpha_{b0 + i - 1} (the prior for b0 + i = 0); without keep_all only [0] is kept
@@ -144,7 +149,26 @@ def li_stephens_donors(
                     keep(-1, q0, right)
                 else:
                     keep(j - 1, q0, ((1 - h) * block_lefts[j - b0] + h / n_ref) * right)
+
+    # Query batches are independent and write disjoint rows, so the result is the same whatever the
+    # thread count; numpy releases the GIL in the array operations, so threads use the cores.
+    batches = range(0, n_query, batch)
+    if threads <= 1 or len(batches) == 1:
+        for q0 in batches:
+            sweep(q0)
+    else:
+        with ThreadPoolExecutor(min(threads, len(batches))) as pool:
+            list(pool.map(sweep, batches))
     return GapDonors(donors, weights)
+
+
+def heaviest(post: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns [B, k] of each row's k largest values, largest first, and the values."""
+    n = post.shape[1]
+    top = np.argpartition(post, n - k, axis=1)[:, n - k :]
+    values = np.take_along_axis(post, top, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
 
 
 def switch_probabilities(positions_bp: np.ndarray, n_reference: int, ne: float, cm_per_mb: float = 1.0) -> np.ndarray:

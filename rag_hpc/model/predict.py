@@ -60,15 +60,12 @@ def donor_logits(
     maf: Tensor,
 ) -> Tensor:
     """ALT logits [B, L] of the queries ``rows`` of ``table`` in ``window`` from ``model`` (a DonorImputer or
-    its DDP wrapper); ``reference`` uint8 [N, L]: the window's reference alleles (train split,
+    its DDP wrapper); ``reference`` float [N, L]: the window's reference alleles (train split,
     ``reference_haplotypes`` order), on the model's device like ``query``, ``observed`` and ``maf``."""
     donors, weights, gaps = table.window(window, rows)
     device = reference.device
-    donors_t = torch.from_numpy(donors).to(device).long()
-    gaps_t = torch.from_numpy(gaps).to(device)
-    sites = torch.arange(reference.shape[1], device=device)
-    alleles = reference[donors_t[:, gaps_t, :], sites[None, :, None]]  # [B, L, k]
-    return model(alleles, torch.from_numpy(weights).to(device), gaps_t, query, observed, maf)
+    donors_t, weights_t, gaps_t = (torch.from_numpy(a).to(device) for a in (donors, weights, gaps))
+    return model(reference, donors_t, weights_t, gaps_t, query, observed, maf)
 
 
 class ModelPredictor:
@@ -77,7 +74,7 @@ class ModelPredictor:
 
     name = "model"
 
-    def __init__(self, model: DonorImputer, cache: WindowCache, donors: DonorConfig, batch_size: int = 64):
+    def __init__(self, model: DonorImputer, cache: WindowCache, donors: DonorConfig, batch_size: int = 256):
         self.model = model
         self.cache = cache
         self.donor_cfg = donors
@@ -95,7 +92,7 @@ class ModelPredictor:
         if self._table is None:
             raise RuntimeError("ModelPredictor.begin(targets) must run before predict_window")
         shard = self.cache.shard(window_id)
-        reference = torch.from_numpy(np.ascontiguousarray(shard.alleles[self._reference])).to(self.device)
+        reference = torch.from_numpy(shard.alleles[self._reference]).to(self.device, torch.float32)
         maf = torch.from_numpy(np.minimum(shard.af, 1 - shard.af)).to(self.device)
         obs = torch.from_numpy(observed).to(self.device)
         out = np.empty(query.shape, dtype=np.float32)
@@ -115,4 +112,6 @@ def model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> Mo
             f"checkpoint was trained with windows.window_size={saved['windows']['window_size']} but the config "
             f"says {config.windows.window_size}: impute with the training window size"
         )
-    return ModelPredictor(model, WindowCache(config), DonorConfig(**saved["donors"]))
+    # The HMM's parameters shaped what the model learnt from; how it is run (batch, threads) is this job's.
+    donors = DonorConfig(**{**saved["donors"], "batch": config.donors.batch, "threads": config.donors.threads})
+    return ModelPredictor(model, WindowCache(config), donors)
