@@ -1,11 +1,11 @@
 """Training step throughput of the donor imputer on one device, with synthetic panel data.
 
-    python bench/train_bench.py [--dims 32 --layers 2 --kernel 5 --k 64 --batch 32 --seq 511 --steps 50
+    python bench/train_bench.py [--dims 8 --layers 1 --kernel 5 --k 64 --batch 32 --seq 511 --steps 50
                                  --warmup 10 --panel-haps 4508 --device auto] [--json]
 
 One "batch" is what one optimizer step of ``rag_hpc.train`` does for one micro-batch, through the same
-functions (``forward_batch``): gather each query's donors' alleles at every site of the window from its
-donor table, the per-site donor attention and residual network forward, masked BCE on the untyped sites,
+functions (``forward_batch``): read each query's donors per gap from its donor table, the per-site donor
+attention (sparse donor sums over the window's reference) and residual network forward, masked BCE on the untyped sites,
 backward, gradient clipping and the AdamW step. The donor tables themselves are built once per run and
 cached (``rag_hpc.index.donors``), so they are not part of a step; here they are random (the step's cost
 does not depend on which donors they name). ms/batch is the median over --steps timed batches after
@@ -71,9 +71,9 @@ GPU_DEFAULTS = {
     "warmup": 10,
     "panel_haps": 4508,
 }
-CPU_DEFAULTS = {
-    "dims": 32,
-    "layers": 2,
+CPU_DEFAULTS = {  # the model config's defaults
+    "dims": 8,
+    "layers": 1,
     "kernel": 5,
     "batch": 32,
     "seq": 511,
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def count_forward_flops(model: DonorImputer, run_forward: Any, batch: int, seq: int, k: int) -> float:
-    """Forward FLOPs of one batch: Linear and Conv1d calls counted by hooks, the donor attention analytically."""
+    """Forward FLOPs of one batch: Linear and Conv1d calls counted by hooks, the donor sums analytically."""
     counted = [0.0]
 
     def linear(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -130,7 +130,7 @@ def count_forward_flops(model: DonorImputer, run_forward: Any, batch: int, seq: 
     finally:
         for h in handles:
             h.remove()
-    return counted[0] + 4.0 * batch * seq * k
+    return counted[0] + 6.0 * batch * seq * k  # three donor sums (own and both neighbouring gaps), a multiply-add each
 
 
 def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None) -> float | None:

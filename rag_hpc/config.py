@@ -80,6 +80,9 @@ class MaskConfig(_Section):
     )
 
 
+MAX_SWEEP_THREADS = 8  # default cap on concurrent HMM sweeps: the guard plans their memory with it
+
+
 class DonorConfig(_Section):
     """Li–Stephens donor retrieval (``rag_hpc.index.donors``): what the model and the copy predictor read."""
 
@@ -90,11 +93,14 @@ class DonorConfig(_Section):
     )
     batch: int = Field(32, gt=0, description="query haplotypes per HMM sweep (memory: batch x reference x typed sites floats)")
     threads: int | None = Field(
-        None, gt=0, description="HMM sweeps run at once (each holds its own messages); None: the CPUs this process may use"
+        None,
+        gt=0,
+        description=f"HMM sweeps run at once (each holds its own messages); None: the CPUs this process may use, "
+        f"at most {MAX_SWEEP_THREADS}",
     )
 
     def sweep_threads(self) -> int:
-        return self.threads or len(os.sched_getaffinity(0))
+        return self.threads or min(MAX_SWEEP_THREADS, len(os.sched_getaffinity(0)))
 
 
 class ModelConfig(_Section):

@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from rag_hpc.config import MAX_SWEEP_THREADS
 from rag_hpc.errors import ConfigError
 from rag_hpc.fsutil import human_bytes
 
@@ -54,14 +55,12 @@ GT_CHUNK_BYTES = 8 * MiB
 # Host memory of a CUDA training process beyond the imports (CUDA context, pinned staging).
 CUDA_HOST_BYTES = 1 * GiB
 CUDA_CONTEXT_BYTES = 600 * MiB  # per GPU, not usable by tensors
-# The model's step (rag_hpc/model/rag.py), fp32: per (site x donor) the gathered alleles, the gap score
-# gathered to sites, the site score, its softmax and the weighted alleles, each kept for backward and
-# with a gradient of the same size; without autograd about two of them are live at a time. Per (site x
-# dim x layer) the convolution's output, its GELU and the residual sum. Counted from the model's
-# tensors, not yet fitted on measured RSS (bench/guard_bench.py): they err high.
-DONOR_BYTES = 40
-DONOR_BYTES_NO_GRAD = 16
-ACT_BYTES_FP32 = 24
+# The model's step (rag_hpc/model/rag.py), fp32, counted from its tensors (doubled with autograd for
+# what is kept and its gradient): per (gap x donor) the log weights, the score correction's input and
+# 8-wide hidden layer, scores, exponentials and the donor sums' sorted copies (~30 floats); per site the
+# sums, probabilities and the 8 features (~24 floats). Not fitted on measured RSS: they err high.
+GAP_DONOR_BYTES = 120
+SITE_BYTES = 96
 
 # -- disk. Every cache artifact is a directory holding its data file and manifest.json, under a
 # fan-out directory (one per 256 keys at most), with a lock file: a filesystem block (4 KiB) each for
@@ -103,6 +102,7 @@ class Plan:
     targets: bool = False  # a target VCF is configured (its reader and sites are held)
     train_samples: int = 384  # training queries (their donor tables are held in RAM)
     donor_batch: int = 32  # queries per HMM sweep
+    donor_threads: int = MAX_SWEEP_THREADS  # sweeps at once (donors.threads; unset: at most this many)
     windows_per_task: int = 16
     cached_windows: int = 0
     bf16: bool = True
@@ -183,6 +183,7 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
         targets=config.data.targets_vcf is not None,
         train_samples=config.donors.train_samples,
         donor_batch=config.donors.batch,
+        donor_threads=config.donors.threads or MAX_SWEEP_THREADS,
         windows_per_task=config.index.windows_per_task,
         cached_windows=cached_windows,
         bf16=t.bf16 if t.bf16 is not None else on_gpu,
@@ -221,19 +222,22 @@ def donor_table_bytes(plan: Plan, queries: int) -> int:
     return (plan.typed + 1) * queries * plan.k * (4 if plan.reference <= 65536 else 6)
 
 
-def donor_build_bytes(plan: Plan) -> int:
-    """Peak of computing a donor table beyond the tables themselves: the reference and the queries at the
-    typed sites (uint8), the HMM's emission tables, and one sweep's forward messages (all kept up to
+def donor_build_bytes(plan: Plan, queries: int) -> int:
+    """Peak of computing a donor table of ``queries`` haplotypes beyond the table itself: the panel read in
+    4,096-site blocks (and the block's selected columns), the reference and the queries at the typed
+    sites (uint8), the HMM's emission tables, and one sweep's forward messages (all kept up to
     FORWARD_BYTES, else one per block of 64 sites plus one block) and its few working vectors of batch x
-    reference floats."""
+    reference floats, for each of the sweeps that run at once."""
     from rag_hpc.index.matching import FORWARD_BYTES
 
-    q_train, q_val = plan.queries
-    per_site = plan.donor_batch * plan.reference * 4
+    per_site = min(plan.donor_batch, queries) * plan.reference * 4
     forward = per_site * plan.typed if per_site * plan.typed <= FORWARD_BYTES else per_site * (plan.typed // 64 + 64)
     tables = 8 * plan.typed * plan.reference  # the emission tables, kept when they fit FORWARD_BYTES
     return (
-        plan.typed * (plan.reference + max(q_train, q_val)) + forward + (tables if tables <= FORWARD_BYTES else 0) + 8 * per_site
+        2 * plan.haplotypes * 4096
+        + plan.typed * (plan.reference + queries)
+        + plan.donor_threads * (forward + 8 * per_site)
+        + (tables if tables <= FORWARD_BYTES else 0)
     )
 
 
@@ -265,12 +269,14 @@ def _panel_bytes(plan: Plan) -> int:
 def _step_bytes(plan: Plan, batch: int, amp: bool, training: bool) -> int:
     """Memory of one forward (+ backward when ``training``) beyond the weights, on the training device."""
     L, D = plan.window_size, plan.dims
-    sites = batch * L
-    # Per (site x donor): the gathered alleles, score, softmax and its products (DONOR_BYTES kept for
-    # backward); per (site x dim): the residual network's activations, per layer and outside.
-    per_donor = DONOR_BYTES if training else DONOR_BYTES_NO_GRAD
-    per_dim = ACT_BYTES_FP32 * (plan.layers + 2) if training else 3 * 4
-    return sites * plan.k * per_donor + sites * D * per_dim
+    gaps = math.ceil(L * plan.array_density) + 1
+    grad = 2 if training else 1
+    # Per (gap x donor) the scores and their correction's hidden layer; per site the donor sums and
+    # features; per (site x dim) the residual network's activations; in backward, one [batch, reference]
+    # product per gap at a time (rag_hpc.model.rag.donor_sums).
+    per_gap_donor = GAP_DONOR_BYTES * grad
+    per_site = SITE_BYTES * grad + 4 * D * (plan.layers + 2) * grad
+    return batch * (gaps * plan.k * per_gap_donor + L * per_site) + (batch * plan.reference * 4 if training else 0)
 
 
 def estimate(plan: Plan) -> Estimate:
@@ -308,7 +314,15 @@ def estimate(plan: Plan) -> Estimate:
         # observed columns, and the float32 vectors three times (the array given to FAISS, FAISS's copy,
         # the serialised bytes); the heap rarely returns freed blocks between these steps, so they add up.
         window_ram = H * L + R * L + R * plan.observed + 3 * R * plan.observed * 4
-        index_ram = JOB_IMPORT_BYTES + INDEX_FIRST_USE_BYTES + _panel_bytes(plan) + _chunk_cache_bytes(plan) + window_ram
+        # After its windows, a task computes its part of each donor table (one part per task).
+        part = math.ceil(max(plan.queries) / math.ceil(plan.windows / plan.windows_per_task))
+        index_ram = (
+            JOB_IMPORT_BYTES
+            + INDEX_FIRST_USE_BYTES
+            + _panel_bytes(plan)
+            + _chunk_cache_bytes(plan)
+            + max(window_ram, donor_table_bytes(plan, part) + donor_build_bytes(plan, part))
+        )
         # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, the donor tables of
         # the training and validation queries (held whole; the larger one is built while the other is
         # held, and its npz bytes are copied once on commit), and at a checkpoint torch.save's BytesIO
@@ -321,11 +335,11 @@ def estimate(plan: Plan) -> Estimate:
             + _panel_bytes(plan)
             + (TENSORBOARD_BYTES if plan.tensorboard else 0)
             + sum(tables)
-            + max(max(tables) + donor_build_bytes(plan), 2 * ckpt)
+            + max(max(tables) + donor_build_bytes(plan, max(plan.queries)), 2 * ckpt)
         )
-        # A window's tensors: alleles (uint8) of every haplotype, the reference rows again (uint8);
-        # mix_windows of them stay loaded (_WindowLoader).
-        window = H * L + R * L
+        # A window's tensors: alleles (uint8) of every haplotype, the reference rows again (float32, what
+        # the donor sums multiply); mix_windows of them stay loaded (_WindowLoader).
+        window = H * L + 4 * R * L
         if plan.train_on_gpu:
             # Weights, optimizer state and windows live on the GPU; the host stages one shard (its
             # npz bytes and the unpacked alleles) on the way there.
@@ -338,7 +352,7 @@ def estimate(plan: Plan) -> Estimate:
                 + max(_step_bytes(plan, plan.batch_size, amp, True), _step_bytes(plan, val_batch, amp, False))
             )
     gpu = CUDA_CONTEXT_BYTES + 16 * params + _step_bytes(plan, plan.batch_size, amp, True)
-    gpu += min(plan.mix_windows, plan.windows) * (H * L + R * L)
+    gpu += min(plan.mix_windows, plan.windows) * (H * L + 4 * R * L)
     if plan.index == "flat-lxd":
         gpu += lxd_window_bytes(plan)  # the predecessor searched a window's L×D index on the GPU
     return Estimate(

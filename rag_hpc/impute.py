@@ -183,7 +183,7 @@ class CopyPredictor:
 
         reference = torch.from_numpy(self.cache.shard(window_id).alleles[self._reference]).float()
         donors, weights, gaps = (torch.from_numpy(a) for a in self._table.window(self.cache.windows[window_id], slice(None)))
-        return donor_sums(weights, donors, reference, gaps).clamp(0.0, 1.0).numpy()
+        return donor_sums(weights[None], donors, reference, gaps)[0].clamp(0.0, 1.0).numpy()
 
 
 def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> HaplotypePredictor:

@@ -253,14 +253,15 @@ def run_guard(config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | 
 
 
 def build_window_range(config: RagConfig, window_ids: list[int]) -> dict[str, Any]:
-    """One array task: build (or find cached) every artifact of ``window_ids``."""
-    from rag_hpc.index.build import build_windows
+    """One array task: build (or find cached) every artifact of ``window_ids`` and their donor-table parts."""
+    from rag_hpc.index.build import prebuild
 
     t0 = time.perf_counter()
-    results = build_windows(config, window_ids, progress=False)
+    done = prebuild(config, window_ids, progress=False)
     return {
         "windows": window_ids,
-        "built": [r.window_id for r in results if r.status == "built"],
+        "built": [r.window_id for r in done.windows if r.status == "built"],
+        "donor_parts_built": done.donor_parts_built,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -654,14 +655,17 @@ def run_local(config: RagConfig, log: Any = print) -> dict[str, Path]:
     """The whole pipeline on this machine: prebuild -> train -> impute -> evaluate."""
     from rag_hpc.evaluate import evaluate, write_report
     from rag_hpc.impute import impute, load_model_predictor
-    from rag_hpc.index.build import build_windows
+    from rag_hpc.index.build import prebuild
     from rag_hpc.train import train
     from rag_hpc.train.metrics import plot_loss_curve
 
     t0 = time.perf_counter()
-    results = build_windows(config, None, progress=True)
-    built = sum(r.status == "built" for r in results)
-    log(f"index: {built} window(s) built, {len(results) - built} cached, in {time.perf_counter() - t0:.1f} s")
+    done = prebuild(config, None, progress=True)
+    built = sum(r.status == "built" for r in done.windows)
+    log(
+        f"index: {built} window(s) built, {len(done.windows) - built} cached; donor-table parts: "
+        f"{done.donor_parts_built} built, {done.donor_parts_cached} cached; in {time.perf_counter() - t0:.1f} s"
+    )
     t0 = time.perf_counter()
     checkpoint = train(config)
     log(f"training: {checkpoint} in {time.perf_counter() - t0:.1f} s")

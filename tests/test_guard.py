@@ -29,7 +29,8 @@ def test_predecessors_design_needs_about_one_and_a_half_terabytes_and_is_refused
 
 def test_chr21_scale_plan_fits_a_modest_node():
     est = estimate(KGP_CHR21)
-    assert est.index_task_ram < 1 * 2**30 and est.disk_to_build < 2 * 2**30
+    # A task holds one window at a time, then runs its part of the donor HMM (up to 8 sweeps at once).
+    assert est.index_task_ram < 2 * 2**30 and est.disk_to_build < 2 * 2**30
     rows = check(KGP_CHR21, est, Budget(mem=parse_bytes("16G"), disk_free=parse_bytes("100G"), gpu_mem=parse_bytes("80G")))
     assert all(r.ok for r in rows)
 

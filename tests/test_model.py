@@ -22,7 +22,8 @@ def _inputs(b: int = 3, length: int = 40, gaps: int = 5, seed: int = 0) -> tuple
     query = (torch.rand(b, length, generator=g) < 0.3).long()
     observed = torch.rand(length, generator=g) < 0.2
     maf = torch.rand(length, generator=g) * 0.5
-    return reference, donors, weights, site_gaps, query, observed, maf
+    along = torch.rand(length, generator=g)
+    return reference, donors, weights, site_gaps, along, query, observed, maf
 
 
 def _donor_alleles(reference: torch.Tensor, donors: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,8 @@ def _donor_alleles(reference: torch.Tensor, donors: torch.Tensor, gaps: torch.Te
 
 def test_an_untrained_model_predicts_the_weighted_mean_of_its_donors_alleles():
     torch.manual_seed(0)
-    reference, donors, weights, gaps, query, observed, maf = _inputs()
-    p = torch.sigmoid(DonorImputer(CFG).eval()(reference, donors, weights, gaps, query, observed, maf))
+    reference, donors, weights, gaps, along, query, observed, maf = _inputs()
+    p = torch.sigmoid(DonorImputer(CFG).eval()(reference, donors, weights, gaps, along, query, observed, maf))
     copy = (_donor_alleles(reference, donors, gaps) * weights[:, gaps]).sum(-1).clamp(1e-4, 1 - 1e-4)
     assert torch.allclose(p, copy, atol=1e-6)
 
@@ -47,8 +48,8 @@ def test_donor_attention_is_a_softmax_per_site_with_the_allele_bias():
         for layer in (model.gap_score[-1], model.allele_score):
             layer.weight.normal_(0, 1.0)
         model.allele_score.bias.fill_(0.7)
-    reference, donors, weights, gaps, query, observed, maf = _inputs()
-    p = torch.sigmoid(model(reference, donors, weights, gaps, query, observed, maf))
+    reference, donors, weights, gaps, along, query, observed, maf = _inputs()
+    p = torch.sigmoid(model(reference, donors, weights, gaps, along, query, observed, maf))
     log_w = torch.log(weights.clamp(min=1e-6))
     rank = (torch.arange(CFG.k) / CFG.k).expand_as(log_w)
     score = log_w + model.gap_score(torch.stack([log_w / 10, rank], dim=-1)).squeeze(-1)
@@ -60,14 +61,18 @@ def test_donor_attention_is_a_softmax_per_site_with_the_allele_bias():
     assert torch.allclose(p, want, atol=1e-5), (p - want).abs().max()
 
 
-def test_donor_sums_match_indexing_and_have_exact_gradients():
+def test_donor_sums_match_indexing_for_each_gap_shift_and_have_exact_gradients():
     torch.manual_seed(0)
     reference, donors, _, gaps, *_ = _inputs()
-    values = torch.rand(donors.shape, dtype=torch.float64, requires_grad=True)
+    shifts = (0, -1, 1)
+    values = torch.rand(len(shifts), *donors.shape, dtype=torch.float64, requires_grad=True)
     ref64 = reference.double()
-    want = (_donor_alleles(ref64, donors, gaps) * values[:, gaps]).sum(-1)
-    assert torch.allclose(donor_sums(values, donors, ref64, gaps), want, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda v: donor_sums(v, donors, ref64, gaps), (values,))
+    got = donor_sums(values, donors, ref64, gaps, shifts)
+    for i, shift in enumerate(shifts):
+        read = (gaps + shift).clamp(0, donors.shape[1] - 1)  # the gap each site reads, at the window's edges its own
+        want = (_donor_alleles(ref64, donors, read) * values[i][:, read]).sum(-1)
+        assert torch.allclose(got[i], want, atol=1e-12), shift
+    assert torch.autograd.gradcheck(lambda v: donor_sums(v, donors, ref64, gaps, shifts), (values,))
 
 
 def test_hidden_alleles_cannot_influence_the_prediction():
@@ -76,20 +81,22 @@ def test_hidden_alleles_cannot_influence_the_prediction():
     with torch.no_grad():  # trained-looking weights: every correction active
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    reference, donors, weights, gaps, query, observed, maf = _inputs()
-    out = model(reference, donors, weights, gaps, query, observed, maf)
+    reference, donors, weights, gaps, along, query, observed, maf = _inputs()
+    out = model(reference, donors, weights, gaps, along, query, observed, maf)
     flipped = torch.where(observed, query, 1 - query)  # every untyped allele of the query flipped
-    assert torch.equal(out, model(reference, donors, weights, gaps, flipped, observed, maf))
+    assert torch.equal(out, model(reference, donors, weights, gaps, along, flipped, observed, maf))
     typed_flipped = torch.where(observed, 1 - query, query)
-    assert not torch.equal(out, model(reference, donors, weights, gaps, typed_flipped, observed, maf))  # typed ones are read
+    assert not torch.equal(
+        out, model(reference, donors, weights, gaps, along, typed_flipped, observed, maf)
+    )  # typed ones are read
 
 
 def test_gradients_reach_the_donor_scores_and_the_residual_network():
     torch.manual_seed(0)
     model = DonorImputer(CFG)
-    reference, donors, weights, gaps, query, observed, maf = _inputs()
+    reference, donors, weights, gaps, along, query, observed, maf = _inputs()
     masked = ~observed.expand(query.shape[0], -1)
-    imputation_loss(model(reference, donors, weights, gaps, query, observed, maf), query, masked).backward()
+    imputation_loss(model(reference, donors, weights, gaps, along, query, observed, maf), query, masked).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # The zero-initialised output layers get a gradient at once; the layers before them follow.

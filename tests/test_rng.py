@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from rag_hpc.config import MaskConfig, TrainConfig
+from rag_hpc.index.donors import training_queries
 from rag_hpc.rng import Stream, uniforms
 from rag_hpc.train.sampler import WindowBatchSampler
-from rag_hpc.train.trainer import training_queries
 
 # Under independence z = r * sqrt(N) is ~N(0, 1) for large N; P(|z| >= 4.5) = 6.8e-6 two-sided
 # (about 1.4e-5 for the two checks together). Everything here is seeded, so the outcome is fixed.

@@ -28,8 +28,9 @@ def parse_window_ids(spec: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rag_hpc.index",
-        description="Build the per-window panel shards and FAISS indexes into the content-addressed cache. "
-        "Windows whose artifacts are already complete and valid are skipped.",
+        description="Build the per-window panel shards and FAISS indexes, and the donor-table parts of those "
+        "windows' prebuild task (the Li-Stephens donors training and validation read), into the content-addressed "
+        "cache. Artifacts already complete and valid are skipped.",
     )
     add_config_args(parser)
     parser.add_argument("--windows", metavar="IDS", help="window ids, e.g. 0-15 or 3,7 (default: all)")
@@ -38,16 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rag_hpc.index.build import build_windows
+    from rag_hpc.index.build import prebuild
 
     config = config_from_args(args)
     ids = parse_window_ids(args.windows) if args.windows else None
     t0 = time.perf_counter()
-    results = build_windows(config, ids, progress=not args.quiet)
-    built = sum(r.status == "built" for r in results)
+    done = prebuild(config, ids, progress=not args.quiet)
+    built = sum(r.status == "built" for r in done.windows)
     print(
-        f"{len(results)} windows: {built} built, {len(results) - built} cached "
-        f"in {time.perf_counter() - t0:.1f} s; cache: {config.paths.cache}"
+        f"{len(done.windows)} windows: {built} built, {len(done.windows) - built} cached; donor-table parts: "
+        f"{done.donor_parts_built} built, {done.donor_parts_cached} cached; in {time.perf_counter() - t0:.1f} s; "
+        f"cache: {config.paths.cache}"
     )
     return 0
 

@@ -270,7 +270,27 @@ class WindowCache:
         )
 
 
+@dataclass(frozen=True)
+class PrebuildResult:
+    windows: list[WindowResult]
+    donor_parts_built: int
+    donor_parts_cached: int
+
+
 def build_windows(config: RagConfig, window_ids: Iterable[int] | None = None, progress: bool = True) -> list[WindowResult]:
     """Build (or skip, when cached and valid) every artifact of the given windows."""
     with Panel(config.panel_h5) as panel:
         return WindowCache(config, panel).build(window_ids, progress=progress)
+
+
+def prebuild(config: RagConfig, window_ids: Iterable[int] | None = None, progress: bool = True) -> PrebuildResult:
+    """What one index-prebuild task does: the given windows' artifacts (``WindowCache.build``), then the
+    donor-table parts that go with them (``rag_hpc.index.donors.parts_of_windows``); both skip what is
+    cached and valid."""
+    from rag_hpc.index.donors import build_panel_donors, parts_of_windows
+
+    with Panel(config.panel_h5) as panel:
+        cache = WindowCache(config, panel)
+        results = cache.build(window_ids, progress=progress)
+        built, cached = build_panel_donors(cache, parts_of_windows(cache, [r.window_id for r in results]))
+        return PrebuildResult(results, built, cached)

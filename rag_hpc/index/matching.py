@@ -137,18 +137,21 @@ def li_stephens_donors(
                 if j < n_typed - 1:  # beta_j from e_{j+1} beta_{j+1}, up to a factor (1 - switch)
                     s_next = switch[j + 1]
                     if s_next < 1.0:
-                        beta_e += np.float32(s_next / (1.0 - s_next)) * beta_e.mean(axis=1, keepdims=True)
+                        beta_e += np.float32(s_next / (1.0 - s_next))  # x mean(beta_e), which is 1 here
                     else:
                         beta_e[:] = 1.0
                 emit(beta_e, query, j, q0)
                 beta_e /= beta_e.mean(axis=1, keepdims=True)
-                # The gap left of typed site j: alpha_{j-1} and e_j beta_j, each moved half the gap.
-                h = np.float32(half[j])
-                right = (1 - h) * beta_e + h * beta_e.mean(axis=1, keepdims=True)
+                # The gap left of typed site j: alpha_{j-1} and e_j beta_j, each moved half the gap:
+                # ((1 - h) alpha + h / N) * ((1 - h) beta_e + h mean(beta_e)), mean 1, up to the factor
+                # (1 - h)^2, which the weights' normalisation removes.
+                h = float(half[j])
+                right = beta_e + np.float32(h / (1.0 - h)) if h < 1.0 else np.ones_like(beta_e)
                 if j == 0:
                     keep(-1, q0, right)
                 else:
-                    keep(j - 1, q0, ((1 - h) * block_lefts[j - b0] + h / n_ref) * right)
+                    left = block_lefts[j - b0] + np.float32(h / (n_ref * (1.0 - h))) if h < 1.0 else np.ones_like(beta_e)
+                    keep(j - 1, q0, left * right)
 
     # Query batches are independent and write disjoint rows, so the result is the same whatever the
     # thread count; numpy releases the GIL in the array operations, so threads use the cores.

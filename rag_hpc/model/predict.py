@@ -64,8 +64,8 @@ def donor_logits(
     ``reference_haplotypes`` order), on the model's device like ``query``, ``observed`` and ``maf``."""
     donors, weights, gaps = table.window(window, rows)
     device = reference.device
-    donors_t, weights_t, gaps_t = (torch.from_numpy(a).to(device) for a in (donors, weights, gaps))
-    return model(reference, donors_t, weights_t, gaps_t, query, observed, maf)
+    donors_t, weights_t, gaps_t, along = (torch.from_numpy(a).to(device) for a in (donors, weights, gaps, table.along(window)))
+    return model(reference, donors_t, weights_t, gaps_t, along, query, observed, maf)
 
 
 class ModelPredictor:

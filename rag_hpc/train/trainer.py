@@ -37,11 +37,10 @@ import yaml
 from torch import Tensor, nn
 
 from rag_hpc.config import RagConfig, TrainConfig
-from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
 from rag_hpc.data.windows import Window
 from rag_hpc.errors import CheckpointError, ConfigError
 from rag_hpc.index.build import WindowCache
-from rag_hpc.index.donors import DonorTable, panel_donors
+from rag_hpc.index.donors import DonorTable, panel_donors, run_queries
 from rag_hpc.locks import RunInUseError, one_writer
 from rag_hpc.model.predict import donor_logits
 from rag_hpc.model.rag import DonorImputer, imputation_loss
@@ -224,16 +223,6 @@ class _WindowLoader:
         return data
 
 
-def training_queries(train_haplotypes: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
-    """Panel haplotype ids (sorted, both of each sample) of ``n_samples`` train-split samples drawn by
-    ``Stream.TRAIN_QUERIES``: all of them when the split has no more."""
-    samples = np.unique(np.asarray(train_haplotypes) // 2)
-    if samples.size > n_samples:
-        keys = uniforms(seed, Stream.TRAIN_QUERIES, 0, samples.astype(np.uint64), 0, 1)[:, 0]
-        samples = np.sort(samples[np.argsort(keys, kind="stable")[:n_samples]])
-    return np.stack([2 * samples, 2 * samples + 1], axis=1).reshape(-1).astype(np.int64)
-
-
 # ------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -327,9 +316,8 @@ class Trainer:
 
         self.cache = WindowCache(config)
         panel = self.cache.panel
-        hap_split = panel.haplotype_split()
-        self.train_ids = training_queries(np.flatnonzero(hap_split == SPLIT_TRAIN), config.donors.train_samples, self.cfg.seed)
-        self.val_ids = np.flatnonzero(hap_split == SPLIT_VAL).astype(np.int64)
+        queries = run_queries(self.cache)
+        self.train_ids, self.val_ids = queries["training"], queries["validation"]
         reference = panel.reference_haplotypes()
         if config.model.k > reference.size - 2:
             raise ConfigError(
@@ -368,9 +356,9 @@ class Trainer:
         typed = self.cache.array_sites()
         if typed.size == 0:
             raise ConfigError("the run's array types no panel site: check data.targets_vcf, or raise masks.array_density")
-        k, donor_cfg, t0 = config.model.k, config.donors, time.perf_counter()
-        self.train_donors = panel_donors(self.cache, typed, self.train_ids, donor_cfg, k, "training")
-        self.val_donors = panel_donors(self.cache, typed, self.val_ids, donor_cfg, k, "validation") if self.val_ids.size else None
+        k, t0 = config.model.k, time.perf_counter()
+        self.train_donors = panel_donors(self.cache, typed, self.train_ids, "training")
+        self.val_donors = panel_donors(self.cache, typed, self.val_ids, "validation") if self.val_ids.size else None
         log.info(
             "donors: %d training and %d validation haplotypes typed at %d array sites, k %d, ready in %.1f s (%s)",
             self.train_ids.size,
