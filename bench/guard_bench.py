@@ -11,7 +11,8 @@ Each case is one job as the launcher runs it, in a fresh child process (so the p
 
 The prediction is the launcher's own: ``rag_hpc.launch.run_guard`` builds the Plan from the config and
 the panel exactly as ``python -m rag_hpc.launch`` does before submitting anything. Index tasks are
-compared with ``index_task_ram`` and ``disk_per_window`` x the windows the task built; training with
+compared with ``index_task_ram`` and ``disk_per_window`` x the windows the task built + its donor-table
+parts (``task_donor_disk``); training with
 ``train_host_ram`` (CPU training: ``cluster.gpus_per_node=0``) and ``train_disk``.
 
 Peak RSS: the child's resident size polled with psutil every 10 ms, and the kernel's high-water mark
@@ -209,7 +210,9 @@ def predict(overrides: list[str]) -> dict[str, Any]:
 
     config = load_config(overrides=overrides)
     todo, n_windows = uncached_windows(config)
-    guard = run_guard(config, n_windows - len(todo), mem=None, gpu_mem=None, tasks_per_node=1)
+    guard = run_guard(
+        config, n_windows - len(todo), mem=None, gpu_mem=None, tasks_per_node=1, cpus_per_task=len(os.sched_getaffinity(0))
+    )
     first_task = window_ranges(list(todo), config.index.windows_per_task)[0] if todo else []
     return {
         "first_task": first_task,
@@ -303,7 +306,7 @@ def compare(case: Case, guess: dict[str, Any], result: dict[str, Any], disk: int
     est = guess["estimate"]
     windows = len(guess["first_task"]) if case.kind == "index" else guess["n_windows"]
     if case.kind == "index":
-        predicted_rss, predicted_disk = est["index_task_ram"], est["disk_per_window"] * windows
+        predicted_rss, predicted_disk = est["index_task_ram"], est["disk_per_window"] * windows + est["task_donor_disk"]
     else:
         predicted_rss, predicted_disk = est["train_host_ram"], est["train_disk"]
     measured_rss = max(result["poll_rss"], result["ru_maxrss"])

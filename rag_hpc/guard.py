@@ -102,7 +102,7 @@ class Plan:
     targets: bool = False  # a target VCF is configured (its reader and sites are held)
     train_samples: int = 384  # training queries (their donor tables are held in RAM)
     donor_batch: int = 32  # queries per HMM sweep
-    donor_threads: int = MAX_SWEEP_THREADS  # sweeps at once (donors.threads; unset: at most this many)
+    donor_threads: int = 1  # HMM sweeps at once (donors.threads; unset: the job's CPUs, at most MAX_SWEEP_THREADS)
     windows_per_task: int = 16
     cached_windows: int = 0
     bf16: bool = True
@@ -134,6 +134,11 @@ class Plan:
         return max(1, math.ceil(self.typed / self.windows))
 
     @property
+    def donor_parts(self) -> int:
+        """Parts each donor table is computed in: one per prebuild task (rag_hpc.index.donors.donor_parts)."""
+        return math.ceil(self.windows / self.windows_per_task)
+
+    @property
     def queries(self) -> tuple[int, int]:
         """(training, validation) query haplotypes, each with a donor table."""
         return min(2 * self.train_samples, self.reference), self.haplotypes - self.reference
@@ -148,17 +153,23 @@ class Estimate:
     gpu_per_device: int
     params: int
     train_disk: int = 0  # the run directory: kept checkpoints and logs
+    task_donor_disk: int = 0  # what one prebuild task adds to the cache beyond its windows: its donor-table parts
     checkpoint_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
 
-def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_node: int) -> Plan:
+def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_node: int, cpus_per_task: int = 1) -> Plan:
     """The plan of a launch: this panel under this config, as its jobs will run (one place, so the
-    launcher and bench/guard_bench.py size the same thing)."""
+    launcher and bench/guard_bench.py size the same thing); ``cpus_per_task``: what each job may use
+    (the HMM runs that many sweeps at once unless donors.threads says)."""
     from rag_hpc.data.panel import SPLIT_TRAIN
 
     train_haplotypes = int((panel.haplotype_split() == SPLIT_TRAIN).sum())
-    density = config.masks.array_density
+    # The array's actual size (the simulated one is a random draw: on a tiled bench panel 20 % over
+    # its nominal density), since every donor table and HMM step scales with it.
+    from rag_hpc.data.masks import simulated_array
+
+    density = max(1, simulated_array(config.masks, panel.af).size) / panel.n_sites
     if config.data.targets_vcf is not None:
         from rag_hpc.data.vcf import target_panel_sites
 
@@ -183,7 +194,7 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
         targets=config.data.targets_vcf is not None,
         train_samples=config.donors.train_samples,
         donor_batch=config.donors.batch,
-        donor_threads=config.donors.threads or MAX_SWEEP_THREADS,
+        donor_threads=config.donors.threads or min(MAX_SWEEP_THREADS, cpus_per_task),
         windows_per_task=config.index.windows_per_task,
         cached_windows=cached_windows,
         bf16=t.bf16 if t.bf16 is not None else on_gpu,
@@ -315,7 +326,7 @@ def estimate(plan: Plan) -> Estimate:
         # the serialised bytes); the heap rarely returns freed blocks between these steps, so they add up.
         window_ram = H * L + R * L + R * plan.observed + 3 * R * plan.observed * 4
         # After its windows, a task computes its part of each donor table (one part per task).
-        part = math.ceil(max(plan.queries) / math.ceil(plan.windows / plan.windows_per_task))
+        part = math.ceil(max(plan.queries) / plan.donor_parts)
         index_ram = (
             JOB_IMPORT_BYTES
             + INDEX_FIRST_USE_BYTES
@@ -324,9 +335,9 @@ def estimate(plan: Plan) -> Estimate:
             + max(window_ram, donor_table_bytes(plan, part) + donor_build_bytes(plan, part))
         )
         # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, the donor tables of
-        # the training and validation queries (held whole; the larger one is built while the other is
-        # held, and its npz bytes are copied once on commit), and at a checkpoint torch.save's BytesIO
-        # plus the bytes copied out of it.
+        # the training and validation queries (held whole; the prebuild computed them: the larger is
+        # read as its parts, one part's npz bytes at a time, and joined), and at a checkpoint
+        # torch.save's BytesIO plus the bytes copied out of it.
         tables = [donor_table_bytes(plan, q) for q in plan.queries]
         train_ram = (
             JOB_IMPORT_BYTES
@@ -335,7 +346,7 @@ def estimate(plan: Plan) -> Estimate:
             + _panel_bytes(plan)
             + (TENSORBOARD_BYTES if plan.tensorboard else 0)
             + sum(tables)
-            + max(max(tables) + donor_build_bytes(plan, max(plan.queries)), 2 * ckpt)
+            + max(max(tables) + math.ceil(max(tables) / plan.donor_parts), 2 * ckpt)
         )
         # A window's tensors: alleles (uint8) of every haplotype, the reference rows again (float32, what
         # the donor sums multiply); mix_windows of them stay loaded (_WindowLoader).
@@ -363,6 +374,11 @@ def estimate(plan: Plan) -> Estimate:
         gpu_per_device=int(gpu),
         params=params,
         train_disk=int(train_disk),
+        task_donor_disk=int(
+            0
+            if plan.index == "flat-lxd"
+            else sum(donor_table_bytes(plan, math.ceil(q / plan.donor_parts)) + ARTIFACT_OVERHEAD_BYTES for q in plan.queries)
+        ),
         checkpoint_bytes=int(ckpt),
         notes=notes,
     )

@@ -192,16 +192,22 @@ def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
 
 def uncached_windows(config: RagConfig) -> tuple[dict[int, str], int]:
     """({window id: digest of its artifact keys} for windows with any invalid or missing artifact,
-    number of windows). The digest tells whether another launch builds exactly these artifacts."""
+    number of windows). The digest tells whether another launch builds exactly these artifacts. A
+    donor-table part counts as an artifact of the first window of its prebuild task, so a launch whose
+    windows are cached but whose tables are not (another array, more training samples) still submits the
+    tasks that compute them, and training only reads."""
     from rag_hpc.index.build import WindowCache
+    from rag_hpc.index.donors import part_artifacts
 
     cache = WindowCache(config)
     try:
         todo = {}
+        per_task = config.index.windows_per_task
+        parts = part_artifacts(cache)
         for w in cache.windows:
-            artifacts = cache.artifacts(w)
-            if any(cache.store.problem(a) is not None for a in artifacts.values()):
-                keys = "".join(sorted(a.key for a in artifacts.values()))
+            artifacts = list(cache.artifacts(w).values()) + (parts[w.id // per_task] if w.id % per_task == 0 else [])
+            if any(cache.store.problem(a) is not None for a in artifacts):
+                keys = "".join(sorted(a.key for a in artifacts))
                 todo[w.id] = hashlib.sha256(keys.encode()).hexdigest()[:16]
         return todo, len(cache.windows)
     finally:
@@ -232,11 +238,13 @@ def _disk_free(path: Path) -> int:
     return int(psutil.disk_usage(str(probe)).free)
 
 
-def run_guard(config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | None, tasks_per_node: int) -> GuardResult:
+def run_guard(
+    config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | None, tasks_per_node: int, cpus_per_task: int = 1
+) -> GuardResult:
     from rag_hpc.data.panel import Panel
 
     with Panel(config.panel_h5) as panel:
-        plan = plan_for(config, panel, n_cached, tasks_per_node)
+        plan = plan_for(config, panel, n_cached, tasks_per_node, cpus_per_task)
     est = estimate(plan)
     # Every training rank of a node shares the node's memory.
     node_train = Estimate(**{**est.__dict__, "train_host_ram": est.train_host_ram * tasks_per_node})
@@ -552,7 +560,7 @@ def _submit(config: RagConfig, opts: LaunchOptions, log: Any, records: list[dict
         mem = opts.mem or psutil.virtual_memory().total  # debug: everything runs in this process
     else:
         mem = opts.mem or info.mem_per_node
-    guard = run_guard(config, n_windows - len(todo), mem, opts.gpu_mem, tasks_per_node)
+    guard = run_guard(config, n_windows - len(todo), mem, opts.gpu_mem, tasks_per_node, opts.cpus_per_task)
     log(guard.table)
     if not guard.ok:
         raise LaunchError("memory guard: over budget (OVER rows above); nothing was submitted")
@@ -768,7 +776,8 @@ def main(args: argparse.Namespace) -> int:
         # Sized for this machine: training runs on CPU here unless it has a GPU (run_local trains on one).
         here = config.model_copy(deep=True)
         here.cluster.gpus_per_node = min(1, torch.cuda.device_count()) if config.train.device != "cpu" else 0
-        guard = run_guard(here, n_windows - len(todo), mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1)
+        cpus = len(os.sched_getaffinity(0))
+        guard = run_guard(here, n_windows - len(todo), mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1, cpus)
         print(guard.table)
         if not guard.ok:
             print("error: memory guard: over budget on this machine (OVER rows above); nothing was run", file=sys.stderr)

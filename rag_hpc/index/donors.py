@@ -189,6 +189,20 @@ def _part_queries(queries: np.ndarray, n_parts: int, part: int) -> np.ndarray:
     return np.array_split(queries, n_parts)[part]
 
 
+def part_artifacts(cache: WindowCache) -> dict[int, list[Artifact]]:
+    """part -> the artifacts of the run's donor-table parts it computes (what a launch checks before it
+    decides which prebuild tasks to submit)."""
+    typed, n_parts = cache.array_sites(), donor_parts(cache)
+    out: dict[int, list[Artifact]] = {part: [] for part in range(n_parts)}
+    if typed.size:
+        for queries in run_queries(cache).values():
+            for part in range(n_parts):
+                sub = _part_queries(queries, n_parts, part)
+                if sub.size:
+                    out[part].append(_part_artifact(cache, typed, sub))
+    return out
+
+
 def build_panel_donors(cache: WindowCache, parts: Iterable[int]) -> tuple[int, int]:
     """Compute the run's donor-table ``parts`` (``run_queries`` typed at the run's array) that the cache
     lacks or holds invalid: (built, cached). What a prebuild task runs after its windows."""
