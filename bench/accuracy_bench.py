@@ -22,6 +22,11 @@ Methods:
   model    ``rag_hpc.train.train`` for --budget-min minutes (stopped by ``request_checkpoint``), then
            ``rag_hpc.impute`` with ``load_model_predictor``; 'not available: <reason>' until both exist.
 
+Per method the table gives the mean dosage r² per bin, non-reference concordance, the dosage calibration
+error (ECE of DS / 2 over deciles, ``rag_hpc.evaluate``), the method's total time, its imputation step alone
+(for Beagle and Minimac4 their run; for the model after training), imputed genotypes per second of that
+step, and the step's peak RSS (psutil every 20 ms: of the external process, or of this process for ours).
+
 ``--out DIR`` keeps our model's imputed VCF as DIR/imputed.vcf.gz (and the baselines' as DIR/<method>.vcf.gz,
 each method's report under DIR/reports/<method>/, the side-by-side plot as DIR/r2_by_maf.png).
 """
@@ -172,6 +177,41 @@ def train_split_vcf(panel_h5: Path, work: Path) -> Path:
     return out
 
 
+class PeakRss:
+    """Peak resident memory while the block runs, polled every 20 ms (psutil): of this process, or with
+    ``children`` of its child processes together (an external imputer), never both."""
+
+    def __init__(self, children: bool = False):
+        self.children, self.peak = children, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            try:
+                procs = me.children(recursive=True) if self.children else [me]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:  # a child that just exited
+                pass
+            if self._stop.wait(0.02):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # methods
 
@@ -190,7 +230,7 @@ def run_ours(name: str, config: RagConfig, panel_h5: Path, data: Dataset, out_vc
         cfg.data.panel_h5 = panel_h5
         cfg.paths.cache_dir = cache
         t0 = time.perf_counter()
-        with Panel(panel_h5) as panel:
+        with Panel(panel_h5) as panel, PeakRss() as rss:
             if name == "nearest":
                 predictor = NearestHaplotypePredictor.from_config(cfg, k=k, panel=panel)
             else:
@@ -199,6 +239,7 @@ def run_ours(name: str, config: RagConfig, panel_h5: Path, data: Dataset, out_vc
             summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
         result.seconds = time.perf_counter() - t0
         result.info["impute_seconds"] = result.seconds
+        result.info["impute_peak_rss_mb"] = rss.mb
         result.vcf = out_vcf
         result.info["targets"] = summary.targets.counts
         log(summary.describe())
@@ -237,8 +278,10 @@ def run_minimac(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> Me
     result.info["command"] = " ".join(argv)
     log(f"running {result.info['command']}")
     t1 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    with PeakRss(children=True) as rss:
+        proc = subprocess.run(argv, capture_output=True, text=True)
     result.seconds = time.perf_counter() - t1
+    result.info["impute_peak_rss_mb"] = rss.mb
     if proc.returncode != 0 or not out.is_file():
         result.status = f"failed: exit {proc.returncode}: {' | '.join(proc.stderr.strip().splitlines()[-3:])}"
         return result
@@ -273,8 +316,10 @@ def run_beagle(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> Met
     result.info["command"] = " ".join(argv)
     log(f"running {result.info['command']}")
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    with PeakRss(children=True) as rss:
+        proc = subprocess.run(argv, capture_output=True, text=True)
     result.seconds = time.perf_counter() - t0
+    result.info["impute_peak_rss_mb"] = rss.mb
     log_text = Path(f"{prefix}.log").read_text() if Path(f"{prefix}.log").is_file() else ""
     version = re.search(r"beagle\.(\S+)\.jar \(version ([^)]+)\)", log_text + proc.stdout)
     if version:
@@ -320,10 +365,11 @@ def run_model(
     val = validate_checkpoint(cfg)
     result.info["val_r2"] = {k.removeprefix("val_r2_maf_"): v for k, v in val.items() if k.startswith("val_r2_maf_")}
     t1 = time.perf_counter()
-    with Panel(panel_h5) as panel:
+    with Panel(panel_h5) as panel, PeakRss() as rss:
         predictor = load_model_predictor(checkpoint, cfg)
         summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
     result.info["impute_seconds"] = time.perf_counter() - t1
+    result.info["impute_peak_rss_mb"] = rss.mb
     result.seconds = time.perf_counter() - t0
     result.vcf = out_vcf
     log(summary.describe())
@@ -366,8 +412,19 @@ def table(results: list[MethodResult]) -> list[str]:
         for r in results
     ]
     lines.append(f"{'non-ref conc.':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in conc))
+    ece = ["n/a" if r.evaluation is None or r.evaluation.ece is None else f"{r.evaluation.ece:.5f}" for r in results]
+    lines.append(f"{'dosage ECE':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in ece))
     secs = ["n/a" if r.seconds is None else f"{r.seconds:.1f}" for r in results]
     lines.append(f"{'runtime (s)':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in secs))
+    step = [
+        "n/a" if "impute_seconds" not in r.info and r.seconds is None else f"{r.info.get('impute_seconds', r.seconds):.1f}"
+        for r in results
+    ]
+    lines.append(f"{'impute step (s)':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in step))
+    rate = ["n/a" if r.info.get("genotypes_per_s") is None else f"{r.info['genotypes_per_s']:,.0f}" for r in results]
+    lines.append(f"{'genotypes/s':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in rate))
+    rss = ["n/a" if r.info.get("impute_peak_rss_mb") is None else f"{r.info['impute_peak_rss_mb']:,.0f}" for r in results]
+    lines.append(f"{'peak RSS (MB)':<16}{'':>8}" + "".join(f"{c:>{width}}" for c in rss))
     for r in results:
         if not r.ok:
             lines.append(f"  {r.label}: {r.status}")
@@ -475,6 +532,10 @@ def main() -> int:
         if r.ok and r.vcf is not None:
             try:
                 r.evaluation = evaluate(r.vcf, data.truth, panel_h5, exclude_sites_vcf=data.targets)
+                # Genotypes the method imputed (every written site but the typed ones, per target sample).
+                imputed = r.evaluation.samples["imputed"] * (r.evaluation.sites["imputed"] - r.evaluation.sites["typed_excluded"])
+                step = r.info.get("impute_seconds", r.seconds)
+                r.info["genotypes_per_s"] = round(imputed / step) if step else None
             except Exception as exc:  # noqa: BLE001 - reported in the column
                 traceback.print_exc()
                 r.status = f"failed: evaluation: {exc}"
@@ -538,11 +599,23 @@ def main() -> int:
                     "r2_all": None if r.evaluation is None else r.evaluation.overall.r2,
                     "nonref_concordance": None if r.evaluation is None else r.evaluation.overall.nonref_concordance,
                     "impute_seconds": round(r.info.get("impute_seconds", r.seconds or 0.0), 2) if r.seconds is not None else None,
+                    "dosage_ece": None if r.evaluation is None else r.evaluation.ece,
                     **{
                         k: v
                         for k, v in r.info.items()
                         if k
-                        in ("version", "k", "ambiguous", "budget_min", "train_seconds", "compress_seconds", "weighting", "val_r2")
+                        in (
+                            "version",
+                            "k",
+                            "ambiguous",
+                            "budget_min",
+                            "train_seconds",
+                            "compress_seconds",
+                            "weighting",
+                            "val_r2",
+                            "impute_peak_rss_mb",
+                            "genotypes_per_s",
+                        )
                     },
                 }
                 for r in results

@@ -197,6 +197,15 @@ class Evaluation:
     site_pos: np.ndarray = field(repr=False)
     site_maf: np.ndarray = field(repr=False)
     site_r2: np.ndarray = field(repr=False)  # NaN = monomorphic in the truth
+    # Reliability of the ALT dose: per decile of DS / 2, (genotypes, mean DS / 2, mean true count / 2).
+    calibration: list[tuple[int, float, float]] = field(default_factory=list)
+
+    @property
+    def ece(self) -> float | None:
+        """Expected calibration error of DS / 2 over the deciles: sum of |predicted - observed|, weighted
+        by the deciles' share of genotypes."""
+        n = sum(c[0] for c in self.calibration)
+        return sum(c[0] * abs(c[1] - c[2]) for c in self.calibration) / n if n else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +217,8 @@ class Evaluation:
             "maf_source": "panel train-split AF (panel.h5 variants/AF)",
             "bins": [b.to_dict() for b in self.bins],
             "overall": self.overall.to_dict(),
+            "dosage_ece": self.ece,
+            "calibration": [{"genotypes": n, "mean_ds_half": p, "mean_true_half": o} for n, p, o in self.calibration],
         }
 
     def r2_by_bin(self) -> dict[str, float | None]:
@@ -233,6 +244,17 @@ class Evaluation:
             rows.append(
                 f"| {b.label} | {b.n_sites:,} | {b.n_monomorphic:,} | {b.n_r2:,} | {fmt(b.r2)} | {fmt(b.concordance)} | {fmt(b.nonref_concordance)} |"
             )
+        if self.calibration:
+            rows += [
+                "",
+                f"Dosage calibration (reliability of DS / 2 by decile; ECE {fmt(self.ece)}):",
+                "",
+                "| DS / 2 | genotypes | mean DS / 2 | observed ALT share |",
+                "|---|---:|---:|---:|",
+            ]
+            for i, (n, p, o) in enumerate(self.calibration):
+                if n:
+                    rows.append(f"| [{i / 10:.1f}, {(i + 1) / 10:.1f}) | {n:,} | {p:.4f} | {o:.4f} |")
         return "\n".join(rows) + "\n"
 
 
@@ -333,6 +355,7 @@ def evaluate(
     nr_match = (agree & nonref).sum(1)
     nr_total = nonref.sum(1)
 
+    calibration = _calibration(x, y)
     which = maf_bin(maf)
     bins = [
         _bin_metrics(
@@ -369,7 +392,18 @@ def evaluate(
         site_pos=imp.pos[rows],
         site_maf=maf,
         site_r2=r2,
+        calibration=calibration,
     )
+
+
+def _calibration(dose: np.ndarray, truth: np.ndarray, n_bins: int = 10) -> list[tuple[int, float, float]]:
+    """Per bin of the imputed ALT share DS / 2: genotypes, their mean DS / 2 and mean true count / 2."""
+    known = np.isfinite(truth) & np.isfinite(dose)
+    p, o = dose[known] / 2.0, truth[known] / 2.0
+    idx = np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)
+    n = np.bincount(idx, minlength=n_bins)
+    sp, so = np.bincount(idx, p, n_bins), np.bincount(idx, o, n_bins)
+    return [(int(n[i]), float(sp[i] / n[i]) if n[i] else 0.0, float(so[i] / n[i]) if n[i] else 0.0) for i in range(n_bins)]
 
 
 # ------------------------------------------------------------------------------------------------

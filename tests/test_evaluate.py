@@ -13,7 +13,7 @@ from rag_hpc.data.panel import Panel
 from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.data.vcf import VcfWriter
 from rag_hpc.errors import InputError
-from rag_hpc.evaluate import MAF_BINS, build_parser, dosage_r2, evaluate, maf_bin, main
+from rag_hpc.evaluate import MAF_BINS, Evaluation, _calibration, build_parser, dosage_r2, evaluate, maf_bin, main
 
 N_PANEL = 1000  # samples: 2,000 haplotypes, 1,800 in the train split (val_fraction 0.1)
 
@@ -154,6 +154,18 @@ def test_per_site_r2_and_maf_bin_means_match_the_hand_computed_values(panel_h5: 
     assert [b.r2 for b in ev.bins] == pytest.approx([1.0, 0.5, 0.5, (2.56 / 2.6 + 49 / 55 + 1.0) / 3])
     assert ev.overall.r2 == pytest.approx(np.mean(list(R2.values())))
     assert ev.bins[3].n_monomorphic == 1 and ev.sites["monomorphic_in_truth"] == 1
+
+
+def test_dosage_calibration_is_zero_for_exact_frequencies_and_the_bias_for_a_shifted_dose() -> None:
+    truth = np.array([[0.0, 1.0, 2.0, np.nan]] * 3)
+    exact = Evaluation.__new__(Evaluation)
+    exact.calibration = _calibration(truth.copy(), truth)
+    assert exact.ece == pytest.approx(0.0)
+    assert [n for n, _, _ in exact.calibration] == [3, 0, 0, 0, 0, 3, 0, 0, 0, 3]  # NaN truth left out
+    # 0.95 instead of 1 (DS/2 0.475, bin 4) and 0.1 instead of 0: two thirds of the genotypes off by 0.05 / 2 and 0.1 / 2.
+    shifted = Evaluation.__new__(Evaluation)
+    shifted.calibration = _calibration(np.array([[0.1, 0.95, 2.0, 1.0]] * 3), truth)
+    assert shifted.ece == pytest.approx((0.05 + 0.025) / 3)
 
 
 def test_genotype_and_non_reference_concordance_match_the_hand_counts(panel_h5: Path, vcfs: dict[str, Path]) -> None:
