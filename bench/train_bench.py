@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_batch_min": round(1000.0 * min(times), 3),
         "samples_per_s": round(args.batch / (ms / 1000.0), 2),
         "tokens_per_s": round(args.batch * args.seq / (ms / 1000.0), 1),
-        "includes": "donor gather + forward + backward + clip + AdamW step",
+        "includes": "donor sums + forward + backward + clip + AdamW step",
         "peak_memory_mib": round(peak_mem, 1),
         "peak_memory_kind": mem_kind,
         "model_tflop_per_batch": round(train_flops / 1e12, 6),
