@@ -162,18 +162,19 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
     """The plan of a launch: this panel under this config, as its jobs will run (one place, so the
     launcher and bench/guard_bench.py size the same thing); ``cpus_per_task``: what each job may use
     (the HMM runs that many sweeps at once unless donors.threads says)."""
+    from rag_hpc.data.masks import simulated_array
     from rag_hpc.data.panel import SPLIT_TRAIN
 
     train_haplotypes = int((panel.haplotype_split() == SPLIT_TRAIN).sum())
     # The array's actual size (the simulated one is a random draw: on a tiled bench panel 20 % over
     # its nominal density), since every donor table and HMM step scales with it.
-    from rag_hpc.data.masks import simulated_array
-
-    density = max(1, simulated_array(config.masks, panel.af).size) / panel.n_sites
     if config.data.targets_vcf is not None:
         from rag_hpc.data.vcf import target_panel_sites
 
-        density = max(1, int(target_panel_sites(panel, config.data.targets_vcf).sum())) / panel.n_sites
+        typed = int(target_panel_sites(panel, config.data.targets_vcf).sum())
+    else:
+        typed = simulated_array(config.masks, panel.af).size
+    density = max(1, typed) / panel.n_sites
     t = config.train
     on_gpu = config.cluster.gpus_per_node > 0 and t.device != "cpu"
     windows = math.ceil(panel.n_sites / config.windows.window_size)

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,8 +185,17 @@ def parts_of_windows(cache: WindowCache, window_ids: Iterable[int]) -> list[int]
     return sorted({int(w) // cache.config.index.windows_per_task for w in window_ids})
 
 
-def _part_queries(queries: np.ndarray, n_parts: int, part: int) -> np.ndarray:
-    return np.array_split(queries, n_parts)[part]
+def _parts(
+    cache: WindowCache, typed: np.ndarray, queries: np.ndarray, parts: Iterable[int]
+) -> Iterator[tuple[int, np.ndarray, Artifact]]:
+    """(part, its queries, its artifact) of a table of ``queries`` over the given ``parts``, empty parts
+    left out: the one place a table is cut into parts and each part keyed."""
+    n_parts = donor_parts(cache)
+    for part in parts:
+        sub = np.array_split(queries, n_parts)[part]
+        if sub.size:
+            exclude_own = _queries_are_reference(cache, sub)
+            yield part, sub, donor_artifact(cache, typed, sub, cache.config.donors, cache.config.model.k, exclude_own)
 
 
 def part_artifacts(cache: WindowCache) -> dict[int, list[Artifact]]:
@@ -196,10 +205,8 @@ def part_artifacts(cache: WindowCache) -> dict[int, list[Artifact]]:
     out: dict[int, list[Artifact]] = {part: [] for part in range(n_parts)}
     if typed.size:
         for queries in run_queries(cache).values():
-            for part in range(n_parts):
-                sub = _part_queries(queries, n_parts, part)
-                if sub.size:
-                    out[part].append(_part_artifact(cache, typed, sub))
+            for part, _, art in _parts(cache, typed, queries, range(n_parts)):
+                out[part].append(art)
     return out
 
 
@@ -209,12 +216,9 @@ def build_panel_donors(cache: WindowCache, parts: Iterable[int]) -> tuple[int, i
     typed, n_parts, built, cached = cache.array_sites(), donor_parts(cache), 0, 0
     if typed.size == 0:
         return 0, 0
+    parts = list(parts)
     for what, queries in run_queries(cache).items():
-        for part in parts:
-            sub = _part_queries(queries, n_parts, part)
-            if sub.size == 0:
-                continue
-            art = _part_artifact(cache, typed, sub)
+        for part, sub, art in _parts(cache, typed, queries, parts):
             if cache.store.problem(art, checksums=True) is None:
                 cached += 1
                 continue
@@ -231,11 +235,7 @@ def panel_donors(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, wha
     concurrent ranks or jobs compute it once). Train-split queries never copy their own sample."""
     n_parts = donor_parts(cache)
     tables = []
-    for part in range(n_parts):
-        sub = _part_queries(queries, n_parts, part)
-        if sub.size == 0:
-            continue
-        art = _part_artifact(cache, typed, sub)
+    for part, sub, art in _parts(cache, typed, queries, range(n_parts)):
         files = cache.store.read(art)
         if files is None:
             with cache.store.lock(art):
@@ -251,9 +251,9 @@ def panel_donors(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, wha
     )
 
 
-def _part_artifact(cache: WindowCache, typed: np.ndarray, queries: np.ndarray) -> Artifact:
-    exclude_own = bool(np.isin(queries, cache.panel.reference_haplotypes()).any())
-    return donor_artifact(cache, typed, queries, cache.config.donors, cache.config.model.k, exclude_own)
+def _queries_are_reference(cache: WindowCache, queries: np.ndarray) -> bool:
+    """Train-split queries: they must not copy their own sample (and their tables' keys say so)."""
+    return bool(np.isin(queries, cache.panel.reference_haplotypes()).any())
 
 
 def _compute_part(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, art: Artifact, label: str) -> DonorTable:
@@ -263,7 +263,7 @@ def _compute_part(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, ar
     both = typed_columns(cache, typed, np.concatenate([reference, queries]), from_panel=True)  # one pass over the panel
     reference_t, query_t = np.ascontiguousarray(both[:, : reference.size]), np.ascontiguousarray(both[:, reference.size :])
     del both
-    exclude = own_sample_rows(queries, reference) if np.isin(queries, reference).any() else None
+    exclude = own_sample_rows(queries, reference) if _queries_are_reference(cache, queries) else None
     table = compute_donors(cache, typed, query_t, cache.config.donors, cache.config.model.k, exclude, reference_t)
     cache.store.commit(art, {"donors.npz": _table_bytes(table, queries)})
     log.info(

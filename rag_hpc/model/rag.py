@@ -82,7 +82,8 @@ class DonorImputer(nn.Module):
         -> ALT logits [B, L]."""
         b, length = query.shape
         k = donors.shape[-1]
-        log_w = torch.log(weights.float().clamp(min=1e-6))
+        w = weights.float()
+        log_w = torch.log(w.clamp(min=1e-6))
         rank = (torch.arange(k, device=log_w.device, dtype=torch.float32) / k).expand_as(log_w)  # donors come heaviest first
         score = log_w + self.gap_score(torch.stack([log_w / 10, rank], dim=-1)).squeeze(-1)  # [B, G, k]
         log_maf = torch.log10(maf.float().clamp(min=EPS)) / 4  # [L], in about [-1, 0]
@@ -97,7 +98,6 @@ class DonorImputer(nn.Module):
         e_all = e.sum(-1)  # [B, G]
         entropy = (torch.log(e_all) + top.squeeze(-1) - (e * score).sum(-1) / e_all) / math.log(k)
         # The copies the neighbouring gaps' donors make here (their HMM weights), in the same products.
-        w = weights.float()
         s1, w_prev, w_next = donor_sums(torch.stack([e, w, w]), donors, reference, gaps, (0, -1, 1))  # [B, L] each
         e_site = e_all[:, gaps]
         eb = torch.exp(bias)
