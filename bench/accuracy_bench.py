@@ -216,14 +216,14 @@ class PeakRss:
 # methods
 
 
-def run_ours(name: str, config: RagConfig, panel_h5: Path, data: Dataset, out_vcf: Path, k: int, ambiguous: str) -> MethodResult:
+def run_ours(name: str, config: RagConfig, panel_h5: Path, data: Dataset, out_vcf: Path, k: int) -> MethodResult:
     """One of the package's model-free predictors (``nearest`` or ``copy``) through ``rag_hpc.impute``;
     its seconds include building the window shards from panel.h5 (a cold cache)."""
     from rag_hpc.data.panel import Panel
     from rag_hpc.impute import CopyPredictor, NearestHaplotypePredictor, impute
 
     label = f"nearest (k={k})" if name == "nearest" else "copy (Li–Stephens, no model)"
-    result = MethodResult(name, label, info={"ambiguous": ambiguous, **({"k": k} if name == "nearest" else {})})
+    result = MethodResult(name, label, info={"ambiguous": config.data.ambiguous, **({"k": k} if name == "nearest" else {})})
     cache = Path(tempfile.mkdtemp(prefix=f"{name}-cache-", dir=out_vcf.parent))
     try:
         cfg = config.model_copy(deep=True)
@@ -236,7 +236,7 @@ def run_ours(name: str, config: RagConfig, panel_h5: Path, data: Dataset, out_vc
             else:
                 predictor = CopyPredictor.from_config(cfg, panel=panel)
                 result.info["weighting"] = predictor.describe()
-            summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
+            summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel)
         result.seconds = time.perf_counter() - t0
         result.info["impute_seconds"] = result.seconds
         result.info["impute_peak_rss_mb"] = rss.mb
@@ -333,9 +333,7 @@ def run_beagle(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> Met
     return result
 
 
-def run_model(
-    config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_vcf: Path, budget_min: float, ambiguous: str
-) -> MethodResult:
+def run_model(config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_vcf: Path, budget_min: float) -> MethodResult:
     result = MethodResult("model", "model", info={"budget_min": budget_min})
     from rag_hpc.data.panel import Panel
     from rag_hpc.impute import impute, load_model_predictor
@@ -367,7 +365,7 @@ def run_model(
     t1 = time.perf_counter()
     with Panel(panel_h5) as panel, PeakRss() as rss:
         predictor = load_model_predictor(checkpoint, cfg)
-        summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel, ambiguous=ambiguous)  # type: ignore[arg-type]
+        summary = impute(cfg, predictor, data.targets, out_vcf, panel=panel)
     result.info["impute_seconds"] = time.perf_counter() - t1
     result.info["impute_peak_rss_mb"] = rss.mb
     result.seconds = time.perf_counter() - t0
@@ -476,6 +474,7 @@ def main() -> int:
         parser.error(f"--methods: unknown {sorted(unknown)}")
 
     config = load_config(args.config, args.overrides)
+    config.data.ambiguous = args.ambiguous
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if all(given):
@@ -512,7 +511,7 @@ def main() -> int:
             results.append(
                 guarded(
                     method,
-                    lambda m=method: run_ours(m, config, panel_h5, data, outputs / f"{m}.vcf.gz", args.k, args.ambiguous),
+                    lambda m=method: run_ours(m, config, panel_h5, data, outputs / f"{m}.vcf.gz", args.k),
                 )
             )
         elif method == "minimac4":
@@ -525,7 +524,7 @@ def main() -> int:
             results.append(
                 guarded(
                     method,
-                    lambda: run_model(config, panel_h5, data, work, outputs / "model.vcf.gz", args.budget_min, args.ambiguous),
+                    lambda: run_model(config, panel_h5, data, work, outputs / "model.vcf.gz", args.budget_min),
                 )
             )
         r = results[-1]

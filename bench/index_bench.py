@@ -15,7 +15,7 @@ Build = everything from the embedding to a searchable index (site weights includ
 timed once for L×D (seconds) and as the median of 5 after a warm-up for the others (milliseconds);
 search = a batch of --queries queries, median of repeats after one warm-up. Top-k agreement is
 tie-aware against the exact L×D definition (float64 distances of the float32 L×D embeddings):
-see rag_hpc.index.lxd.topk_agreement. Per-query masks are checked for a subset of queries only:
+see bench.yardstick.lxd.topk_agreement. Per-query masks are checked for a subset of queries only:
 each one needs its own L×D embedding of the whole panel (seconds and ~2 GB-equivalent of work each).
 """
 
@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cpu_model
 
-from rag_hpc.index.embedding import SiteEmbedding
-from rag_hpc.index.lxd import (
+from bench.yardstick.embedding import SiteEmbedding
+from bench.yardstick.fixed_mask import FixedMaskIndex
+from bench.yardstick.lxd import (
     embedding_site_weights,
     lxd_bytes,
     lxd_embed,
@@ -52,7 +53,7 @@ from rag_hpc.index.lxd import (
     lxd_tolerance,
     topk_agreement,
 )
-from rag_hpc.index.retrieval import FixedMaskIndex, masked_topk
+from rag_hpc.index.retrieval import masked_topk
 
 
 def ld_haplotypes(

@@ -1,5 +1,8 @@
 """Index prebuild at chromosome-21 scale: cold cache, then warm (every window skipped).
 
+It times the window half of the prebuild (``build_windows``: one shard per window), not the donor-table
+parts a task computes after its windows (bench/guard_bench.py's index cases run whole tasks).
+
     python bench/prebuild_bench.py [--sites 150000] [--cores 1] [--workdir bench_out/prebuild] [--json]
 
 The panel is the simulated kgp-like panel (5,008 haplotypes over 5 Mb, ~52k SNPs) tiled along the
@@ -72,11 +75,6 @@ def tile_panel(src: Path, dst: Path, n_sites: int) -> None:
 
 def _build(config_overrides: list[str], cores: int, queue: mp.Queue[dict]) -> None:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
-    import faiss
-    import torch
-
-    faiss.omp_set_num_threads(cores)
-    torch.set_num_threads(cores)
     from rag_hpc.index.build import build_windows
 
     config = load_config(overrides=config_overrides)

@@ -43,7 +43,7 @@ class _Section(BaseModel):
 
 class PathsConfig(_Section):
     workdir: ConfigPath = Field(Path("rag_hpc_work"), description="root of everything a run writes")
-    cache_dir: ConfigPath | None = Field(None, description="window shards and indexes (default: workdir/cache)")
+    cache_dir: ConfigPath | None = Field(None, description="window shards and donor tables (default: workdir/cache)")
 
     @property
     def cache(self) -> Path:
@@ -56,6 +56,11 @@ class DataConfig(_Section):
     populations: ConfigPath | None = Field(None, description="TSV 'sample<TAB>population' for per-population AF")
     targets_vcf: ConfigPath | None = Field(None, description="phased targets on array sites")
     truth_vcf: ConfigPath | None = Field(None, description="targets' true genotypes at all sites (evaluation)")
+    ambiguous: Literal["skip", "keep"] = Field(
+        "skip",
+        description="strand-ambiguous (A/T, C/G) target sites: skip them, or keep them read as on the panel's strand; "
+        "training's array, the targets' donor tables and imputation all use the sites this leaves",
+    )
     demo_preset: Literal["demo", "kgp-like"] = "demo"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of panel samples held out for validation")
     split_seed: int = 0
@@ -120,11 +125,17 @@ class ModelConfig(_Section):
 
 
 class IndexConfig(_Section):
-    kind: Literal["flat", "ivf"] = Field("flat", description="FAISS index over compact vectors (ivf for huge panels)")
-    nlist: int = Field(64, gt=0, description="IVF lists")
-    nprobe: int = Field(16, gt=0, description="IVF lists probed per query")
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-    windows_per_task: int = Field(16, gt=0, description="windows built by one array task")
+    """The index-prebuild job array: window shards and the donor-table parts that go with them."""
+
+    windows_per_task: int = Field(
+        16, gt=0, description="windows built by one array task (and so the donor-table parts: one per task)"
+    )
+
+
+class ImputeConfig(_Section):
+    windows_per_task: int = Field(64, gt=0, description="windows imputed by one task of the imputation array")
+    partition: str | None = Field(None, description="partition of the imputation array and merge (default: the training's)")
+    gpus: int = Field(0, ge=0, description="GPUs per imputation task (the model imputes on CPU at ~2x Beagle's time)")
 
 
 class ClusterConfig(_Section):
@@ -193,6 +204,7 @@ class RagConfig(BaseSettings):
     donors: DonorConfig = Field(default_factory=DonorConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    impute: ImputeConfig = Field(default_factory=ImputeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

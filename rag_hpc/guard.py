@@ -33,13 +33,14 @@ GiB = 2**30
 MiB = 2**20
 KiB = 2**10
 
-# -- process baselines: resident size measured with psutil on this project's CPU builds (torch 2.13,
-# faiss 1.15; bench/guard_bench.py). A job imports rag_hpc.launch (submitit, pydantic) and then the
-# index builder or the trainer, which pull in numpy, h5py, torch and faiss: 254-257 MiB before any work.
-JOB_IMPORT_BYTES = 256 * MiB
-# Library pages (FAISS, BLAS, OpenMP thread pools, autograd kernels) first touched by the work itself:
-# steady RSS after the first window / first steps less the RSS after the imports.
-INDEX_FIRST_USE_BYTES = 10 * MiB
+# -- process baselines: resident size measured with psutil and ru_maxrss on this project's CPU builds
+# (torch 2.13; bench/guard_bench.py). Every job imports rag_hpc.launch (submitit, pydantic) and the index
+# builder and donor tables (numpy, h5py): 63-64 MiB before any work, all an index-prebuild task imports.
+# Training adds torch: 244 MiB in all.
+JOB_IMPORT_BYTES = 64 * MiB
+TORCH_IMPORT_BYTES = 180 * MiB
+# Library pages (BLAS, OpenMP thread pools, autograd kernels) first touched by training's first steps:
+# steady RSS after them less the RSS after the imports.
 TRAIN_FIRST_USE_BYTES = 12 * MiB
 # Constructing a torch.optim optimizer imports torch._dynamo (measured: +72 MiB for AdamW).
 OPTIMIZER_IMPORT_BYTES = 72 * MiB
@@ -100,6 +101,8 @@ class Plan:
     val_fraction: float = 0.1
     array_density: float = 0.025  # typed share of sites (the target array's, or the simulated one's)
     targets: bool = False  # a target VCF is configured (its reader and sites are held)
+    target_haplotypes: int = 0  # with targets: their haplotypes (a donor table, the imputation jobs)
+    impute_windows_per_task: int = 64
     train_samples: int = 384  # training queries (their donor tables are held in RAM)
     donor_batch: int = 32  # queries per HMM sweep
     donor_threads: int = 1  # HMM sweeps at once (donors.threads; unset: the job's CPUs, at most MAX_SWEEP_THREADS)
@@ -129,19 +132,19 @@ class Plan:
         return max(1, round(self.sites * self.array_density))
 
     @property
-    def observed(self) -> int:
-        """Typed sites per window (the dimension of the array's fixed-mask index)."""
-        return max(1, math.ceil(self.typed / self.windows))
-
-    @property
     def donor_parts(self) -> int:
         """Parts each donor table is computed in: one per prebuild task (rag_hpc.index.donors.donor_parts)."""
         return math.ceil(self.windows / self.windows_per_task)
 
     @property
     def queries(self) -> tuple[int, int]:
-        """(training, validation) query haplotypes, each with a donor table."""
+        """(training, validation) query haplotypes, each with a donor table, which training holds."""
         return min(2 * self.train_samples, self.reference), self.haplotypes - self.reference
+
+    @property
+    def tables(self) -> tuple[int, ...]:
+        """Query haplotypes of every donor table the prebuild computes: training's two and the targets'."""
+        return (*self.queries, self.target_haplotypes) if self.target_haplotypes else self.queries
 
 
 @dataclass
@@ -154,6 +157,9 @@ class Estimate:
     params: int
     train_disk: int = 0  # the run directory: kept checkpoints and logs
     task_donor_disk: int = 0  # what one prebuild task adds to the cache beyond its windows: its donor-table parts
+    impute_task_ram: int = 0  # one imputation array task (and the merge job, which needs less), with targets
+    impute_task_disk: int = 0  # the range one imputation task writes
+    impute_disk: int = 0  # every range and the merged VCF
     checkpoint_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -162,18 +168,16 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
     """The plan of a launch: this panel under this config, as its jobs will run (one place, so the
     launcher and bench/guard_bench.py size the same thing); ``cpus_per_task``: what each job may use
     (the HMM runs that many sweeps at once unless donors.threads says)."""
-    from rag_hpc.data.masks import simulated_array
     from rag_hpc.data.panel import SPLIT_TRAIN
+    from rag_hpc.index.build import WindowCache
 
     train_haplotypes = int((panel.haplotype_split() == SPLIT_TRAIN).sum())
-    # The array's actual size (the simulated one is a random draw: on a tiled bench panel 20 % over
-    # its nominal density), since every donor table and HMM step scales with it.
-    if config.data.targets_vcf is not None:
-        from rag_hpc.data.vcf import target_panel_sites
-
-        typed = int(target_panel_sites(panel, config.data.targets_vcf).sum())
-    else:
-        typed = simulated_array(config.masks, panel.af).size
+    # The array's actual size, from the owner of the run's typed sites (the targets' as data.ambiguous
+    # leaves them; the simulated one is a random draw, on a tiled bench panel 20 % over its nominal
+    # density), since every donor table and HMM step scales with it.
+    cache = WindowCache(config, panel)
+    typed = cache.array_sites().size
+    targets = cache.targets()
     density = max(1, typed) / panel.n_sites
     t = config.train
     on_gpu = config.cluster.gpus_per_node > 0 and t.device != "cpu"
@@ -192,7 +196,9 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
         batch_size=max(1, t.batch_size // max(1, config.cluster.nodes * tasks_per_node)),
         val_fraction=1 - train_haplotypes / panel.n_haplotypes,
         array_density=density,
-        targets=config.data.targets_vcf is not None,
+        targets=targets is not None,
+        target_haplotypes=0 if targets is None else int(targets.haplotypes.shape[0]),
+        impute_windows_per_task=config.impute.windows_per_task,
         train_samples=config.donors.train_samples,
         donor_batch=config.donors.batch,
         donor_threads=config.donors.threads or min(MAX_SWEEP_THREADS, cpus_per_task),
@@ -258,12 +264,6 @@ def lxd_window_bytes(plan: Plan) -> int:
     return plan.haplotypes * plan.window_size * plan.dims * 4
 
 
-def _index_file_bytes(plan: Plan, observed: int) -> int:
-    """A FixedMaskIndex file: float32 vectors in FAISS, the bit-packed alleles kept for exact
-    re-ranking, the observed-site bits and float64 weights, and a header."""
-    return plan.reference * observed * 4 + plan.reference * math.ceil(observed / 8) + 9 * plan.window_size + KiB
-
-
 def _chunk_cache_bytes(plan: Plan) -> int:
     """The HDF5 chunk cache while a window is read: the GT chunks the window overlaps, decompressed.
     HDF5 evicts fully read chunks first, so it does not fill up over the windows of a task."""
@@ -291,6 +291,38 @@ def _step_bytes(plan: Plan, batch: int, amp: bool, training: bool) -> int:
     return batch * (gaps * plan.k * per_gap_donor + L * per_site) + (batch * plan.reference * 4 if training else 0)
 
 
+def _record_bytes(plan: Plan) -> int:
+    """One imputed VCF record: the fixed fields and INFO, then 28 bytes per sample (GT:DS:GP); the ranges
+    and the merged file are compressed, by ~4x (zlib level 1, bgzip) on imputed dosages."""
+    return (60 + 14 * plan.target_haplotypes) // 4
+
+
+def _impute_task_bytes(plan: Plan, params: int) -> int:
+    """One imputation task: imports (torch for the model), the panel arrays and the targets (reader and
+    alleles), the targets' donor table read whole (the prebuild computed it) plus one part's npz bytes,
+    per window its shard, the reference rows as float32 and the model's forward over a batch of 256 target
+    haplotypes, and the range's record text (28 bytes per sample and site) with its compressed copy."""
+    L, H, R, T = plan.window_size, plan.haplotypes, plan.reference, plan.target_haplotypes
+    table = donor_table_bytes(plan, T)
+    window = 2 * H * L + H * math.ceil(L / 8) + 4 * R * L + 8 * T * L * 3
+    records = min(plan.impute_windows_per_task, plan.windows) * L * (60 + 14 * T)
+    return (
+        JOB_IMPORT_BYTES
+        + TORCH_IMPORT_BYTES
+        + TRAIN_FIRST_USE_BYTES
+        + TARGETS_READER_BYTES
+        + _panel_bytes(plan)
+        + _chunk_cache_bytes(plan)
+        + T * plan.typed * 2
+        + table
+        + math.ceil(table / plan.donor_parts)
+        + 16 * params
+        + window
+        + _step_bytes(plan, min(256, T), False, False)
+        + records * 5 // 4
+    )
+
+
 def estimate(plan: Plan) -> Estimate:
     L, H, R = plan.window_size, plan.haplotypes, plan.reference
     notes: list[str] = []
@@ -307,7 +339,7 @@ def estimate(plan: Plan) -> Estimate:
     donor_disk = (
         0
         if plan.index == "flat-lxd"
-        else sum(donor_table_bytes(plan, q) + 8 * (plan.typed + q) + ARTIFACT_OVERHEAD_BYTES for q in plan.queries)
+        else sum(donor_table_bytes(plan, q) + 8 * (plan.typed + q) + ARTIFACT_OVERHEAD_BYTES for q in plan.tables)
     )
     if plan.index == "flat-lxd":
         emb = lxd_window_bytes(plan)
@@ -316,21 +348,20 @@ def estimate(plan: Plan) -> Estimate:
         per_window_ram = 3 * emb + 2 * H * L * 8
         held = plan.windows * per_window_ram
         disk_per_window = emb
-        index_ram = JOB_IMPORT_BYTES + held
-        train_ram = JOB_IMPORT_BYTES + CUDA_HOST_BYTES + held
+        # It embedded with torch in both jobs.
+        index_ram = JOB_IMPORT_BYTES + TORCH_IMPORT_BYTES + held
+        train_ram = JOB_IMPORT_BYTES + TORCH_IMPORT_BYTES + CUDA_HOST_BYTES + held
         notes.append("flat-lxd holds every window's L×D embeddings in RAM (the predecessor's design)")
     else:
         shard_file = H * math.ceil(L / 8) + 12 * L + 2 * KiB  # npz: packed alleles, positions, AF
-        disk_per_window = shard_file + _index_file_bytes(plan, plan.observed) + 2 * ARTIFACT_OVERHEAD_BYTES
-        # One window at a time: the shard's alleles (H·L bytes), the reference rows (R·L) and their
-        # observed columns, and the float32 vectors three times (the array given to FAISS, FAISS's copy,
-        # the serialised bytes); the heap rarely returns freed blocks between these steps, so they add up.
-        window_ram = H * L + R * L + R * plan.observed + 3 * R * plan.observed * 4
+        disk_per_window = shard_file + ARTIFACT_OVERHEAD_BYTES
+        # One window at a time: its GT block and the haplotype-major copy of it (H·L bytes each), then the
+        # packed alleles, the npz buffer and the bytes taken out of it (H·L/8 each).
+        window_ram = 2 * H * L + 3 * H * math.ceil(L / 8)
         # After its windows, a task computes its part of each donor table (one part per task).
-        part = math.ceil(max(plan.queries) / plan.donor_parts)
+        part = math.ceil(max(plan.tables) / plan.donor_parts)
         index_ram = (
             JOB_IMPORT_BYTES
-            + INDEX_FIRST_USE_BYTES
             + _panel_bytes(plan)
             + _chunk_cache_bytes(plan)
             + max(window_ram, donor_table_bytes(plan, part) + donor_build_bytes(plan, part))
@@ -342,6 +373,7 @@ def estimate(plan: Plan) -> Estimate:
         tables = [donor_table_bytes(plan, q) for q in plan.queries]
         train_ram = (
             JOB_IMPORT_BYTES
+            + TORCH_IMPORT_BYTES
             + TRAIN_FIRST_USE_BYTES
             + OPTIMIZER_IMPORT_BYTES
             + _panel_bytes(plan)
@@ -378,8 +410,13 @@ def estimate(plan: Plan) -> Estimate:
         task_donor_disk=int(
             0
             if plan.index == "flat-lxd"
-            else sum(donor_table_bytes(plan, math.ceil(q / plan.donor_parts)) + ARTIFACT_OVERHEAD_BYTES for q in plan.queries)
+            else sum(donor_table_bytes(plan, math.ceil(q / plan.donor_parts)) + ARTIFACT_OVERHEAD_BYTES for q in plan.tables)
         ),
+        impute_task_ram=int(_impute_task_bytes(plan, params)) if plan.target_haplotypes else 0,
+        impute_task_disk=int(min(plan.impute_windows_per_task, plan.windows) * L * _record_bytes(plan) + ARTIFACT_OVERHEAD_BYTES)
+        if plan.target_haplotypes
+        else 0,
+        impute_disk=int(2 * plan.sites * _record_bytes(plan)) if plan.target_haplotypes else 0,
         checkpoint_bytes=int(ckpt),
         notes=notes,
     )
@@ -411,7 +448,7 @@ def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
             "RAM per index-array task",
             est.index_task_ram,
             budget.mem,
-            "use --index compact (one float per observed site)"
+            "use --index compact (window shards of 1 bit per allele, no embeddings)"
             if lxd
             else "ask for more --mem per task or a partition with more memory per node",
         ),
@@ -423,8 +460,8 @@ def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
         ),
         # The run dir usually shares the cache's filesystem (both under paths.workdir): counted together.
         Row(
-            "disk, + the training run",
-            est.disk_to_build + est.train_disk,
+            "disk, + the training run" + (" and imputation" if est.impute_disk else ""),
+            est.disk_to_build + est.train_disk + est.impute_disk,
             budget.disk_free,
             "free space, lower train.keep_checkpoints, or put train.run_dir / paths.cache_dir elsewhere",
         ),
@@ -435,6 +472,18 @@ def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
             "use --index compact: training needs no prebuilt embeddings"
             if lxd
             else "ask for more --mem, or a partition with more memory per node",
+        ),
+        *(
+            [
+                Row(
+                    "RAM per imputation task",
+                    est.impute_task_ram,
+                    budget.mem,
+                    "lower impute.windows_per_task, or ask for more --mem / a partition with more memory per node",
+                )
+            ]
+            if plan.target_haplotypes
+            else []
         ),
         Row(
             "GPU memory per device",
@@ -483,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--index",
         choices=["compact", "flat-lxd"],
         default="compact",
-        help="compact: ours; flat-lxd: the predecessor's flattened L×D float index",
+        help="compact: ours (window shards and donor tables); flat-lxd: the predecessor's flattened L×D float index",
     )
     p.add_argument("--mem", help="memory budget per node / job, e.g. 256G")
     p.add_argument("--disk-free", help="free disk at the cache directory, e.g. 1T")

@@ -20,10 +20,11 @@ untouched): the predecessor exited 0 without a file after swallowing a writer er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -32,28 +33,17 @@ import numpy as np
 
 from rag_hpc.cli import add_config_args, run_main
 from rag_hpc.config import RagConfig
-from rag_hpc.data.vcf import VcfError, VcfWriter
+from rag_hpc.data.targets import TargetSites, match_targets
+from rag_hpc.data.vcf import VcfWriter
 from rag_hpc.errors import ConfigError, InputError
+from rag_hpc.index.cache import Artifact, ArtifactStore
 
 if TYPE_CHECKING:
     from rag_hpc.config import DonorConfig
     from rag_hpc.data.panel import Panel
-    from rag_hpc.data.vcf import PhasedVcf
+    from rag_hpc.data.windows import Window
     from rag_hpc.index.build import WindowCache
     from rag_hpc.index.donors import DonorTable
-
-AmbiguousPolicy = Literal["skip", "keep"]
-
-FIX_PHASE_TARGETS = (
-    "phase the targets first, against the same panel: "
-    "`beagle gt=targets.vcf.gz ref=panel.vcf.gz impute=false out=phased` (Debian package beagle) "
-    "or `shapeit4 --input targets.vcf.gz --reference panel.vcf.gz --region CHR --output phased.vcf.gz` "
-    "(Debian package shapeit4)"
-)
-FIX_BUILD = (
-    "the targets and the panel are probably on different genome builds (e.g. GRCh37 vs GRCh38): lift the targets "
-    "over to the panel's build first (e.g. `bcftools +liftover` or CrossMap)"
-)
 
 # Milli-units: DS and GP are written with three decimals, fixed width, so a block of genotypes is one numpy array.
 _SCALE = 1000
@@ -63,7 +53,11 @@ _FIELD_WIDTH = len(_SAMPLE_FIELD)  # 28
 
 @runtime_checkable
 class HaplotypePredictor(Protocol):
-    """Fills one window: P(ALT) for each query haplotype at each of the window's panel sites."""
+    """Fills one window: P(ALT) for each query haplotype at each of the window's panel sites.
+
+    Optional: ``begin(targets)``, run once before the windows (the predictors here read the targets' donor
+    table); ``identity() -> dict``, what its output depends on, which keys the ranges the imputation array
+    writes (``impute_range``)."""
 
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
         """query uint8 [B, L]: alleles at the window's panel sites (0 where unobserved); observed bool [L]:
@@ -102,6 +96,9 @@ class NearestHaplotypePredictor:
         from rag_hpc.index.build import WindowCache
 
         return cls(WindowCache(config, panel), k)
+
+    def identity(self) -> dict[str, object]:
+        return {"method": "nearest", "k": self.k}
 
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
         import torch
@@ -167,12 +164,14 @@ class CopyPredictor:
     def describe(self) -> str:
         return f"li-stephens (ne {self.donor_cfg.ne:g}, error {self.donor_cfg.error:g}, k {self.k})"
 
-    def begin(self, targets: TargetSites) -> None:
-        """Run the HMM over the targets' alleles at all their typed sites."""
-        from rag_hpc.index.donors import compute_donors
+    def identity(self) -> dict[str, object]:
+        return {"method": "copy", "ne": self.donor_cfg.ne, "error": self.donor_cfg.error, "k": self.k}
 
-        query_t = np.ascontiguousarray(targets.haplotypes.T)
-        self._table = compute_donors(self.cache, targets.panel_index, query_t, self.donor_cfg, self.k)
+    def begin(self, targets: TargetSites) -> None:
+        """The targets' donor table: the prebuilt one when the run's prebuild computed it for these targets."""
+        from rag_hpc.index.donors import read_donors, target_queries
+
+        self._table = read_donors(self.cache, target_queries(targets), self.donor_cfg, self.k)
 
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:
         if self._table is None:
@@ -195,106 +194,6 @@ def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) 
 
 # ------------------------------------------------------------------------------------------------
 # targets
-
-
-@dataclass(frozen=True)
-class TargetSites:
-    """Targets reduced to what the predictor sees: their usable sites as panel indices and their alleles
-    in the panel's REF/ALT coding."""
-
-    samples: list[str]
-    panel_index: np.ndarray  # int64 [n_used], strictly increasing
-    haplotypes: np.ndarray  # uint8 [2 * n_samples, n_used]; haplotype 2*s is sample s's first allele
-    counts: dict[str, int]
-
-    def describe(self) -> str:
-        c = self.counts
-        parts = [f"{c['used']:,} of {c['target_sites']:,} target sites used"]
-        if c["swapped"] or c["strand_flipped"]:
-            parts.append(f"{c['swapped']:,} REF/ALT-swapped and {c['strand_flipped']:,} strand-flipped among them")
-        skipped = [
-            (c["ambiguous_skipped"], "strand-ambiguous (A/T, C/G)"),
-            (c["not_in_panel"], "at positions not in the panel"),
-            (c["allele_mismatch"], "with alleles that fit no orientation of the panel's"),
-            (c["non_snps_skipped"], "non-SNP records"),
-        ]
-        parts += [f"{n:,} skipped {what}" for n, what in skipped if n]
-        return "; ".join(parts)
-
-
-def _read_targets(targets_vcf: Path, skip_non_snps: bool) -> PhasedVcf:
-    from rag_hpc.data.vcf import read_phased_vcf
-
-    try:
-        return read_phased_vcf(targets_vcf, skip_non_snps=skip_non_snps)
-    except VcfError as exc:
-        message = str(exc)
-        # The reader's fixes are worded for a panel; for targets the step that fixes both unphased and missing
-        # calls is phasing against the panel. (Matched on the message: vcf.py has no subclass per problem.)
-        if "unphased genotype" in message:
-            head = message.split("; the VCF must be phased")[0]
-            raise VcfError(f"{targets_vcf}: targets must be phased ({head}); {FIX_PHASE_TARGETS}") from None
-        if "missing genotype" in message:
-            head = message.split("; the panel must")[0]
-            raise VcfError(
-                f"{targets_vcf}: targets must have no missing calls ({head}); phasing fills them: {FIX_PHASE_TARGETS}"
-            ) from None
-        raise
-
-
-def match_targets(
-    panel: Panel, targets_vcf: str | os.PathLike[str], *, ambiguous: AmbiguousPolicy = "skip", skip_non_snps: bool = False
-) -> TargetSites:
-    """Read phased targets and match their sites to the panel by position and alleles.
-
-    REF/ALT-swapped sites are used with their alleles flipped; strand-flipped sites are used as they are
-    (the complement leaves the allele coding unchanged); strand-ambiguous A/T and C/G sites, where a swap and
-    a strand flip cannot be told apart, are skipped unless ``ambiguous="keep"`` (then read as same-strand).
-    Raises VcfError when the targets are unphased, on another contig, or share no usable site with the panel.
-    """
-    from rag_hpc.data.vcf import match_sites
-
-    if ambiguous not in ("skip", "keep"):
-        raise ValueError(f"ambiguous must be 'skip' or 'keep', got {ambiguous!r}")
-    path = Path(targets_vcf)
-    targets = _read_targets(path, skip_non_snps)
-    if targets.contig != panel.info.contig:
-        raise VcfError(
-            f"{path}: contig {targets.contig} but the panel {panel.path} is contig {panel.info.contig}; use targets and "
-            "panel of the same chromosome with the same naming (e.g. `bcftools annotate --rename-chrs`)"
-        )
-    match = match_sites(panel.positions, panel.ref, panel.alt, targets.pos, targets.ref, targets.alt)
-    at_panel_pos = np.isin(targets.pos, panel.positions)
-    skip_ambiguous = match.ambiguous if ambiguous == "skip" else np.zeros_like(match.ambiguous)
-    used = match.matched & ~skip_ambiguous
-    counts = {
-        "target_sites": targets.n_sites,
-        "used": int(used.sum()),
-        "swapped": int((used & match.swapped).sum()),
-        "strand_flipped": int((used & match.flipped).sum()),
-        "ambiguous_skipped": int((match.matched & skip_ambiguous).sum()),
-        "ambiguous_kept": int((used & match.ambiguous).sum()),
-        "not_in_panel": int((~at_panel_pos).sum()),
-        "allele_mismatch": int((at_panel_pos & ~match.matched).sum()),
-        "non_snps_skipped": targets.n_skipped_non_snps,
-    }
-    if not used.any():
-        span = f"targets {targets.contig}:{targets.pos[0]}-{targets.pos[-1]}, panel {panel.info.contig}:{panel.positions[0]}-{panel.positions[-1]}"
-        if not match.matched.any():
-            if not at_panel_pos.any():
-                raise VcfError(f"{path}: none of its {targets.n_sites:,} sites is at a panel position ({span}): {FIX_BUILD}")
-            raise VcfError(
-                f"{path}: {counts['allele_mismatch']:,} of its sites share a position with the panel but none has the panel's "
-                f"alleles in any orientation ({span}): {FIX_BUILD}"
-            )
-        raise VcfError(
-            f"{path}: all {counts['ambiguous_skipped']:,} sites it shares with the panel are strand-ambiguous (A/T or C/G) "
-            "and were skipped, so nothing is observed; if the targets are on the panel's strand, keep them "
-            "(--ambiguous keep), else align them first (e.g. `bcftools +fixref`)"
-        )
-    haps = targets.haplotypes()[:, used]
-    haps[:, match.swapped[used]] ^= 1
-    return TargetSites(list(targets.samples), match.index[used], np.ascontiguousarray(haps), counts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,56 +232,59 @@ class ImputedVcfWriter(VcfWriter):
     def write_imputed(self, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> None:
         """Append sites: prob float [2 * n_samples, n] = P(ALT) per haplotype (haplotype 2*s, 2*s + 1 are
         sample s's first and second), typed bool [n]."""
-        pos = np.asarray(pos, np.int64)
-        n = pos.shape[0]
-        if n == 0:
-            return
-        if prob.shape != (2 * self.n_samples, n):
-            raise ValueError(f"prob shape {prob.shape} != ({2 * self.n_samples}, {n})")
-        if pos[0] <= self._last_pos or (n > 1 and not (np.diff(pos) > 0).all()):
-            raise ValueError("ImputedVcfWriter: positions must be strictly increasing")
-        p = np.asarray(prob, np.float64)
-        p1 = p[0::2].T  # [n, S]
-        p2 = p[1::2].T
-        ds = p1 + p2
-        gp0 = (1.0 - p1) * (1.0 - p2)
-        gp2 = p1 * p2
-        # Round GP0 and GP2, derive GP1 so the three printed values sum to exactly 1.000.
-        m0 = np.rint(gp0 * _SCALE).astype(np.int64)
-        m2 = np.minimum(np.rint(gp2 * _SCALE).astype(np.int64), _SCALE - m0)
-        m1 = _SCALE - m0 - m2
-        mds = np.clip(np.rint(ds * _SCALE).astype(np.int64), 0, 2 * _SCALE)
+        if len(pos):
+            self.write_records(imputed_records(self.contig, pos, ref, alt, prob, typed), int(pos[0]), int(pos[-1]), len(pos))
 
-        buf = np.empty((n, self.n_samples, _FIELD_WIDTH), np.uint8)
-        buf[:] = np.frombuffer(_SAMPLE_FIELD, np.uint8)
-        buf[..., 1] = (p1 > 0.5) + 48
-        buf[..., 3] = (p2 > 0.5) + 48
-        _put_milli(buf, 5, mds)
-        _put_milli(buf, 11, m0)
-        _put_milli(buf, 17, m1)
-        _put_milli(buf, 23, m2)
-        body = np.empty((n, self.n_samples * _FIELD_WIDTH + 1), np.uint8)
-        body[:, :-1] = buf.reshape(n, -1)
-        body[:, -1] = ord("\n")
 
-        af = ds.mean(axis=1) / 2.0
-        hwe = 2.0 * af * (1.0 - af)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dr2 = np.where(hwe > 1e-12, ds.var(axis=1) / hwe, 0.0)
-        refs = np.asarray(ref).astype("S1")
-        alts = np.asarray(alt).astype("S1")
-        contig = self.contig.encode()
-        parts = []
-        for i in range(n):
-            flag = b"TYPED" if typed[i] else b"IMP"
-            parts.append(
-                b"%s\t%d\t.\t%s\t%s\t.\tPASS\tAF=%.5f;DR2=%.3f;%s\tGT:DS:GP"
-                % (contig, pos[i], refs[i], alts[i], af[i], dr2[i], flag)
-            )
-            parts.append(body[i].data)
-        self._fh.write(b"".join(parts))
-        self._last_pos = int(pos[-1])
-        self.n_sites += n
+def imputed_records(contig: str, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> bytes:
+    """The record lines of sites ``pos`` (increasing) for ``ImputedVcfWriter``: a function of the sites
+    alone, so a range imputed by one job and merged by another gives the bytes one job writes."""
+    pos = np.asarray(pos, np.int64)
+    n = pos.shape[0]
+    n_samples = prob.shape[0] // 2
+    if prob.shape != (2 * n_samples, n):
+        raise ValueError(f"prob shape {prob.shape} != (2 * samples, {n})")
+    if n > 1 and not (np.diff(pos) > 0).all():
+        raise ValueError("ImputedVcfWriter: positions must be strictly increasing")
+    p = np.asarray(prob, np.float64)
+    p1 = p[0::2].T  # [n, S]
+    p2 = p[1::2].T
+    ds = p1 + p2
+    gp0 = (1.0 - p1) * (1.0 - p2)
+    gp2 = p1 * p2
+    # Round GP0 and GP2, derive GP1 so the three printed values sum to exactly 1.000.
+    m0 = np.rint(gp0 * _SCALE).astype(np.int64)
+    m2 = np.minimum(np.rint(gp2 * _SCALE).astype(np.int64), _SCALE - m0)
+    m1 = _SCALE - m0 - m2
+    mds = np.clip(np.rint(ds * _SCALE).astype(np.int64), 0, 2 * _SCALE)
+
+    buf = np.empty((n, n_samples, _FIELD_WIDTH), np.uint8)
+    buf[:] = np.frombuffer(_SAMPLE_FIELD, np.uint8)
+    buf[..., 1] = (p1 > 0.5) + 48
+    buf[..., 3] = (p2 > 0.5) + 48
+    _put_milli(buf, 5, mds)
+    _put_milli(buf, 11, m0)
+    _put_milli(buf, 17, m1)
+    _put_milli(buf, 23, m2)
+    body = np.empty((n, n_samples * _FIELD_WIDTH + 1), np.uint8)
+    body[:, :-1] = buf.reshape(n, -1)
+    body[:, -1] = ord("\n")
+
+    af = ds.mean(axis=1) / 2.0
+    hwe = 2.0 * af * (1.0 - af)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dr2 = np.where(hwe > 1e-12, ds.var(axis=1) / hwe, 0.0)
+    refs = np.asarray(ref).astype("S1")
+    alts = np.asarray(alt).astype("S1")
+    name = contig.encode()
+    parts = []
+    for i in range(n):
+        flag = b"TYPED" if typed[i] else b"IMP"
+        parts.append(
+            b"%s\t%d\t.\t%s\t%s\t.\tPASS\tAF=%.5f;DR2=%.3f;%s\tGT:DS:GP" % (name, pos[i], refs[i], alts[i], af[i], dr2[i], flag)
+        )
+        parts.append(body[i].data)
+    return b"".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,6 +323,82 @@ def _check_prediction(p: np.ndarray, shape: tuple[int, int], window_id: int, pre
     return np.clip(p, 0.0, 1.0)
 
 
+@dataclass
+class _Prepared:
+    """Targets matched, predictor begun: what every window of an imputation reads."""
+
+    panel: Panel
+    targets: TargetSites
+    windows: list[Window]
+    header: list[str]
+
+
+def _prepare(
+    config: RagConfig, predictor: HaplotypePredictor, targets_vcf: str | os.PathLike[str], panel: Panel, begin: bool
+) -> _Prepared:
+    from rag_hpc.data.windows import make_windows
+
+    ambiguous = config.data.ambiguous
+    targets = match_targets(panel, targets_vcf, ambiguous=ambiguous, skip_non_snps=config.data.skip_non_snps)
+    start = getattr(predictor, "begin", None)
+    if begin and start is not None:  # predictors whose evidence reaches beyond the window take all typed sites first
+        start(targets)
+    name = getattr(predictor, "name", type(predictor).__name__)
+    header = [
+        f"##rag_hpc_impute=<predictor={name},panel={panel.path.name},panel_sha256={panel.info.source_sha256},"
+        f"window_size={config.windows.window_size},ambiguous={ambiguous}>"
+    ]
+    return _Prepared(panel, targets, make_windows(panel.n_sites, config.windows.window_size), header)
+
+
+def _window_records(prep: _Prepared, predictor: HaplotypePredictor, window: Window) -> bytes:
+    """The VCF records of one window: the predictor's P(ALT), the typed sites keeping the targets' alleles."""
+    targets, panel = prep.targets, prep.panel
+    lo, hi = np.searchsorted(targets.panel_index, [window.start, window.stop])
+    local = targets.panel_index[lo:hi] - window.start
+    observed = np.zeros(window.length, bool)
+    observed[local] = True
+    query = np.zeros((targets.haplotypes.shape[0], window.length), np.uint8)
+    query[:, local] = targets.haplotypes[:, lo:hi]
+    raw = predictor.predict_window(window.id, query.copy(), observed.copy())
+    prob = _check_prediction(raw, query.shape, window.id, predictor).astype(np.float64, copy=True)
+    prob[:, local] = query[:, local]
+    sl = slice(window.start, window.stop)
+    return imputed_records(panel.info.contig, panel.positions[sl], panel.ref[sl], panel.alt[sl], prob, observed)
+
+
+def _writer(out: Path, prep: _Prepared) -> ImputedVcfWriter:
+    if not out.name.endswith(".vcf.gz"):
+        raise InputError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return ImputedVcfWriter(
+        out, contig=prep.panel.info.contig, samples=prep.targets.samples, source="rag_hpc.impute", extra_header=prep.header
+    )
+
+
+def _summary(out: Path, prep: _Prepared, t0: float) -> ImputeSummary:
+    return ImputeSummary(
+        out=out,
+        n_samples=len(prep.targets.samples),
+        n_panel_sites=prep.panel.n_sites,
+        n_windows=len(prep.windows),
+        n_typed_sites=int(prep.targets.panel_index.size),
+        targets=prep.targets,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@contextlib.contextmanager
+def _open_panel(config: RagConfig, panel: Panel | None) -> Iterator[Panel]:
+    from rag_hpc.data.panel import Panel
+
+    if panel is not None:
+        yield panel
+        return
+    with Panel(config.panel_h5) as own:
+        yield own
+
+
 def impute(
     config: RagConfig,
     predictor: HaplotypePredictor,
@@ -428,66 +406,139 @@ def impute(
     out_vcf: str | os.PathLike[str],
     *,
     panel: Panel | None = None,
-    ambiguous: AmbiguousPolicy = "skip",
     progress: bool = False,
 ) -> ImputeSummary:
     """Impute phased targets at every panel site with ``predictor`` and write ``out_vcf`` (+ .tbi).
 
     The panel is ``panel`` or ``config.panel_h5``; windows are ``config.windows.window_size`` sites, the
-    same as training's. Every check on the inputs runs before the output is opened; an error at any later
-    point (a predictor failure, a full disk, Ctrl-C) removes the partial output and propagates.
+    same as training's; strand-ambiguous sites follow ``data.ambiguous``. Every check on the inputs runs
+    before the output is opened; an error at any later point (a predictor failure, a full disk, Ctrl-C)
+    removes the partial output and propagates.
     """
     from tqdm import tqdm
 
-    from rag_hpc.data.panel import Panel
-    from rag_hpc.data.windows import make_windows
-
-    t0 = time.perf_counter()
-    out = Path(out_vcf)
+    t0, out = time.perf_counter(), Path(out_vcf)
     if not out.name.endswith(".vcf.gz"):
         raise InputError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
-    own_panel = panel is None
-    panel = Panel(config.panel_h5) if panel is None else panel
-    try:
-        targets = match_targets(panel, targets_vcf, ambiguous=ambiguous, skip_non_snps=config.data.skip_non_snps)
-        begin = getattr(predictor, "begin", None)
-        if begin is not None:  # predictors whose evidence reaches beyond the window take all typed sites first
-            begin(targets)
-        windows = make_windows(panel.n_sites, config.windows.window_size)
-        n_haps = targets.haplotypes.shape[0]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        name = getattr(predictor, "name", type(predictor).__name__)
-        header = [
-            f"##rag_hpc_impute=<predictor={name},panel={panel.path.name},panel_sha256={panel.info.source_sha256},"
-            f"window_size={config.windows.window_size},ambiguous={ambiguous}>"
+    with _open_panel(config, panel) as panel:
+        prep = _prepare(config, predictor, targets_vcf, panel, begin=True)
+        with _writer(out, prep) as writer:
+            for window in tqdm(prep.windows, desc="impute", unit="win", disable=not progress, leave=False):
+                records = _window_records(prep, predictor, window)
+                writer.write_records(
+                    records, int(panel.positions[window.start]), int(panel.positions[window.stop - 1]), window.length
+                )
+        return _summary(out, prep, t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# imputation in ranges of windows: the cluster's imputation array and its merge job
+
+PART = "imputed"
+PART_FORMAT = 1
+
+
+def parts_store(config: RagConfig) -> ArtifactStore:
+    """Where a run's imputed ranges live: beside its checkpoints, since the model they come from is the run's."""
+    return ArtifactStore(config.train.resolved_run_dir(config.paths.workdir) / "imputed-ranges")
+
+
+def _part_artifact(config: RagConfig, prep: _Prepared, predictor: HaplotypePredictor, window_ids: Sequence[int]) -> Artifact:
+    identity = getattr(predictor, "identity", None)
+    if identity is None:
+        raise TypeError(f"{type(predictor).__name__} has no identity(): its ranges could not be told apart from another's")
+    panel = prep.panel
+    return Artifact(
+        PART,
+        {
+            "format": PART_FORMAT,
+            "panel_sha256": panel.info.source_sha256,
+            "split": panel.split_digest(),
+            "window_size": config.windows.window_size,
+            "windows": [min(window_ids), max(window_ids)],
+            "targets_sha256": prep.targets.digest(),
+            "samples": prep.targets.samples,
+            "header": prep.header,
+            "predictor": identity(),
+        },
+    )
+
+
+def impute_range(
+    config: RagConfig,
+    predictor: HaplotypePredictor,
+    targets_vcf: str | os.PathLike[str],
+    window_ids: Sequence[int],
+    *,
+    panel: Panel | None = None,
+) -> Literal["built", "cached"]:
+    """One imputation task: the records of the consecutive windows ``window_ids``, committed atomically
+    as one content-addressed part (predictor, targets, windows); a valid part already there is kept."""
+    import zlib
+
+    ids = sorted(window_ids)
+    if ids != list(range(ids[0], ids[-1] + 1)):
+        raise ValueError(f"impute_range: windows must be consecutive, got {ids}")
+    store = parts_store(config)
+    with _open_panel(config, panel) as panel:
+        prep = _prepare(config, predictor, targets_vcf, panel, begin=False)
+        art = _part_artifact(config, prep, predictor, ids)
+        if store.problem(art, checksums=True) is None:
+            return "cached"
+        with store.lock(art):
+            if store.problem(art, checksums=True) is None:
+                return "cached"
+            start = getattr(predictor, "begin", None)
+            if start is not None:
+                start(prep.targets)
+            records = b"".join(_window_records(prep, predictor, prep.windows[w]) for w in ids)
+            store.commit(art, {"records.gz": zlib.compress(records, 1)})
+    return "built"
+
+
+def merge_ranges(
+    config: RagConfig,
+    predictor: HaplotypePredictor,
+    targets_vcf: str | os.PathLike[str],
+    out_vcf: str | os.PathLike[str],
+    ranges: Sequence[Sequence[int]],
+    *,
+    panel: Panel | None = None,
+) -> ImputeSummary:
+    """The merge job: the parts of ``ranges`` (together every window, in order) into one imputed VCF,
+    byte for byte what ``impute`` writes in one process. A part missing or invalid is an error naming it."""
+    import zlib
+
+    t0, out, store = time.perf_counter(), Path(out_vcf), parts_store(config)
+    with _open_panel(config, panel) as panel:
+        prep = _prepare(config, predictor, targets_vcf, panel, begin=False)
+        ids = sorted(w for r in ranges for w in r)
+        if ids != list(range(len(prep.windows))):
+            raise ValueError(f"merge_ranges: the ranges cover windows {ids[:3]}...{ids[-3:]}, not all {len(prep.windows)}")
+        arts = [(sorted(r), _part_artifact(config, prep, predictor, r)) for r in sorted(ranges, key=min)]
+        bad = [
+            f"windows {r[0]}-{r[-1]} ({store.problem(a, checksums=True)}: {store.path(a)})"
+            for r, a in arts
+            if store.problem(a, checksums=True)
         ]
-        with ImputedVcfWriter(
-            out, contig=panel.info.contig, samples=targets.samples, source="rag_hpc.impute", extra_header=header
-        ) as writer:
-            for window in tqdm(windows, desc="impute", unit="win", disable=not progress, leave=False):
-                lo, hi = np.searchsorted(targets.panel_index, [window.start, window.stop])
-                local = targets.panel_index[lo:hi] - window.start
-                observed = np.zeros(window.length, bool)
-                observed[local] = True
-                query = np.zeros((n_haps, window.length), np.uint8)
-                query[:, local] = targets.haplotypes[:, lo:hi]
-                raw = predictor.predict_window(window.id, query.copy(), observed.copy())
-                prob = _check_prediction(raw, query.shape, window.id, predictor).astype(np.float64, copy=True)
-                prob[:, local] = query[:, local]
-                sl = slice(window.start, window.stop)
-                writer.write_imputed(panel.positions[sl], panel.ref[sl], panel.alt[sl], prob, observed)
-        return ImputeSummary(
-            out=out,
-            n_samples=len(targets.samples),
-            n_panel_sites=panel.n_sites,
-            n_windows=len(windows),
-            n_typed_sites=int(targets.panel_index.size),
-            targets=targets,
-            seconds=time.perf_counter() - t0,
-        )
-    finally:
-        if own_panel:
-            panel.close()
+        if bad:
+            raise InputError(
+                f"cannot merge: {len(bad)} imputed range(s) missing or invalid: {'; '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}; rerun the imputation array (a relaunch redoes only these ranges)"
+            )
+        with _writer(out, prep) as writer:
+            for r, art in arts:
+                files = store.read(art)
+                if files is None:
+                    raise InputError(f"imputed range windows {r[0]}-{r[-1]} changed while merging: {store.path(art)}; rerun")
+                first, last = prep.windows[r[0]], prep.windows[r[-1]]
+                writer.write_records(
+                    zlib.decompress(files["records.gz"]),
+                    int(panel.positions[first.start]),
+                    int(panel.positions[last.stop - 1]),
+                    last.stop - first.start,
+                )
+        return _summary(out, prep, t0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ambiguous",
         choices=["skip", "keep"],
-        default="skip",
-        help="strand-ambiguous A/T and C/G target sites: skip them (default) or trust they are on the panel's strand",
+        help="strand-ambiguous A/T and C/G target sites: skip them or trust they are on the panel's strand "
+        "(default: data.ambiguous, skip; a model is best given the sites its training array had)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_config_args(parser)
@@ -546,6 +597,8 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.panel is not None:
         config.data.panel_h5 = args.panel
+    if args.ambiguous is not None:
+        config.data.ambiguous = args.ambiguous
     targets = args.targets if args.targets is not None else config.data.targets_vcf
     if targets is None:
         raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
@@ -566,7 +619,6 @@ def main(args: argparse.Namespace) -> int:
             targets,
             args.out,
             panel=panel,
-            ambiguous=args.ambiguous,
             progress=not args.quiet and sys.stderr.isatty(),
         )
     if not args.quiet:

@@ -1,4 +1,4 @@
-"""build_windows: what one index-prebuild array task does to the content-addressed cache."""
+"""build_windows and prebuild: what one index-prebuild array task does to the content-addressed cache."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.data.panel import SPLIT_TRAIN, Panel
 from rag_hpc.errors import ConfigError
-from rag_hpc.index.build import WindowCache, build_windows
-from rag_hpc.index.retrieval import masked_topk
+from rag_hpc.index.build import SHARD, WindowCache, build_windows, prebuild
+from rag_hpc.index.donors import DONORS
 from tests import kill_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_first_build_builds_every_window_and_rerun_skips_them_all(tiny_panel, tm
     first = build_windows(cfg, progress=False)
     with Panel(tiny_panel) as panel:
         assert len(first) == -(-panel.n_sites // 100)
-    assert all(r.status == "built" and r.built == ["shard", "index:array"] for r in first)
+    assert all(r.status == "built" and r.built == [SHARD] for r in first)
     second = build_windows(cfg, progress=False)
     assert [r.status for r in second] == ["cached"] * len(first)
 
@@ -63,50 +63,37 @@ def test_shard_holds_the_panel_alleles_of_its_window(tiny_panel, tmp_path):
         assert np.array_equal(shard.af, panel.af[100:200])
 
 
-def test_the_array_index_answers_like_the_exact_retriever_on_the_array_sites(tiny_panel, tmp_path):
-    cfg = _config(tiny_panel, tmp_path / "cache")
+def test_a_prebuild_writes_window_shards_and_donor_table_parts_and_nothing_else(tiny_panel, tmp_path):
+    cfg = _config(tiny_panel, tmp_path / "cache", "index.windows_per_task=2")
+    done = prebuild(cfg, progress=False)
+    root = cfg.paths.cache
+    # <cache>/<kind>/<key[:2]>/<key>/: one directory per artifact kind, besides the store's own dot-dirs.
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([SHARD, DONORS])
+    assert len(list((root / SHARD).glob("*/*"))) == len(done.windows)
+    assert done.donor_parts_built == len(list((root / DONORS).glob("*/*"))) > 0
+
+
+def test_with_targets_the_array_is_their_sites_and_every_window_still_gets_one_shard(tiny_panel, tiny_simulation, tmp_path):
+    # 10-site windows: more windows than the targets type sites, so some windows have none.
+    cfg = _config(tiny_panel, tmp_path / "cache", "windows.window_size=10", targets=tiny_simulation / "targets.array.vcf.gz")
     cache = WindowCache(cfg)
-    build_windows(cfg, [2], progress=False)
-    shard = cache.shard(2)
-    index = cache.fixed_index(2, "array")
-    with Panel(tiny_panel) as panel:
-        is_ref = panel.haplotype_split() == SPLIT_TRAIN
-    reference, queries = shard.alleles[is_ref], shard.alleles[~is_ref]
-    observed = cache.fixed_masks(shard.window)["array"][1]
-    import torch
-
-    want = masked_topk(
-        torch.as_tensor(queries),
-        torch.as_tensor(observed),
-        torch.as_tensor(reference),
-        torch.ones(len(observed), dtype=torch.float64),
-        k=4,
-    )
-    got = index.search(queries, 4)
-    assert torch.equal(torch.as_tensor(got[1]), want[1])
-
-
-def test_with_targets_the_array_index_is_over_their_typed_sites(tiny_panel, tiny_simulation, tmp_path):
-    cfg = _config(tiny_panel, tmp_path / "cache", targets=tiny_simulation / "targets.array.vcf.gz")
-    cache = WindowCache(cfg)
-    typed = cache.target_observed()
-    assert typed is not None and 0 < typed.sum() < len(typed)
+    typed = cache.array_sites()
+    assert 0 < typed.size < cache.panel.n_sites
+    untyped = [w.id for w in cache.windows if not w.observed(typed).any()]
+    assert untyped
     results = build_windows(cfg, progress=False)
-    with_sites = [w.id for w in cache.windows if typed[w.start : w.stop].any()]
-    assert with_sites
-    for r in results:
-        assert ("index:array" in r.built) == (r.window_id in with_sites)
-    index = cache.fixed_index(with_sites[0], "array")
-    assert index.n_observed == typed[cache.windows[with_sites[0]].start : cache.windows[with_sites[0]].stop].sum()
+    assert [r.built for r in results] == [[SHARD]] * len(cache.windows)
+    # A window the array does not type is built like any other: the model imputes all of it from donors.
+    assert all(cache.shard(wid).alleles.shape[1] == cache.windows[wid].length for wid in untyped)
 
 
 def test_changing_an_input_of_the_key_rebuilds_and_keeps_the_old_artifacts(tiny_panel, tmp_path):
     cache_dir = tmp_path / "cache"
     build_windows(_config(tiny_panel, cache_dir), [0], progress=False)
     other_mask = build_windows(_config(tiny_panel, cache_dir, "masks.array_density=0.3"), [0], progress=False)
-    assert other_mask[0].built == ["index:array"]  # the shard does not depend on the array
+    assert other_mask[0].status == "cached"  # a shard does not depend on the array
     other_window = build_windows(_config(tiny_panel, cache_dir, "windows.window_size=50"), [0], progress=False)
-    assert other_window[0].built == ["shard", "index:array"]
+    assert other_window[0].built == [SHARD]
     assert build_windows(_config(tiny_panel, cache_dir), [0], progress=False)[0].status == "cached"
 
 
@@ -118,7 +105,7 @@ def test_truncated_shard_is_rebuilt_not_used(tiny_panel, tmp_path):
     with open(data, "r+b") as fh:
         fh.truncate(data.stat().st_size // 2)
     result = build_windows(cfg, [0], progress=False)[0]
-    assert result.status == "built" and result.built == ["shard"]
+    assert result.status == "built" and result.built == [SHARD]
     with Panel(tiny_panel) as panel:
         assert np.array_equal(cache.shard(0).alleles, panel.haplotypes(0, 100))
 

@@ -7,9 +7,10 @@ import numpy as np
 
 from rag_hpc.config import load_config
 from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
+from rag_hpc.impute import CopyPredictor, impute, load_model_predictor
 from rag_hpc.index import donors as donors_module
 from rag_hpc.index.build import WindowCache, prebuild
-from rag_hpc.index.donors import DONORS, compute_donors, panel_donors, typed_columns
+from rag_hpc.index.donors import DONORS, Queries, compute_donors, read_donors, typed_columns
 from rag_hpc.train import train
 from tests.train_helpers import train_overrides
 
@@ -22,7 +23,7 @@ def test_a_training_query_never_copies_itself_or_its_sample_mate(tiny_panel, tmp
     cache = _cache(tiny_panel, tmp_path)
     queries = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_TRAIN)
     typed = cache.array_sites()
-    table = panel_donors(cache, typed, queries, "test")
+    table = read_donors(cache, Queries("test", typed, ids=queries))
     reference = cache.panel.reference_haplotypes()
     donor_samples = reference[table.donors] // 2  # [M + 1, Q, k] panel sample of every donor
     assert not (donor_samples == (queries // 2)[None, :, None]).any()
@@ -48,7 +49,8 @@ def test_a_window_reads_each_sites_gap_donors(tiny_panel, tmp_path):
     )
 
 
-def test_training_and_its_resume_read_the_donor_tables_the_prebuild_computed(tiny_panel, tmp_path, monkeypatch):
+def _count_hmm_runs(monkeypatch) -> list[int]:
+    """Query haplotypes of every Li–Stephens run from here on (the real HMM runs; this only counts)."""
     hmm_runs: list[int] = []
     real = donors_module.li_stephens_donors
 
@@ -57,6 +59,11 @@ def test_training_and_its_resume_read_the_donor_tables_the_prebuild_computed(tin
         return real(query_t, *args, **kwargs)
 
     monkeypatch.setattr(donors_module, "li_stephens_donors", counted)
+    return hmm_runs
+
+
+def test_training_and_its_resume_read_the_donor_tables_the_prebuild_computed(tiny_panel, tmp_path, monkeypatch):
+    hmm_runs = _count_hmm_runs(monkeypatch)
     # One prebuild task per window (3 windows): each computes its third of each table's queries.
     overrides = train_overrides(tiny_panel, tmp_path / "work", "train.max_steps=4", "index.windows_per_task=1")
     config = load_config(overrides=overrides)
@@ -94,5 +101,35 @@ def test_a_table_read_in_parts_is_the_table_computed_whole(tiny_panel, tmp_path)
     parts = _cache(tiny_panel, tmp_path / "three", "index.windows_per_task=1")
     typed = whole.array_sites()
     queries = np.flatnonzero(whole.panel.haplotype_split() == SPLIT_TRAIN)
-    a, b = panel_donors(whole, typed, queries, "test"), panel_donors(parts, typed, queries, "test")
+    a, b = read_donors(whole, Queries("test", typed, ids=queries)), read_donors(parts, Queries("test", typed, ids=queries))
     assert np.array_equal(a.donors, b.donors) and np.array_equal(a.weights, b.weights)
+
+
+def test_impute_reads_the_targets_donor_table_the_prebuild_computed_under_the_runs_ambiguity_policy(
+    tiny_panel, tiny_simulation, tmp_path, monkeypatch
+):
+    hmm_runs = _count_hmm_runs(monkeypatch)
+    targets_vcf = tiny_simulation / "targets.array.vcf.gz"
+    overrides = train_overrides(
+        tiny_panel, tmp_path / "work", f"data.targets_vcf={targets_vcf}", "train.max_steps=2", "index.windows_per_task=1"
+    )
+    config = load_config(overrides=overrides)
+    cache = WindowCache(config)
+    targets = cache.targets()
+    assert targets is not None and targets.counts["ambiguous_skipped"] > 0  # the tiny targets have A/T and C/G sites
+    assert np.array_equal(cache.array_sites(), targets.panel_index)  # training's array = the sites impute uses
+    result = prebuild(config, progress=False)
+    assert result.donor_parts_built == 3 * 3  # training, validation and targets, one part per window's task
+    assert sum(hmm_runs[-3:]) == targets.haplotypes.shape[0]  # every target haplotype once, after the panel's
+    checkpoint = train(config)
+
+    hmm_runs.clear()
+    for predictor in (CopyPredictor.from_config(config), load_model_predictor(checkpoint, config)):
+        out = impute(config, predictor, targets_vcf, tmp_path / f"{predictor.name}.vcf.gz")
+        assert out.out.is_file()
+    assert hmm_runs == []  # both read the prebuilt targets table, neither ran the HMM
+
+    # Keeping the ambiguous sites types other sites: another table (computed at impute), never the prebuilt one.
+    keep = load_config(overrides=[*overrides, "data.ambiguous=keep"])
+    impute(keep, CopyPredictor.from_config(keep), targets_vcf, tmp_path / "keep.vcf.gz")
+    assert sum(hmm_runs) == targets.haplotypes.shape[0]

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from rag_hpc.checkpoint import CheckpointError, CheckpointFile, CheckpointManager
 from rag_hpc.errors import DiskSpaceError
 from rag_hpc.fsutil import human_bytes
-from rag_hpc.train.checkpoint import CheckpointError, CheckpointFile, CheckpointManager
 from tests import kill_points, reliability
 from tests.train_helpers import ROOT, STEPS_PER_EPOCH, checkpoint_dir, load_checkpoint, max_diff, run_cli, train_cmd, train_env
 

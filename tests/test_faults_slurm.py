@@ -291,7 +291,7 @@ def _node_comes_back(node: str) -> Iterator[None]:
 def test_a_training_node_that_dies_without_a_signal_is_requeued_and_resumes_from_its_last_checkpoint(
     cluster, uninterrupted, tmp_path
 ):
-    from rag_hpc.train.checkpoint import CheckpointManager
+    from rag_hpc.checkpoint import CheckpointManager
 
     # A node that dies takes every process of the job with it at once, with no signal anyone can
     # catch, and SLURM learns of it only by losing the node. Here: freeze (SIGSTOP) and SIGKILL the

@@ -63,6 +63,20 @@ def test_the_donor_tables_are_counted_and_a_genome_in_one_table_is_refused():
     assert [r.figure for r in rows if not r.ok] == ["RAM for training (host)"]
 
 
+def test_with_targets_their_donor_table_and_the_imputation_tasks_are_sized():
+    from dataclasses import replace
+
+    with_targets = replace(KGP_CHR21, targets=True, target_haplotypes=2_000)
+    plain, est = estimate(KGP_CHR21), estimate(with_targets)
+    assert est.disk_to_build - plain.disk_to_build >= donor_table_bytes(with_targets, 2_000)
+    assert plain.impute_task_ram == 0 and est.impute_task_ram > donor_table_bytes(with_targets, 2_000)
+    rows = {r.figure: r for r in check(with_targets, est, Budget(mem=est.impute_task_ram - 1))}
+    assert not rows["RAM per imputation task"].ok and "impute.windows_per_task" in rows["RAM per imputation task"].advice
+    # Fewer windows per task hold fewer records at once.
+    fewer = estimate(replace(with_targets, impute_windows_per_task=4))
+    assert fewer.impute_task_ram < est.impute_task_ram
+
+
 def test_sizes_parse_like_slurm_and_garbage_is_refused():
     assert parse_bytes("256G") == 256 * 2**30 and parse_bytes("1T") == 2**40 and parse_bytes("1.5K") == 1536
     assert parse_bytes("64GiB") == 64 * 2**30 and parse_bytes("4096") == 4096

@@ -331,3 +331,38 @@ def test_impute_cli_as_a_process_exits_3_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == InputError.exit_code  # the panel does not exist
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "prepare" in lines[0]
+
+
+def test_ranges_imputed_by_separate_tasks_merge_into_the_vcf_one_process_writes(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path
+) -> None:
+    from rag_hpc.data.windows import window_ranges
+    from rag_hpc.impute import CopyPredictor, impute_range, merge_ranges, parts_store
+
+    targets = tiny_simulation / "targets.array.vcf.gz"
+    whole = impute(config, CopyPredictor.from_config(config, ne=20_000), targets, tmp_path / "whole.vcf.gz").out
+    n_windows = len(make_windows(Panel(config.panel_h5).n_sites, WINDOW))
+    ranges = window_ranges(list(range(n_windows)), 2)
+    assert len(ranges) >= 2
+    # Each range in its own predictor, as separate array tasks would run them.
+    assert [impute_range(config, CopyPredictor.from_config(config, ne=20_000), targets, r) for r in ranges] == ["built"] * len(
+        ranges
+    )
+    assert impute_range(config, CopyPredictor.from_config(config, ne=20_000), targets, ranges[0]) == "cached"
+    merged = merge_ranges(config, CopyPredictor.from_config(config, ne=20_000), targets, tmp_path / "merged.vcf.gz", ranges)
+    assert gzip.decompress(merged.out.read_bytes()) == gzip.decompress(whole.read_bytes())
+    assert Path(f"{merged.out}.tbi").is_file()
+
+    # A range whose bytes no longer match its manifest: the merge names it and writes nothing; rerunning
+    # the array redoes that range alone.
+    parts = sorted(parts_store(config).root.glob("imputed/*/*/records.gz"))
+    assert len(parts) == len(ranges)
+    parts[0].write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"1 imputed range\(s\) missing or invalid"):
+        merge_ranges(config, CopyPredictor.from_config(config, ne=20_000), targets, tmp_path / "again.vcf.gz", ranges)
+    assert not (tmp_path / "again.vcf.gz").exists()
+    redone = [impute_range(config, CopyPredictor.from_config(config, ne=20_000), targets, r) for r in ranges]
+    assert redone.count("built") == 1
+    # Another predictor's ranges are other parts: never merged into this one's VCF.
+    with pytest.raises(InputError, match="missing or invalid"):
+        merge_ranges(config, CopyPredictor.from_config(config, ne=30_000), targets, tmp_path / "other.vcf.gz", ranges)

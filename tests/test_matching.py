@@ -69,7 +69,9 @@ def test_li_stephens_donors_are_the_hmm_posteriors_at_every_gap(monkeypatch):
 
 
 def test_copy_imputes_the_tiny_simulation_better_than_the_nearest_haplotype(tiny_panel, tiny_simulation, tmp_path):
-    config = load_config(overrides=[f"data.panel_h5={tiny_panel}", f"paths.workdir={tmp_path}", "windows.window_size=64"])
+    config = load_config(
+        overrides=[f"data.panel_h5={tiny_panel}", f"paths.workdir={tmp_path}", "windows.window_size=64", "data.ambiguous=keep"]
+    )
     truth, targets = tiny_simulation / "targets.truth.vcf.gz", tiny_simulation / "targets.array.vcf.gz"
     r2 = {}
     with Panel(tiny_panel) as panel:
@@ -78,7 +80,7 @@ def test_copy_imputes_the_tiny_simulation_better_than_the_nearest_haplotype(tiny
             ("copy", CopyPredictor.from_config(config, panel=panel, ne=20_000)),
             ("nearest", NearestHaplotypePredictor.from_config(config, panel=panel)),
         ):
-            out = impute(config, predictor, targets, tmp_path / f"{name}.vcf.gz", panel=panel, ambiguous="keep").out
+            out = impute(config, predictor, targets, tmp_path / f"{name}.vcf.gz", panel=panel).out
             r2[name] = evaluate(out, truth, tiny_panel, exclude_sites_vcf=targets).overall.r2
     assert r2["copy"] > r2["nearest"], r2
 

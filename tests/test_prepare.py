@@ -13,7 +13,8 @@ import pytest
 
 from rag_hpc.data.panel import PANEL_FORMAT_VERSION, SPLIT_TRAIN, SPLIT_VAL, Panel
 from rag_hpc.data.prepare import PopulationsError, prepare_panel, stratified_split
-from rag_hpc.data.vcf import match_sites, read_phased_vcf, target_panel_sites
+from rag_hpc.data.targets import match_targets
+from rag_hpc.data.vcf import match_sites, read_phased_vcf
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = ("S1", "S2", "S3")
@@ -116,8 +117,8 @@ def test_panel_without_population_file_has_empty_populations_and_no_per_populati
 def test_target_array_sites_are_found_in_the_panel(tiny_simulation: Path, tiny_panel: Path) -> None:
     array = read_phased_vcf(tiny_simulation / "targets.array.vcf.gz")
     with Panel(tiny_panel) as panel:
-        observed = target_panel_sites(panel, tiny_simulation / "targets.array.vcf.gz")
-        np.testing.assert_array_equal(panel.positions[observed], array.pos)
+        targets = match_targets(panel, tiny_simulation / "targets.array.vcf.gz", ambiguous="keep")
+        np.testing.assert_array_equal(panel.positions[targets.panel_index], array.pos)
 
 
 def test_skip_non_snps_drops_indels_and_multiallelics_and_records_the_count(tmp_path: Path) -> None:

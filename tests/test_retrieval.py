@@ -1,6 +1,8 @@
 """Compact retrieval returns the predecessor's L×D top-k (DESIGN.md §2), ties and all.
 
-The yardstick is the definition: the squared L2 distance between flattened L×D embeddings of a
+``masked_topk`` (rag_hpc's, what the nearest baseline ranks by) and ``FixedMaskIndex`` (the compact FAISS
+form, kept in bench/yardstick) are checked against the yardstick (bench/yardstick/lxd.py), which is the
+definition: the squared L2 distance between flattened L×D embeddings of a
 randomly initialised SiteEmbedding (D=192; its LayerNorm makes the site weights differ), computed
 in float64 from the float32 embeddings, under each query's own mask. Panels are random, and
 LD-structured (mosaics of a few founders): there, many references are identical on the observed
@@ -16,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from rag_hpc.errors import ClusterError
-from rag_hpc.index.embedding import SiteEmbedding
-from rag_hpc.index.lxd import (
+from bench.yardstick.embedding import SiteEmbedding
+from bench.yardstick.fixed_mask import FixedMaskIndex
+from bench.yardstick.lxd import (
     embedding_site_weights,
     lxd_bytes,
     lxd_embed,
@@ -28,7 +30,9 @@ from rag_hpc.index.lxd import (
     site_weights,
     topk_agreement,
 )
-from rag_hpc.index.retrieval import FixedMaskIndex, masked_topk, own_sample_exclusion
+from rag_hpc.errors import ClusterError
+from rag_hpc.guard import Plan, lxd_window_bytes
+from rag_hpc.index.retrieval import masked_topk
 
 SITES = 160
 N_REF = 320  # 160 samples
@@ -59,6 +63,12 @@ def random_haplotypes(rng: np.random.Generator, n: int, sites: int) -> np.ndarra
     return (rng.random((n, sites)) < rng.uniform(0.02, 0.5, sites)).astype(np.uint8)
 
 
+def own_sample(query_ids: np.ndarray) -> np.ndarray:
+    """exclude bool [B, N_REF]: each query's own sample (haplotypes 2s and 2s+1), itself included — what a
+    query drawn from the panel must not retrieve, or it finds itself at distance 0."""
+    return (query_ids[:, None] // 2) == (np.arange(N_REF)[None, :] // 2)
+
+
 @pytest.fixture(scope="module")
 def embedding() -> SiteEmbedding:
     torch.manual_seed(0)
@@ -73,7 +83,7 @@ def panel(request: pytest.FixtureRequest, embedding: SiteEmbedding) -> SimpleNam
     reference = haplotypes[:N_REF]
     queries = np.concatenate([reference[FROM_PANEL], haplotypes[N_REF:]])
     query_ids = np.concatenate([FROM_PANEL, N_REF + 2 * np.arange(N_FRESH)])  # fresh ones: samples not in the panel
-    exclude = own_sample_exclusion(torch.from_numpy(query_ids), torch.arange(N_REF)).numpy()
+    exclude = own_sample(query_ids)
     af = reference.mean(0).astype(np.float32)
     per_query = rng.random((len(queries), SITES)) < rng.uniform(0.2, 0.9, (len(queries), 1))
     fixed = rng.random(SITES) < 0.5
@@ -171,7 +181,7 @@ def test_approximate_ivf_still_returns_k_allowed_references(panel):
 def test_query_never_retrieves_itself_or_its_sample_mate(panel, k):
     own = FROM_PANEL
     queries = torch.from_numpy(panel.reference[own])
-    exclude = own_sample_exclusion(torch.from_numpy(own), torch.arange(N_REF))
+    exclude = torch.from_numpy(own_sample(own))
     mates = {int(h): {2 * (int(h) // 2), 2 * (int(h) // 2) + 1} for h in own}
     observed = torch.from_numpy(panel.per_query[: len(own)])
     index = FixedMaskIndex.build(panel.reference, panel.fixed, panel.weights, device="cpu")
@@ -184,11 +194,6 @@ def test_query_never_retrieves_itself_or_its_sample_mate(panel, k):
     # Without the exclusion each of them finds itself at distance 0 (lowest index of its tie group).
     dist = masked_topk(queries, observed, torch.from_numpy(panel.reference), panel.weights, 1)[0]
     assert torch.all(dist[:, 0] == 0)
-
-
-def test_own_sample_exclusion_pairs_haplotypes_2s_and_2s_plus_1():
-    mask = own_sample_exclusion(torch.tensor([4, 5, 9]), torch.arange(12))
-    assert [row.nonzero().flatten().tolist() for row in mask] == [[4, 5], [4, 5], [8, 9]]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
@@ -307,6 +312,8 @@ def test_masked_topk_on_cuda_returns_the_cpu_result_bit_for_bit(panel):
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
 
 
-def test_predecessor_window_is_two_gigabytes():
+def test_predecessor_window_is_two_gigabytes_as_the_guard_counts_it():
     # DESIGN.md §2: 5,008 haplotypes x 511 sites x 192 dims of float32 = 1,965 MB per window.
     assert lxd_bytes(5008, 511, 192) == 1_965_379_584
+    # The guard's --index flat-lxd plan cannot import the yardstick (no faiss in rag_hpc): same bytes.
+    assert lxd_window_bytes(Plan(haplotypes=5008, sites=511, window_size=511, dims=192, index="flat-lxd")) == 1_965_379_584

@@ -65,7 +65,7 @@ def test_every_file_and_directory_the_pipeline_writes_has_exactly_the_umask_perm
         "panel.h5",
         "manifest.json",
         "shard.npz",
-        "index.bin",
+        "donors.npz",
         ".lock",
         ".pt",
         ".sha256",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from rag_hpc.checkpoint import CheckpointManager, rng_state, set_rng_state
 from rag_hpc.errors import ConfigError
 from rag_hpc.evaluate import dosage_r2
-from rag_hpc.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from rag_hpc.train.metrics import ValAccumulator, maf_bin
 from rag_hpc.train.sampler import WindowBatchSampler
 from rag_hpc.train.trainer import warmup_cosine

@@ -26,7 +26,7 @@ from rag_hpc.errors import InputError
 from rag_hpc.fsutil import current_umask
 
 if TYPE_CHECKING:
-    from rag_hpc.data.panel import Panel
+    pass
 
 # The 28-byte empty block every bgzip writer appends; its absence means the file was cut short.
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
@@ -468,20 +468,6 @@ def match_sites(
     )
 
 
-def target_panel_sites(panel: Panel, targets_vcf: str | os.PathLike[str]) -> np.ndarray:
-    """bool [panel.n_sites]: the panel sites a target VCF types (in any allele orientation)."""
-    contig, pos, ref, alt = read_vcf_sites(targets_vcf)
-    if contig != panel.info.contig:
-        raise VcfError(
-            f"{targets_vcf}: contig {contig} but the panel {panel.path} is contig {panel.info.contig}; "
-            "use targets and panel of the same chromosome with the same naming (e.g. `bcftools annotate --rename-chrs`)"
-        )
-    match = match_sites(panel.positions, panel.ref, panel.alt, pos, ref, alt)
-    observed = np.zeros(panel.n_sites, bool)
-    observed[match.index[match.matched]] = True
-    return observed
-
-
 # -- writing -------------------------------------------------------------------------------------------------
 
 
@@ -536,7 +522,7 @@ class VcfWriter:
             raise ValueError(f"gt shape {gt.shape} != ({n}, {self.n_samples}, 2)")
         if gt.min() < 0 or gt.max() > 1:
             raise ValueError("VcfWriter.write_phased: alleles must be 0 or 1 (biallelic, no missing calls)")
-        if pos[0] <= self._last_pos or (n > 1 and not (np.diff(pos) > 0).all()):
+        if n > 1 and not (np.diff(pos) > 0).all():
             raise ValueError("VcfWriter: positions must be strictly increasing")
         # One row per site: "\t" a "|" b for each sample, then "\n"; fixed width, so one numpy array per block.
         row = np.empty((n, self.n_samples, 4), np.uint8)
@@ -554,9 +540,16 @@ class VcfWriter:
         for i in range(n):
             parts.append(b"%s\t%d\t.\t%s\t%s\t.\tPASS\t.\tGT" % (contig, pos[i], refs[i], alts[i]))
             parts.append(body[i].data)
-        self._fh.write(b"".join(parts))
-        self._last_pos = int(pos[-1])
-        self.n_sites += n
+        self.write_records(b"".join(parts), int(pos[0]), int(pos[-1]), n)
+
+    def write_records(self, records: bytes, first_pos: int, last_pos: int, n_sites: int) -> None:
+        """Append ``n_sites`` formatted record lines (positions ``first_pos`` .. ``last_pos``, increasing
+        within), after what was written: records a subclass or an earlier job formatted."""
+        if first_pos <= self._last_pos:
+            raise ValueError(f"VcfWriter: position {first_pos} after {self._last_pos}: positions must be strictly increasing")
+        self._fh.write(records)
+        self._last_pos = last_pos
+        self.n_sites += n_sites
 
     def close(self) -> Path:
         import pysam

@@ -1,4 +1,4 @@
-"""``python -m rag_hpc.index``: build (or verify) window shards and indexes — what one array task runs."""
+"""``python -m rag_hpc.index``: build (or verify) window shards and their donor-table parts — what one array task runs."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def parse_window_ids(spec: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rag_hpc.index",
-        description="Build the per-window panel shards and FAISS indexes, and the donor-table parts of those "
+        description="Build the per-window panel shards, and the donor-table parts of those "
         "windows' prebuild task (the Li-Stephens donors training and validation read), into the content-addressed "
         "cache. Artifacts already complete and valid are skipped.",
     )

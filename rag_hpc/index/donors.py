@@ -8,13 +8,14 @@ query's donors at a site reflect how far each reference matches it on both sides
 — the evidence that tells the copied haplotype apart when hundreds of references tie on a window's
 dozen typed sites.
 
-Training and validation queries are panel haplotypes typed at the run's array (``WindowCache.array_sites``);
-a training query never copies itself or its own sample's other haplotype. Their tables are cache
-artifacts keyed by everything they depend on (panel, split, typed sites, queries, HMM parameters, k),
-computed in parts (``donor_parts``: one per prebuild task, each over its share of the queries) by the
-index-prebuild job array after its windows (``build_panel_donors``), and read by training and
-validation (``panel_donors``), which compute only a part the cache lacks. Imputation targets get
-theirs at the start of ``impute`` (``DonorTable`` over the targets' own typed sites).
+A run has up to three tables, all typed at the run's array (``WindowCache.array_sites``: the targets'
+sites when the config names targets): training and validation queries are panel haplotypes (a training
+query never copies itself or its own sample's other haplotype); the targets' are the target haplotypes.
+Each table is a set of cache artifacts keyed by everything it depends on (panel, split, typed sites, the
+queries or the targets' content, HMM parameters, k), computed in parts (``donor_parts``: one per prebuild
+task, each over its share of the queries) by the index-prebuild job array after its windows
+(``build_donors``), and read by training, validation and ``impute`` (``read_donors``), which compute only
+a part the cache lacks: targets given to ``impute`` that the run did not prebuild get their table there.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +39,9 @@ from rag_hpc.index.build import WindowCache
 from rag_hpc.index.cache import Artifact
 from rag_hpc.index.matching import li_stephens_donors, switch_probabilities
 from rag_hpc.rng import Stream, uniforms
+
+if TYPE_CHECKING:
+    from rag_hpc.data.targets import TargetSites
 
 log = logging.getLogger("rag_hpc.index")
 
@@ -134,24 +139,6 @@ def own_sample_rows(queries: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return own
 
 
-def donor_artifact(
-    cache: WindowCache, typed: np.ndarray, queries: np.ndarray, cfg: DonorConfig, k: int, exclude_own: bool
-) -> Artifact:
-    panel = cache.panel
-    return Artifact(
-        DONORS,
-        {
-            "format": DONOR_FORMAT,
-            "panel_sha256": panel.info.source_sha256,
-            "split": panel.split_digest(),
-            "typed_sha256": sites_digest(typed),
-            "queries_sha256": sites_digest(queries),
-            "exclude": "own-sample" if exclude_own else "none",
-            "hmm": {"ne": cfg.ne, "error": cfg.error, "k": k},
-        },
-    )
-
-
 def training_queries(train_haplotypes: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
     """Panel haplotype ids (sorted, both of each sample) of ``n_samples`` train-split samples drawn by
     ``Stream.TRAIN_QUERIES``: all of them when the split has no more."""
@@ -162,15 +149,45 @@ def training_queries(train_haplotypes: np.ndarray, n_samples: int, seed: int) ->
     return np.stack([2 * samples, 2 * samples + 1], axis=1).reshape(-1).astype(np.int64)
 
 
-def run_queries(cache: WindowCache) -> dict[str, np.ndarray]:
-    """The run's donor-table queries: 'training' (``donors.train_samples`` train-split samples drawn with
-    ``train.seed``) and 'validation' (the whole val split), panel haplotype ids."""
+@dataclass(frozen=True)
+class Queries:
+    """The query haplotypes of one donor table, typed at ``typed``: panel haplotypes (``ids``), or target
+    haplotypes given by their alleles there (``alleles`` uint8 [Q, M], ``targets`` their content id)."""
+
+    what: str
+    typed: np.ndarray
+    ids: np.ndarray | None = None
+    alleles: np.ndarray | None = None
+    targets: str | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """What a stored part records as its queries: panel ids, or target haplotype rows."""
+        return self.ids if self.ids is not None else np.arange(self.alleles.shape[0], dtype=np.int64)  # type: ignore[union-attr]
+
+
+def target_queries(targets: TargetSites) -> Queries:
+    return Queries("targets", targets.panel_index, alleles=targets.haplotypes, targets=targets.digest())
+
+
+def run_queries(cache: WindowCache) -> dict[str, Queries]:
+    """The run's donor tables, all typed at the run's array: 'training' (``donors.train_samples`` train-split
+    samples drawn with ``train.seed``), 'validation' (the whole val split) and, when the config names
+    targets, 'targets' (what ``impute`` reads for them)."""
     split = cache.panel.haplotype_split()
-    config = cache.config
-    return {
-        "training": training_queries(np.flatnonzero(split == SPLIT_TRAIN), config.donors.train_samples, config.train.seed),
-        "validation": np.flatnonzero(split == SPLIT_VAL).astype(np.int64),
+    config, typed = cache.config, cache.array_sites()
+    out = {
+        "training": Queries(
+            "training",
+            typed,
+            ids=training_queries(np.flatnonzero(split == SPLIT_TRAIN), config.donors.train_samples, config.train.seed),
+        ),
+        "validation": Queries("validation", typed, ids=np.flatnonzero(split == SPLIT_VAL).astype(np.int64)),
     }
+    targets = cache.targets()
+    if targets is not None:
+        out["targets"] = target_queries(targets)
+    return out
 
 
 def donor_parts(cache: WindowCache) -> int:
@@ -185,95 +202,137 @@ def parts_of_windows(cache: WindowCache, window_ids: Iterable[int]) -> list[int]
     return sorted({int(w) // cache.config.index.windows_per_task for w in window_ids})
 
 
+@dataclass(frozen=True)
+class _Part:
+    index: int
+    rows: slice  # of the table's queries
+    artifact: Artifact
+    exclude_own: bool
+
+
 def _parts(
-    cache: WindowCache, typed: np.ndarray, queries: np.ndarray, parts: Iterable[int]
-) -> Iterator[tuple[int, np.ndarray, Artifact]]:
-    """(part, its queries, its artifact) of a table of ``queries`` over the given ``parts``, empty parts
-    left out: the one place a table is cut into parts and each part keyed."""
-    n_parts = donor_parts(cache)
+    cache: WindowCache, queries: Queries, parts: Iterable[int], cfg: DonorConfig | None = None, k: int | None = None
+) -> Iterator[_Part]:
+    """The given ``parts`` of the table of ``queries`` (empty ones left out), each with its key: the one
+    place a table is cut into parts and keyed. ``cfg``/``k``: the HMM's, default the run's."""
+    cfg = cache.config.donors if cfg is None else cfg
+    k = cache.config.model.k if k is None else k
+    panel, n_parts = cache.panel, donor_parts(cache)
+    bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(queries.labels.size), n_parts)])
     for part in parts:
-        sub = np.array_split(queries, n_parts)[part]
-        if sub.size:
-            exclude_own = _queries_are_reference(cache, sub)
-            yield part, sub, donor_artifact(cache, typed, sub, cache.config.donors, cache.config.model.k, exclude_own)
+        rows = slice(int(bounds[part]), int(bounds[part + 1]))
+        if rows.stop == rows.start:
+            continue
+        exclude_own = queries.ids is not None and _queries_are_reference(cache, queries.ids[rows])
+        which = (
+            {"queries_sha256": sites_digest(queries.ids[rows])}
+            if queries.ids is not None
+            else {"targets_sha256": queries.targets, "rows": [rows.start, rows.stop]}
+        )
+        key = {
+            "format": DONOR_FORMAT,
+            "panel_sha256": panel.info.source_sha256,
+            "split": panel.split_digest(),
+            "typed_sha256": sites_digest(queries.typed),
+            **which,
+            "exclude": "own-sample" if exclude_own else "none",
+            "hmm": {"ne": cfg.ne, "error": cfg.error, "k": k},
+        }
+        yield _Part(part, rows, Artifact(DONORS, key), exclude_own)
 
 
 def part_artifacts(cache: WindowCache) -> dict[int, list[Artifact]]:
     """part -> the artifacts of the run's donor-table parts it computes (what a launch checks before it
     decides which prebuild tasks to submit)."""
-    typed, n_parts = cache.array_sites(), donor_parts(cache)
+    n_parts = donor_parts(cache)
     out: dict[int, list[Artifact]] = {part: [] for part in range(n_parts)}
-    if typed.size:
+    if cache.array_sites().size:
         for queries in run_queries(cache).values():
-            for part, _, art in _parts(cache, typed, queries, range(n_parts)):
-                out[part].append(art)
+            for part in _parts(cache, queries, range(n_parts)):
+                out[part.index].append(part.artifact)
     return out
 
 
-def build_panel_donors(cache: WindowCache, parts: Iterable[int]) -> tuple[int, int]:
-    """Compute the run's donor-table ``parts`` (``run_queries`` typed at the run's array) that the cache
-    lacks or holds invalid: (built, cached). What a prebuild task runs after its windows."""
-    typed, n_parts, built, cached = cache.array_sites(), donor_parts(cache), 0, 0
-    if typed.size == 0:
+def build_donors(cache: WindowCache, parts: Iterable[int]) -> tuple[int, int]:
+    """Compute the run's donor-table ``parts`` (``run_queries``) that the cache lacks or holds invalid:
+    (built, cached). What a prebuild task runs after its windows."""
+    n_parts, built, cached = donor_parts(cache), 0, 0
+    if cache.array_sites().size == 0:
         return 0, 0
     parts = list(parts)
-    for what, queries in run_queries(cache).items():
-        for part, sub, art in _parts(cache, typed, queries, parts):
+    for queries in run_queries(cache).values():
+        for part in _parts(cache, queries, parts):
+            art = part.artifact
             if cache.store.problem(art, checksums=True) is None:
                 cached += 1
                 continue
             with cache.store.lock(art):
                 if cache.store.problem(art, checksums=True) is not None:  # else another task just built it
-                    _compute_part(cache, typed, sub, art, f"{what} donors part {part + 1}/{n_parts}")
+                    label = f"{queries.what} donors part {part.index + 1}/{n_parts}"
+                    # Other tasks may still be writing their window shards: read the typed columns from panel.h5.
+                    _compute_part(cache, queries, part, cache.config.donors, cache.config.model.k, label, from_panel=True)
                     built += 1
     return built, cached
 
 
-def panel_donors(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, what: str) -> DonorTable:
-    """The donor table of panel haplotypes ``queries`` typed at ``typed``: its parts read from the cache
-    (the prebuild wrote them), any missing one computed and committed here first (under the part's lock:
-    concurrent ranks or jobs compute it once). Train-split queries never copy their own sample."""
+def read_donors(cache: WindowCache, queries: Queries, cfg: DonorConfig | None = None, k: int | None = None) -> DonorTable:
+    """The donor table of ``queries``: its parts read from the cache (the prebuild wrote them), any missing
+    one computed and committed here first (under the part's lock: concurrent ranks or jobs compute it once).
+    ``cfg``/``k``: the HMM's (a checkpoint's, a baseline's), default the run's. Train-split queries never
+    copy their own sample."""
+    cfg = cache.config.donors if cfg is None else cfg
+    k = cache.config.model.k if k is None else k
     n_parts = donor_parts(cache)
     tables = []
-    for part, sub, art in _parts(cache, typed, queries, range(n_parts)):
+    for part in _parts(cache, queries, range(n_parts), cfg, k):
+        art = part.artifact
         files = cache.store.read(art)
         if files is None:
             with cache.store.lock(art):
                 files = cache.store.read(art)
                 if files is None:
-                    tables.append(
-                        _compute_part(cache, typed, sub, art, f"{what} donors part {part + 1}/{n_parts} (not prebuilt)")
-                    )
+                    label = f"{queries.what} donors part {part.index + 1}/{n_parts} (not prebuilt)"
+                    tables.append(_compute_part(cache, queries, part, cfg, k, label, from_panel=False))
                     continue
-        tables.append(_table_from_bytes(files["donors.npz"], typed, sub, cache.store.path(art)))
+        tables.append(_table_from_bytes(files["donors.npz"], queries.typed, queries.labels[part.rows], cache.store.path(art)))
     return DonorTable(
-        typed, np.concatenate([t.donors for t in tables], axis=1), np.concatenate([t.weights for t in tables], axis=1)
+        queries.typed,
+        np.concatenate([t.donors for t in tables], axis=1),
+        np.concatenate([t.weights for t in tables], axis=1),
     )
 
 
-def _queries_are_reference(cache: WindowCache, queries: np.ndarray) -> bool:
+def _queries_are_reference(cache: WindowCache, ids: np.ndarray) -> bool:
     """Train-split queries: they must not copy their own sample (and their tables' keys say so)."""
-    return bool(np.isin(queries, cache.panel.reference_haplotypes()).any())
+    return bool(np.isin(ids, cache.panel.reference_haplotypes()).any())
 
 
-def _compute_part(cache: WindowCache, typed: np.ndarray, queries: np.ndarray, art: Artifact, label: str) -> DonorTable:
-    """Run the HMM for panel haplotypes ``queries`` and commit their table as ``art`` (caller holds its lock)."""
+def _compute_part(
+    cache: WindowCache, queries: Queries, part: _Part, cfg: DonorConfig, k: int, label: str, from_panel: bool
+) -> DonorTable:
+    """Run the HMM for the part's queries and commit their table (caller holds the part's lock)."""
     t0 = time.perf_counter()
-    reference = cache.panel.reference_haplotypes()
-    both = typed_columns(cache, typed, np.concatenate([reference, queries]), from_panel=True)  # one pass over the panel
-    reference_t, query_t = np.ascontiguousarray(both[:, : reference.size]), np.ascontiguousarray(both[:, reference.size :])
-    del both
-    exclude = own_sample_rows(queries, reference) if _queries_are_reference(cache, queries) else None
-    table = compute_donors(cache, typed, query_t, cache.config.donors, cache.config.model.k, exclude, reference_t)
-    cache.store.commit(art, {"donors.npz": _table_bytes(table, queries)})
+    reference, typed = cache.panel.reference_haplotypes(), queries.typed
+    if queries.ids is not None:
+        ids = queries.ids[part.rows]
+        both = typed_columns(cache, typed, np.concatenate([reference, ids]), from_panel)  # one pass over the panel
+        reference_t, query_t = np.ascontiguousarray(both[:, : reference.size]), np.ascontiguousarray(both[:, reference.size :])
+        del both
+    else:
+        ids = None
+        reference_t = typed_columns(cache, typed, reference, from_panel)
+        query_t = np.ascontiguousarray(queries.alleles[part.rows].T)  # type: ignore[index]
+    exclude = own_sample_rows(ids, reference) if part.exclude_own else None
+    table = compute_donors(cache, typed, query_t, cfg, k, exclude, reference_t)
+    cache.store.commit(part.artifact, {"donors.npz": _table_bytes(table, queries.labels[part.rows])})
     log.info(
         "%s: %d haplotypes x %d typed sites, k %d, in %.1f s: %s",
         label,
-        queries.size,
+        query_t.shape[1],
         typed.size,
-        cache.config.model.k,
+        k,
         time.perf_counter() - t0,
-        cache.store.path(art),
+        cache.store.path(part.artifact),
     )
     return table
 

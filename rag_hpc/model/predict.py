@@ -2,47 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rag_hpc.checkpoint import load_checkpoint
 from rag_hpc.config import DonorConfig, ModelConfig, RagConfig
 from rag_hpc.data.windows import Window
-from rag_hpc.errors import CheckpointError, ConfigError, InputError
+from rag_hpc.errors import ConfigError
 from rag_hpc.index.build import WindowCache
-from rag_hpc.index.donors import DonorTable, compute_donors
+from rag_hpc.index.donors import DonorTable, read_donors, target_queries
 from rag_hpc.model.rag import DonorImputer
 
 if TYPE_CHECKING:
-    from rag_hpc.impute import TargetSites
-
-
-def load_checkpoint_state(checkpoint: str | os.PathLike[str]) -> dict:
-    """State of a checkpoint file, or of the newest valid one in a run or checkpoint directory;
-    checksum-verified and loaded with ``weights_only=True``."""
-    from rag_hpc.train.checkpoint import CheckpointFile, CheckpointManager
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = CheckpointManager(directory).load_latest(set_aside=False)
-        if found is None:
-            raise CheckpointError(f"no valid checkpoint in {directory}: train first (python -m rag_hpc.train)")
-        return found[1]
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist: pass a step_<N>.pt file or a run directory")
-    step = path.stem.removeprefix("step_")
-    if not step.isdigit():
-        raise CheckpointError(f"{path} is not a rag_hpc checkpoint (expected step_<N>.pt from python -m rag_hpc.train)")
-    return CheckpointManager(path.parent).load(CheckpointFile(int(step), path))
+    from rag_hpc.data.targets import TargetSites
 
 
 def load_model(checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[DonorImputer, dict]:
-    state = load_checkpoint_state(checkpoint)
+    state = load_checkpoint(checkpoint)
     saved = state["config"]
     model = DonorImputer(ModelConfig(**saved["model"]))
     model.load_state_dict(state["model"])
@@ -82,10 +64,20 @@ class ModelPredictor:
         self.device = next(model.parameters()).device
         self._reference = cache.panel.reference_haplotypes()
         self._table: DonorTable | None = None
+        digest = hashlib.sha256(json.dumps(model.cfg.model_dump(), sort_keys=True).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self._weights = digest.hexdigest()
+
+    def identity(self) -> dict[str, object]:
+        """What the imputation depends on: the weights (and architecture) and the HMM that found the donors."""
+        return {"method": "model", "weights_sha256": self._weights, "ne": self.donor_cfg.ne, "error": self.donor_cfg.error}
 
     def begin(self, targets: TargetSites) -> None:
-        query_t = np.ascontiguousarray(targets.haplotypes.T)
-        self._table = compute_donors(self.cache, targets.panel_index, query_t, self.donor_cfg, self.model.cfg.k)
+        """The targets' donor table under the checkpoint's HMM: the prebuilt one when the run's prebuild
+        computed it for these targets."""
+        self._table = read_donors(self.cache, target_queries(targets), self.donor_cfg, self.model.cfg.k)
 
     @torch.no_grad()
     def predict_window(self, window_id: int, query: np.ndarray, observed: np.ndarray) -> np.ndarray:

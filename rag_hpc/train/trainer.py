@@ -36,16 +36,16 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from rag_hpc.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.config import RagConfig, TrainConfig
 from rag_hpc.data.windows import Window
 from rag_hpc.errors import CheckpointError, ConfigError
 from rag_hpc.index.build import WindowCache
-from rag_hpc.index.donors import DonorTable, panel_donors, run_queries
+from rag_hpc.index.donors import DonorTable, read_donors, run_queries
 from rag_hpc.locks import RunInUseError, one_writer
 from rag_hpc.model.predict import donor_logits
 from rag_hpc.model.rag import DonorImputer, imputation_loss
 from rag_hpc.rng import RNG_NAME, Stream, uniforms
-from rag_hpc.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
 from rag_hpc.train.metrics import EPOCH_COLUMNS, STEP_COLUMNS, MetricsCsv, ValAccumulator, open_tensorboard
 from rag_hpc.train.sampler import MicroBatch, WindowBatchSampler
@@ -316,8 +316,8 @@ class Trainer:
 
         self.cache = WindowCache(config)
         panel = self.cache.panel
-        queries = run_queries(self.cache)
-        self.train_ids, self.val_ids = queries["training"], queries["validation"]
+        self.queries = run_queries(self.cache)
+        self.train_ids, self.val_ids = self.queries["training"].ids, self.queries["validation"].ids
         reference = panel.reference_haplotypes()
         if config.model.k > reference.size - 2:
             raise ConfigError(
@@ -357,8 +357,8 @@ class Trainer:
         if typed.size == 0:
             raise ConfigError("the run's array types no panel site: check data.targets_vcf, or raise masks.array_density")
         k, t0 = config.model.k, time.perf_counter()
-        self.train_donors = panel_donors(self.cache, typed, self.train_ids, "training")
-        self.val_donors = panel_donors(self.cache, typed, self.val_ids, "validation") if self.val_ids.size else None
+        self.train_donors = read_donors(self.cache, self.queries["training"])
+        self.val_donors = read_donors(self.cache, self.queries["validation"]) if self.val_ids.size else None
         log.info(
             "donors: %d training and %d validation haplotypes typed at %d array sites, k %d, ready in %.1f s (%s)",
             self.train_ids.size,
@@ -366,7 +366,7 @@ class Trainer:
             typed.size,
             k,
             time.perf_counter() - t0,
-            "the target VCF's sites" if self.cache.target_observed() is not None else "simulated array",
+            "the target VCF's sites" if self.cache.targets() is not None else "simulated array",
         )
         self.loader = _WindowLoader(self.cache, reference, typed, self.device, capacity=self.sampler.mix_windows)
         self.net = wrap_model(self.model, env)

@@ -1,11 +1,12 @@
 """The predecessor's per-position embedding (token + fixed sinusoidal position + learned Fourier-feature
-AF term, then LayerNorm): part of the L×D yardstick (``rag_hpc.index.lxd``) that the compact retrievers
-are measured against; no model of this package uses it.
+AF term, then LayerNorm): part of the L×D yardstick (``bench.yardstick.lxd``) that the compact retrievers
+are measured against; no model of rag_hpc uses it.
 
-Strictly per position (no mixing across sites): retrieval relies on it. For such an embedding the
+Strictly per position (no mixing across sites): the equivalence relies on it. For such an embedding the
 squared L2 distance between two flattened, equally masked sequences is a weighted Hamming distance,
 sum_i [q_i != r_i] * w_i with w_i = ||e(ALT, i) - e(REF, i)||^2 (DESIGN.md §2), which is what
-``rag_hpc.index.retrieval`` ranks by with the weights ``lxd.site_weights`` derives from ``allele_embeddings``.
+``rag_hpc.index.retrieval.masked_topk`` ranks by with the weights ``lxd.site_weights`` derives from
+``allele_embeddings``.
 """
 
 from __future__ import annotations

@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# Re-exported: ``from rag_hpc.train.checkpoint import CheckpointError`` is where callers have always found it.
-from rag_hpc.errors import CheckpointError as CheckpointError
+from rag_hpc.errors import CheckpointError, InputError
 from rag_hpc.fsutil import atomic_write, disk_space_for
 
 log = logging.getLogger("rag_hpc.train")
@@ -232,3 +231,21 @@ class CheckpointManager:
         for path in (ckpt.path, ckpt.sidecar):
             if path.exists():
                 os.replace(path, path.with_name(path.name + ".unusable"))
+
+
+def load_checkpoint(checkpoint: str | os.PathLike[str]) -> dict:
+    """State of a checkpoint file, or of the newest valid one in a run or checkpoint directory;
+    checksum-verified and loaded with ``weights_only=True``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = CheckpointManager(directory).load_latest(set_aside=False)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint in {directory}: train first (python -m rag_hpc.train)")
+        return found[1]
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist: pass a step_<N>.pt file or a run directory")
+    step = path.stem.removeprefix("step_")
+    if not step.isdigit():
+        raise CheckpointError(f"{path} is not a rag_hpc checkpoint (expected step_<N>.pt from python -m rag_hpc.train)")
+    return CheckpointManager(path.parent).load(CheckpointFile(int(step), path))

@@ -2,8 +2,9 @@
 
 Each reference haplotype was indexed as its flattened per-position embedding, L×D floats, with
 unobserved sites holding the MASK token (DESIGN.md §2): 392 KB per haplotype at 511×192, ~2 GB per
-window. Tests and the index bench measure the compact retrievers against it, and the memory
-planner sizes it (``lxd_bytes``) to show why it cannot be used.
+window. tests/test_retrieval.py and bench/index_bench.py measure the compact retrievers against it;
+``lxd_bytes`` is the size the memory guard's ``--index flat-lxd`` plan counts per window (the test checks
+they agree).
 
 SOS is left out of the flattened vector: it is the same token at the same position with AF 0 in
 every sequence, so it adds the same D floats to every vector and 0 to every distance. Sites sit at
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rag_hpc.index.embedding import ALT, MASK, REF, SOS, SiteEmbedding
+from bench.yardstick.embedding import ALT, MASK, REF, SOS, SiteEmbedding
 
 __all__ = [
     "embedding_site_weights",
