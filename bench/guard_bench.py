@@ -8,6 +8,8 @@ Each case is one job as the launcher runs it, in a fresh child process (so the p
   uncached windows) of a panel of H haplotypes x S sites. Disk = what the task added to the cache.
 - train: a short CPU training run (``rag_hpc.launch.TrainJob``: one epoch, validation and checkpoints
   included) on a prebuilt cache. Disk = the run directory.
+- impute: one imputation array task (``rag_hpc.launch.ImputeRangeJob`` over the first
+  ``impute.windows_per_task`` windows) after a prebuild and a short training. Disk = the range it wrote.
 
 The prediction is the launcher's own: ``rag_hpc.launch.run_guard`` builds the Plan from the config and
 the panel exactly as ``python -m rag_hpc.launch`` does before submitting anything. Index tasks are
@@ -63,10 +65,10 @@ class PanelSpec:
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # "index" | "train"
+    kind: str  # "index" | "train" | "impute"
     panel: PanelSpec
     overrides: tuple[str, ...] = ()
-    targets: bool = False  # build the target array's index too (the demo launch does)
+    targets: bool = False  # the targets VCF's sites are the array (as in the demo launch)
 
 
 DEMO = PanelSpec("demo", 300, 1_000_000)  # the demo preset: 5,525 sites
@@ -84,6 +86,13 @@ CASES = [
     Case("index 5,008x8,176, 16/task", "index", KGP16, ("index.windows_per_task=16",)),
     Case("index 5,008x32,704, 64/task", "index", KGP64, ("index.windows_per_task=64",)),
     Case("index 20,000x4,088, 8/task", "index", WIDE, ("index.windows_per_task=8",)),
+    Case(
+        "impute demo 600x5,525, 60 targets, 8/task",
+        "impute",
+        DEMO,
+        ("impute.windows_per_task=8", "train.max_steps=4", "train.tensorboard=false"),
+        targets=True,
+    ),
     # Validation (40 haplotypes in one no-grad forward) outweighs the training step of 16.
     Case(
         "train D32 L2 B16 k2, 400 haps",
@@ -214,8 +223,10 @@ def predict(overrides: list[str]) -> dict[str, Any]:
         config, n_windows - len(todo), mem=None, gpu_mem=None, tasks_per_node=1, cpus_per_task=len(os.sched_getaffinity(0))
     )
     first_task = window_ranges(list(todo), config.index.windows_per_task)[0] if todo else []
+    first_impute = window_ranges(list(range(n_windows)), config.impute.windows_per_task)[0]
     return {
         "first_task": first_task,
+        "first_impute": first_impute,
         "n_windows": n_windows,
         "plan": asdict(guard.plan),
         "estimate": asdict(guard.estimate),
@@ -236,11 +247,13 @@ def child(spec_path: Path) -> None:
     else:
         # Exactly the launcher's job functions.
         from rag_hpc.config import load_config
-        from rag_hpc.launch import TrainJob, build_window_range
+        from rag_hpc.launch import ImputeRangeJob, TrainJob, build_window_range
 
         config = load_config(overrides=spec["overrides"])
         if spec["kind"] == "index":
             out = build_window_range(config, spec["windows"])
+        elif spec["kind"] == "impute":
+            out = {"range": ImputeRangeJob()(config, spec["windows"])}
         else:
             config.train.progress = False
             out = {"checkpoint": TrainJob(config)()}
@@ -304,9 +317,11 @@ def ratio(predicted: float, measured: float) -> float:
 
 def compare(case: Case, guess: dict[str, Any], result: dict[str, Any], disk: int) -> dict[str, Any]:
     est = guess["estimate"]
-    windows = len(guess["first_task"]) if case.kind == "index" else guess["n_windows"]
+    windows = {"index": len(guess["first_task"]), "impute": len(guess["first_impute"])}.get(case.kind, guess["n_windows"])
     if case.kind == "index":
         predicted_rss, predicted_disk = est["index_task_ram"], est["disk_per_window"] * windows + est["task_donor_disk"]
+    elif case.kind == "impute":
+        predicted_rss, predicted_disk = est["impute_task_ram"], est["impute_task_disk"]
     else:
         predicted_rss, predicted_disk = est["train_host_ram"], est["train_disk"]
     measured_rss = max(result["poll_rss"], result["ru_maxrss"])
@@ -348,15 +363,18 @@ def run_cases(cases: list[Case], work: Path, seed: int, cores: int) -> list[dict
         ]
         if case.targets:
             overrides[case.name].append(f"data.targets_vcf={Path(panel['sim']) / 'targets.array.vcf.gz'}")
-        if case.kind == "train":
+        if case.kind in ("train", "impute"):
             # Training runs on a prebuilt cache, as the launcher's afterok dependency guarantees.
             run_child({"kind": "index", "overrides": overrides[case.name], "windows": None}, case_dir / "prebuild", cores)
+        if case.kind == "impute":  # and imputation after training
+            run_child({"kind": "train", "overrides": overrides[case.name], "windows": None}, case_dir / "train", cores)
     guesses = run_child({"kind": "predict", "cases": overrides}, work / "predict", cores)["cases"]
     rows = []
     for case in cases:
         guess, case_dir = guesses[case.name], case_dirs[case.name]
-        spec: dict[str, Any] = {"kind": case.kind, "overrides": overrides[case.name], "windows": guess["first_task"]}
-        target = Path(guess["cache"] if case.kind == "index" else guess["run_dir"])
+        windows = guess["first_impute"] if case.kind == "impute" else guess["first_task"]
+        spec: dict[str, Any] = {"kind": case.kind, "overrides": overrides[case.name], "windows": windows}
+        target = Path({"index": guess["cache"], "impute": f"{guess['run_dir']}/imputed-ranges"}.get(case.kind, guess["run_dir"]))
         before = disk_bytes(target)
         result = run_child(spec, case_dir, cores)
         rows.append(compare(case, guess, result, disk_bytes(target) - before))

@@ -39,12 +39,12 @@ from rag_hpc.config import RagConfig, load_config
 from rag_hpc.errors import ClusterError, InputError
 from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, parse_bytes, plan_for, render
 from rag_hpc.locks import LockBusy, describe, hold
+from rag_hpc.slurm_env import REQUEUE_ENV
 
 RUN_RECORD = "launch.json"
 LAUNCH_LOCK = "launch.lock"  # held while one launch checks the queue and submits
 LAUNCH_LOCK_WAIT_S = 600.0
 ATTACH_POLL_S = 5.0
-REQUEUE_ENV = "RAG_HPC_REQUEUE_FILE"
 # Overridable so tests can stand in for apptainer (not installable here) with a wrapper script.
 APPTAINER_ENV = "RAG_HPC_APPTAINER"
 DEMO_SEED = 1
@@ -227,6 +227,7 @@ class GuardResult:
     ok: bool
     index_mem_mb: int
     train_mem_mb: int
+    impute_mem_mb: int
 
 
 def _disk_free(path: Path) -> int:
@@ -253,7 +254,9 @@ def run_guard(
     # Headroom over the estimate: allocator fragmentation and library buffers the model leaves out.
     index_mb = math.ceil(est.index_task_ram * 1.5 / 2**20)
     train_mb = math.ceil(node_train.train_host_ram * 1.5 / 2**20)
-    return GuardResult(plan, node_train, budget, render(plan, node_train, rows), all(r.ok for r in rows), index_mb, train_mb)
+    impute_mb = math.ceil(est.impute_task_ram * 1.5 / 2**20)
+    ok = all(r.ok for r in rows)
+    return GuardResult(plan, node_train, budget, render(plan, node_train, rows), ok, index_mb, train_mb, impute_mb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,19 +277,57 @@ def build_window_range(config: RagConfig, window_ids: list[int]) -> dict[str, An
     }
 
 
-def _requeue_by_request_file() -> None:
-    """Without scontrol in the job (a container), submitit's in-job requeue would fail: leave a
-    request for the batch script's host-side EXIT trap instead."""
-    from submitit.slurm import slurm
+class ImputeRangeJob(submitit.helpers.Checkpointable):
+    """One imputation array task: the model's records of a range of windows, one content-addressed part
+    (``rag_hpc.impute.impute_range``). Requeued as it stands on preemption or a time limit (submitit's
+    default ``checkpoint``): the part is committed atomically, so a rerun redoes the range or finds it."""
 
-    request = os.environ.get(REQUEUE_ENV)
-    if not request or shutil.which("scontrol") is not None:
-        return
+    def __call__(self, config: RagConfig, window_ids: list[int]) -> str:
+        from rag_hpc.impute import impute_range, load_model_predictor
 
-    def requeue(self: Any, countdown: int) -> None:
-        Path(request).write_text(f"{self.job_id} {countdown} {time.time()}\n")
+        assert config.data.targets_vcf is not None  # submitted only with targets
+        predictor = load_model_predictor(run_dir_of(config), config)
+        status = impute_range(config, predictor, config.data.targets_vcf, window_ids)
+        return f"windows {window_ids[0]}-{window_ids[-1]}: {status}"
 
-    slurm.SlurmJobEnvironment._requeue = requeue  # type: ignore[method-assign]
+
+def merge_imputation(config: RagConfig, ranges: list[list[int]]) -> dict[str, str]:
+    """The merge job: the imputation array's ranges into ``<run>/report/imputed.vcf.gz`` (+ .tbi), then the
+    report when the config names the truth. It writes the run's report as the run's one writer (a trainer
+    started on the run meanwhile is refused, and this job is refused while one trains); the array's tasks
+    write only their content-addressed ranges, each under its own lock, so they run side by side."""
+    from rag_hpc.impute import load_model_predictor, merge_ranges
+    from rag_hpc.locks import one_writer
+
+    assert config.data.targets_vcf is not None
+    run_dir = run_dir_of(config)
+    out = run_dir / "report" / "imputed.vcf.gz"
+    with one_writer(run_dir, "the imputation merge"):
+        merge_ranges(config, load_model_predictor(run_dir, config), config.data.targets_vcf, out, ranges)
+        return {key: str(path) for key, path in report(config, out).items()}
+
+
+def run_dir_of(config: RagConfig) -> Path:
+    return config.train.resolved_run_dir(config.paths.workdir)
+
+
+def report(config: RagConfig, imputed: Path, log: Any = None) -> dict[str, Path]:
+    """An imputed VCF's evaluation (when the config names the truth) and the loss curve, beside it."""
+    from rag_hpc.evaluate import evaluate, write_report
+    from rag_hpc.train.metrics import plot_loss_curve
+
+    files: dict[str, Path] = {
+        "imputed": imputed,
+        "loss_curve": plot_loss_curve(run_dir_of(config), imputed.parent / "loss_curve.png"),
+    }
+    if config.data.truth_vcf is None:
+        return files
+    title = "Imputation accuracy (model)"
+    evaluation = evaluate(imputed, config.data.truth_vcf, config.panel_h5, exclude_sites_vcf=config.data.targets_vcf)
+    files.update(write_report(evaluation, imputed.parent, title=title))
+    if log is not None:
+        log(evaluation.markdown(title))
+    return files
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -299,7 +340,6 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         from rag_hpc.train import train
 
-        _requeue_by_request_file()
         if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.config.cluster.gpus_per_node > 0)
         checkpoint = train(self.config)
@@ -475,6 +515,9 @@ def _jobs_of_run(records: list[dict[str, Any]], run_dir: Path) -> dict[str, str]
             jobs.update(dict.fromkeys(r.get("array_ids", []), "index array"))
             if r.get("train_id"):
                 jobs[r["train_id"]] = "training job"
+            jobs.update(dict.fromkeys(r.get("impute_ids", []), "imputation array"))
+            if r.get("merge_id"):
+                jobs[r["merge_id"]] = "merge job"
     return jobs
 
 
@@ -621,6 +664,7 @@ def _submit(config: RagConfig, opts: LaunchOptions, log: Any, records: list[dict
     ex.update_parameters(**params)
     train_job = ex.submit(TrainJob(config))
     record["train_id"] = train_job.job_id
+    impute_arrays, merge_job = _submit_imputation(config, opts, folder, n_windows, guard, record)
     _record(workdir, record)
     log(
         f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
@@ -633,16 +677,62 @@ def _submit(config: RagConfig, opts: LaunchOptions, log: Any, records: list[dict
         )
     log(f"training job: {train_job.job_id} ({c.nodes} node(s) x {tasks_per_node} task(s), --mem {guard.train_mem_mb}M)")
     log(f"logs: {folder}/%A_%a_0_log.out (array), {folder}/%j_0_log.out (training)")
+    if merge_job is not None:
+        log(
+            f"imputation array: {', '.join(record['impute_ids'])} ({record['impute_tasks']} task(s) of "
+            f"{config.impute.windows_per_task} windows, --mem {guard.impute_mem_mb}M each) after training; merge job "
+            f"{merge_job.job_id} -> {run_dir_of(config) / 'report' / 'imputed.vcf.gz'}"
+        )
     log(f"cache: {config.paths.cache}")
     log(f"watch: python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}")
-    return record, [arrays, train_job]
+    return record, [arrays, train_job, impute_arrays, merge_job]
+
+
+def _submit_imputation(
+    config: RagConfig, opts: LaunchOptions, folder: Path, n_windows: int, guard: GuardResult, record: dict[str, Any]
+) -> tuple[list[Any], Any]:
+    """With targets: the imputation array after training (afterok) and the merge after the array."""
+    from rag_hpc.data.windows import window_ranges
+
+    record.update(impute_ids=[], impute_tasks=0, merge_id=None)
+    if config.data.targets_vcf is None:
+        return [], None
+    ranges = window_ranges(list(range(n_windows)), config.impute.windows_per_task)
+    slurm = opts.cluster == "slurm"
+
+    def executor(name: str, after: list[str]) -> submitit.AutoExecutor:
+        ex = _executor(config, opts, folder, name)
+        if slurm:
+            params: dict[str, Any] = {
+                "slurm_mem": f"{guard.impute_mem_mb}M",
+                "slurm_additional_parameters": {"dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"},
+            }
+            if config.impute.partition:
+                params["slurm_partition"] = config.impute.partition
+            if config.impute.gpus:
+                params["slurm_gpus_per_node"] = config.impute.gpus
+            ex.update_parameters(**params)
+        return ex
+
+    ex = executor("rag_hpc-impute", [record["train_id"]])
+    if slurm:
+        ex.update_parameters(slurm_array_parallelism=config.cluster.array_parallelism)
+    arrays = []
+    for chunk in _chunks(ranges, max_array_size() if slurm else len(ranges)):
+        jobs = ex.map_array(ImputeRangeJob(), [config] * len(chunk), chunk)
+        arrays.append(jobs)
+        record["impute_ids"].append(jobs[0].job_id.split("_")[0])
+    record["impute_tasks"] = len(ranges)
+    merge_job = executor("rag_hpc-merge", record["impute_ids"]).submit(merge_imputation, config, ranges)
+    record["merge_id"] = merge_job.job_id
+    return arrays, merge_job
 
 
 def _wait(record: dict[str, Any], submitted: list[Any], opts: LaunchOptions, log: Any) -> dict[str, Any]:
     """With ``opts.wait``: block until the jobs end (outside the launch lock); raise if training failed."""
     if not opts.wait or not submitted:
         return record
-    arrays, train_job = submitted
+    arrays, train_job, impute_arrays, merge_job = submitted
     failed = []
     for jobs in arrays:
         for j in jobs:
@@ -656,16 +746,28 @@ def _wait(record: dict[str, Any], submitted: list[Any], opts: LaunchOptions, log
         why = "; ".join(failed) or f"see {train_job.paths.stderr}"
         raise LaunchError(f"training job {train_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
     log(f"training finished: {record['checkpoint']}")
+    if merge_job is None:
+        return record
+    failed = [
+        f"imputation task {j.job_id} failed ({type(exc).__name__}): see {j.paths.stderr}"
+        for jobs in impute_arrays
+        for j in jobs
+        if (exc := j.exception()) is not None
+    ]
+    try:
+        record["report"] = merge_job.result()
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported with its log
+        why = "; ".join(failed) or f"see {merge_job.paths.stderr}"
+        raise LaunchError(f"merge job {merge_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
+    log(f"imputed: {record['report']['imputed']}")
     return record
 
 
 def run_local(config: RagConfig, log: Any = print) -> dict[str, Path]:
     """The whole pipeline on this machine: prebuild -> train -> impute -> evaluate."""
-    from rag_hpc.evaluate import evaluate, write_report
     from rag_hpc.impute import impute, load_model_predictor
     from rag_hpc.index.build import prebuild
     from rag_hpc.train import train
-    from rag_hpc.train.metrics import plot_loss_curve
 
     t0 = time.perf_counter()
     done = prebuild(config, None, progress=True)
@@ -677,20 +779,16 @@ def run_local(config: RagConfig, log: Any = print) -> dict[str, Path]:
     t0 = time.perf_counter()
     checkpoint = train(config)
     log(f"training: {checkpoint} in {time.perf_counter() - t0:.1f} s")
-    run_dir = config.train.resolved_run_dir(config.paths.workdir)
+    run_dir = run_dir_of(config)
     files: dict[str, Path] = {"checkpoint": checkpoint, "metrics_csv": run_dir / "metrics.csv"}
-    if config.data.targets_vcf is None or config.data.truth_vcf is None:
-        log("no data.targets_vcf / data.truth_vcf: skipping imputation and evaluation")
+    if config.data.targets_vcf is None:
+        log("no data.targets_vcf: skipping imputation and evaluation")
         return files
-    predictor, name = load_model_predictor(checkpoint, config), "model"
-    out_dir = run_dir / "report"
     t0 = time.perf_counter()
-    imputed = impute(config, predictor, config.data.targets_vcf, out_dir / "imputed.vcf.gz", progress=True)
+    predictor = load_model_predictor(checkpoint, config)
+    imputed = impute(config, predictor, config.data.targets_vcf, run_dir / "report" / "imputed.vcf.gz", progress=True)
     log(f"imputation: {imputed.out} in {time.perf_counter() - t0:.1f} s")
-    evaluation = evaluate(imputed.out, config.data.truth_vcf, config.panel_h5, exclude_sites_vcf=config.data.targets_vcf)
-    files.update(write_report(evaluation, out_dir, title=f"Imputation accuracy ({name})"))
-    files["loss_curve"] = plot_loss_curve(run_dir, out_dir / "loss_curve.png")
-    log(evaluation.markdown(f"Imputation accuracy ({name})"))
+    files.update(report(config, imputed.out, log))
     for key, path in files.items():
         log(f"{key}: {path}")
     return files

@@ -64,16 +64,20 @@ def last_metrics(run_dir: Path) -> dict[str, str] | None:
 
 def run_status(record: dict[str, Any]) -> dict[str, Any]:
     """One launch record -> its current status (what ``render`` prints)."""
-    array_ids = record.get("array_ids", [])
-    train_id = record.get("train_id")
-    states = job_states([*array_ids, *([train_id] if train_id else [])])
+    array_ids, impute_ids = record.get("array_ids", []), record.get("impute_ids", [])
+    train_id, merge_id = record.get("train_id"), record.get("merge_id")
+    states = job_states([*array_ids, *([train_id] if train_id else []), *impute_ids, *([merge_id] if merge_id else [])])
     tasks = {j: s for j, s in states.items() if j.split("_")[0] in array_ids and "_" in j}
+    impute_tasks = {j: s for j, s in states.items() if j.split("_")[0] in impute_ids and "_" in j}
     failed = sorted(j for j, s in tasks.items() if s.split()[0] in FAILED)
     status: dict[str, Any] = {
         "launched": record.get("time"),
         "array": {a: states.get(a) for a in array_ids},
         "array_tasks": tasks,
         "train": {train_id: states.get(train_id, "unknown")} if train_id else {},
+        "impute_array": {a: states.get(a) for a in impute_ids},
+        "impute_tasks": impute_tasks,
+        "merge": {merge_id: states.get(merge_id, "unknown")} if merge_id else {},
         "windows_total": record.get("windows_total"),
         "run_dir": record.get("run_dir"),
         "checkpoint_step": newest_checkpoint_step(Path(record["run_dir"])) if record.get("run_dir") else None,
@@ -99,7 +103,20 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
         )
     elif "DependencyNeverSatisfied" in train_state:
         status["problems"].append(f"training job {train_id} can never start: an index task failed")
+    for jid in sorted(j for j, s in impute_tasks.items() if s.split()[0] in FAILED):
+        status["problems"].append(
+            f"imputation task {jid} {impute_tasks[jid]}: see {folder / f'{jid}_0_log.err'}; a relaunch redoes only its range"
+        )
     return status
+
+
+def _task_counts(tasks: dict[str, str], array_id: str) -> str:
+    """'3 COMPLETED, 1 RUNNING' over the tasks of one array."""
+    counts: dict[str, int] = {}
+    for jid, state in tasks.items():
+        if jid.startswith(f"{array_id}_"):
+            counts[state.split()[0]] = counts.get(state.split()[0], 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no task seen yet"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -107,14 +124,13 @@ def render(status: dict[str, Any]) -> str:
     for jid, state in status["train"].items():
         lines.append(f"  training job {jid}: {state}")
     for aid in status["array"]:
-        tasks = {j: s for j, s in status["array_tasks"].items() if j.startswith(f"{aid}_")}
-        counts: dict[str, int] = {}
-        for s in tasks.values():
-            counts[s.split()[0]] = counts.get(s.split()[0], 0) + 1
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no task seen yet"
-        lines.append(f"  index array {aid}: {summary}")
+        lines.append(f"  index array {aid}: {_task_counts(status['array_tasks'], aid)}")
     if not status["array"]:
         lines.append("  index array: none (all windows were cached)")
+    for aid in status.get("impute_array", {}):
+        lines.append(f"  imputation array {aid}: {_task_counts(status['impute_tasks'], aid)}")
+    for jid, state in status.get("merge", {}).items():
+        lines.append(f"  merge job {jid}: {state}")
     if "windows_cached" in status:
         lines.append(f"  windows cached: {status['windows_cached']} / {status['windows_total']}")
     lines.append(

@@ -104,3 +104,24 @@ def test_jobs_in_a_container_run_its_python_and_requeue_from_the_host(tmp_path: 
         ["bash", "-c", script], capture_output=True, text=True, env={"SLURM_JOB_ID": "7", "PATH": "/usr/bin:/bin"}, check=True
     )
     assert out.stdout.strip() == f"{folder}/requeue-7"
+
+
+def test_inside_a_container_without_scontrol_a_job_requeues_by_asking_the_host(tmp_path, monkeypatch) -> None:
+    """The job environment submitit picks in a SLURM job is rag_hpc's plugin (installed with the package),
+    and without scontrol its requeue writes the request the batch script's EXIT trap acts on."""
+    import submitit.slurm.slurm
+    from submitit.core import plugins
+
+    from rag_hpc.slurm_env import REQUEUE_ENV, SlurmJobEnvironment
+
+    request = tmp_path / "requeue-123"
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv(REQUEUE_ENV, str(request))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    env = plugins.get_job_environment()
+    assert type(env) is SlurmJobEnvironment
+    env._requeue(7)
+    assert request.read_text().split()[:2] == ["123", "7"]
+    # submitit's own class is left as it is: nothing is patched.
+    assert submitit.slurm.slurm.SlurmJobEnvironment._requeue.__module__ == "submitit.slurm.slurm"

@@ -82,6 +82,48 @@ def test_launch_builds_the_index_array_then_trains_and_a_relaunch_builds_nothing
     assert rc == 0 and "windows cached: 3 / 3" in text and "COMPLETED" in text, text
 
 
+def test_imputation_array_after_training_merges_into_the_vcf_a_local_imputation_writes(cluster, tiny_simulation, tmp_path):
+    import gzip
+
+    work = tmp_path / "work"
+    sets = tiny_sets(tiny_simulation, work, None, 1, "impute.windows_per_task=1")
+    flags = [*as_flags(sets), "--time", "10"]
+    first = launcher(*flags, "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = launch_records(work)[-1]
+    (impute_id,), merge_id, train_id = record["impute_ids"], record["merge_id"], record["train_id"]
+    assert record["impute_tasks"] == 3 and "RAM per imputation task" in first.stdout
+    # The job graph: training -> imputation array (afterok) -> merge (afterok), each after the one before.
+    assert final_state(merge_id, 60) == "COMPLETED"
+    (train_row,) = sacct(train_id, "JobID,State,Start,End")
+    tasks = {r[0]: r for r in sacct(impute_id, "JobID,State,Start,End")}
+    assert {tasks[f"{impute_id}_{i}"][1] for i in range(3)} == {"COMPLETED"}, tasks
+    assert min(t[2] for t in tasks.values()) >= train_row[3], "imputation started before training ended"
+    (merge_row,) = sacct(merge_id, "JobID,State,Start")
+    assert merge_row[2] >= max(t[3] for t in tasks.values()), "merge started before the imputation array ended"
+    report = run_dir(work) / "report"
+    merged = report / "imputed.vcf.gz"
+    assert (report / "report.md").is_file() and Path(f"{merged}.tbi").is_file()
+
+    # The same checkpoint imputed in one local process: the same VCF.
+    local = cli("impute", "--checkpoint", str(run_dir(work)), "--out", str(tmp_path / "local.vcf.gz"), *as_flags(sets))
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert gzip.decompress(merged.read_bytes()) == gzip.decompress((tmp_path / "local.vcf.gz").read_bytes())
+    rc, text = _status(work)
+    assert rc == 0 and f"imputation array {impute_id}: 3 COMPLETED" in text and f"merge job {merge_id}: COMPLETED" in text, text
+
+    # A range lost: the relaunch's array recomputes that range alone, the merge writes the same VCF.
+    parts = sorted((run_dir(work) / "imputed-ranges").glob("imputed/*/*/records.gz"))
+    assert len(parts) == 3
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    parts[1].write_bytes(b"lost")
+    before = gzip.decompress(merged.read_bytes())
+    second = launcher(*flags, "--wait")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert [p.stat().st_mtime_ns == t for p, t in zip(parts, stamps)] == [True, False, True]
+    assert parts[1].read_bytes() != b"lost" and gzip.decompress(merged.read_bytes()) == before
+
+
 def test_a_failing_index_task_cancels_training_and_status_says_why(cluster, tiny_simulation, tmp_path):
     from rag_hpc.config import load_config
     from rag_hpc.index.build import WindowCache

@@ -99,3 +99,20 @@ def test_the_train_cli_refuses_a_run_another_process_writes_in_one_line_and_touc
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_imputation_merge_is_refused_while_a_trainer_writes_the_run(tiny_simulation, tmp_path):
+    from rag_hpc.config import load_config
+    from rag_hpc.launch import merge_imputation, run_dir_of
+
+    config = load_config(None, tiny_sets(tiny_simulation, tmp_path / "work"))
+    run_dir = run_dir_of(config)
+    run_dir.mkdir(parents=True)
+    holder = _holder(run_dir)
+    try:
+        with pytest.raises(RunInUseError, match=r"the imputation merge writes one run at a time"):
+            merge_imputation(config, [[0, 1, 2]])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run_dir / "report").exists()
