@@ -2,7 +2,7 @@
 
 Images rarely hold ``scontrol`` or the munge socket, so submitit's requeue (``scontrol requeue`` from the
 job at a preemption or time-limit signal) fails there. This environment writes a request file instead,
-and the batch script's host-side ``EXIT`` trap (``rag_hpc.launch``, ``_requeue_trap``) runs
+and the batch script's host-side ``EXIT`` trap (``rag_hpc.launch.slurm._requeue_trap``) runs
 ``scontrol requeue`` for it. Registered the submitit way, as a ``job_environment`` plugin (the
 ``submitit`` entry point in pyproject.toml) named "slurm", so it replaces submitit's own SLURM
 environment in every job of an installed rag_hpc; ``_requeue`` is the hook submitit's plugin API asks
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from submitit.slurm import slurm
 
-# Set by the batch script (rag_hpc.launch._requeue_trap): where a job asks the host to requeue it.
+# Set by the batch script (rag_hpc.launch.slurm._requeue_trap): where a job asks the host to requeue it.
 REQUEUE_ENV = "RAG_HPC_REQUEUE_FILE"
 
 

@@ -25,3 +25,24 @@ def test_local_launch_prepares_builds_trains_imputes_and_reports(tiny_simulation
     assert list(csv.DictReader((run_dir / "metrics.csv").open())), "no epoch row in metrics.csv"
     assert "index: 3 window(s) built" in out.stdout
     assert str(report / "report.md") in out.stdout, "the launcher must say where the report is"
+
+
+def test_debug_launch_runs_the_job_graph_in_process_and_writes_the_vcf_the_local_pipeline_writes(
+    tiny_simulation: Path, tmp_path: Path
+) -> None:
+    import gzip
+    import json
+
+    local, debug = tmp_path / "local", tmp_path / "debug"
+    assert launcher("--cluster", "local", *as_flags(tiny_sets(tiny_simulation, local)), timeout=400).returncode == 0
+    out = launcher(
+        "--cluster", "debug", *as_flags(tiny_sets(tiny_simulation, debug, None, 1, "impute.windows_per_task=2")), timeout=400
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    (record,) = json.loads((debug / "launch.json").read_text())
+    assert record["cluster"] == "debug" and record["array_tasks"] == 1 and record["impute_tasks"] == 2
+    assert record["train_id"] and record["merge_id"], record
+    imputed = [w / "runs" / "default" / "report" / "imputed.vcf.gz" for w in (local, debug)]
+    # Same data, seeds and single-process training: the same model, so the same VCF through either backend.
+    assert gzip.decompress(imputed[0].read_bytes()) == gzip.decompress(imputed[1].read_bytes())
+    assert (debug / "runs" / "default" / "report" / "report.md").is_file()

@@ -20,6 +20,7 @@ a part the cache lacks: targets given to ``impute`` that the run did not prebuil
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -270,7 +271,7 @@ def build_donors(cache: WindowCache, parts: Iterable[int]) -> tuple[int, int]:
                 if cache.store.problem(art, checksums=True) is not None:  # else another task just built it
                     label = f"{queries.what} donors part {part.index + 1}/{n_parts}"
                     # Other tasks may still be writing their window shards: read the typed columns from panel.h5.
-                    _compute_part(cache, queries, part, cache.config.donors, cache.config.model.k, label, from_panel=True)
+                    _compute_parts(cache, queries, [part], cache.config.donors, cache.config.model.k, label, from_panel=True)
                     built += 1
     return built, cached
 
@@ -283,22 +284,41 @@ def read_donors(cache: WindowCache, queries: Queries, cfg: DonorConfig | None = 
     cfg = cache.config.donors if cfg is None else cfg
     k = cache.config.model.k if k is None else k
     n_parts = donor_parts(cache)
-    tables = []
+    tables: dict[int, DonorTable] = {}
+    missing = []
     for part in _parts(cache, queries, range(n_parts), cfg, k):
-        art = part.artifact
-        files = cache.store.read(art)
+        files = cache.store.read(part.artifact)
         if files is None:
-            with cache.store.lock(art):
-                files = cache.store.read(art)
+            missing.append(part)
+        else:
+            tables[part.index] = _table_from_bytes(
+                files["donors.npz"], queries.typed, queries.labels[part.rows], cache.store.path(part.artifact)
+            )
+    if missing:
+        # Under every missing part's lock (taken in part order, so concurrent readers cannot deadlock): the
+        # parts still missing then are computed in one HMM run, whose query batches fill every thread; one
+        # part at a time would leave threads idle (a part of a small table is a single batch).
+        with contextlib.ExitStack() as locks:
+            for part in missing:
+                locks.enter_context(cache.store.lock(part.artifact))
+            todo = []
+            for part in missing:
+                files = cache.store.read(part.artifact)
                 if files is None:
-                    label = f"{queries.what} donors part {part.index + 1}/{n_parts} (not prebuilt)"
-                    tables.append(_compute_part(cache, queries, part, cfg, k, label, from_panel=False))
-                    continue
-        tables.append(_table_from_bytes(files["donors.npz"], queries.typed, queries.labels[part.rows], cache.store.path(art)))
+                    todo.append(part)
+                else:
+                    tables[part.index] = _table_from_bytes(
+                        files["donors.npz"], queries.typed, queries.labels[part.rows], cache.store.path(part.artifact)
+                    )
+            if todo:
+                label = f"{queries.what} donors, {len(todo)} of {n_parts} part(s) (not prebuilt)"
+                for part, table in zip(todo, _compute_parts(cache, queries, todo, cfg, k, label, from_panel=False)):
+                    tables[part.index] = table
+    ordered = [tables[i] for i in sorted(tables)]
     return DonorTable(
         queries.typed,
-        np.concatenate([t.donors for t in tables], axis=1),
-        np.concatenate([t.weights for t in tables], axis=1),
+        np.concatenate([t.donors for t in ordered], axis=1),
+        np.concatenate([t.weights for t in ordered], axis=1),
     )
 
 
@@ -307,24 +327,35 @@ def _queries_are_reference(cache: WindowCache, ids: np.ndarray) -> bool:
     return bool(np.isin(ids, cache.panel.reference_haplotypes()).any())
 
 
-def _compute_part(
-    cache: WindowCache, queries: Queries, part: _Part, cfg: DonorConfig, k: int, label: str, from_panel: bool
-) -> DonorTable:
-    """Run the HMM for the part's queries and commit their table (caller holds the part's lock)."""
+def _compute_parts(
+    cache: WindowCache, queries: Queries, parts: list[_Part], cfg: DonorConfig, k: int, label: str, from_panel: bool
+) -> list[DonorTable]:
+    """Run the HMM once for the queries of ``parts`` (one table's, all or none excluding their own
+    sample) and commit each part's table (the caller holds the parts' locks)."""
     t0 = time.perf_counter()
     reference, typed = cache.panel.reference_haplotypes(), queries.typed
+    rows = np.concatenate([np.arange(p.rows.start, p.rows.stop) for p in parts])
     if queries.ids is not None:
-        ids = queries.ids[part.rows]
+        ids = queries.ids[rows]
         both = typed_columns(cache, typed, np.concatenate([reference, ids]), from_panel)  # one pass over the panel
         reference_t, query_t = np.ascontiguousarray(both[:, : reference.size]), np.ascontiguousarray(both[:, reference.size :])
         del both
     else:
         ids = None
         reference_t = typed_columns(cache, typed, reference, from_panel)
-        query_t = np.ascontiguousarray(queries.alleles[part.rows].T)  # type: ignore[index]
-    exclude = own_sample_rows(ids, reference) if part.exclude_own else None
-    table = compute_donors(cache, typed, query_t, cfg, k, exclude, reference_t)
-    cache.store.commit(part.artifact, {"donors.npz": _table_bytes(table, queries.labels[part.rows])})
+        query_t = np.ascontiguousarray(queries.alleles[rows].T)  # type: ignore[index]
+    exclude_own = {p.exclude_own for p in parts}
+    if len(exclude_own) > 1:
+        raise ValueError("_compute_parts: parts of one table either all exclude their own sample or none do")
+    exclude = own_sample_rows(ids, reference) if exclude_own == {True} else None  # type: ignore[arg-type]
+    whole = compute_donors(cache, typed, query_t, cfg, k, exclude, reference_t)
+    out, start = [], 0
+    for part in parts:
+        n = part.rows.stop - part.rows.start
+        table = DonorTable(typed, whole.donors[:, start : start + n], whole.weights[:, start : start + n])
+        cache.store.commit(part.artifact, {"donors.npz": _table_bytes(table, queries.labels[part.rows])})
+        out.append(table)
+        start += n
     log.info(
         "%s: %d haplotypes x %d typed sites, k %d, in %.1f s: %s",
         label,
@@ -332,9 +363,9 @@ def _compute_part(
         typed.size,
         k,
         time.perf_counter() - t0,
-        cache.store.path(part.artifact),
+        ", ".join(str(cache.store.path(p.artifact)) for p in parts),
     )
-    return table
+    return out
 
 
 def _table_bytes(table: DonorTable, queries: np.ndarray) -> bytes:

@@ -1,0 +1,509 @@
+"""What every backend of a launch shares: the data, the guard, the job graph and the jobs themselves.
+
+    data -> memory guard -> index prebuild array -> training -> [imputation array -> merge]
+
+``submit`` lays the graph out through a ``Backend`` (``rag_hpc.launch.slurm``: sbatch via submitit;
+``rag_hpc.launch.local``: submitit's in-process debug executor), which says where the jobs run, what
+each may use and what of the queue a launch must respect; nothing here branches on the cluster kind.
+Job functions hold only the config: progress lives on disk (cache, checkpoints, imputed ranges), so a
+requeued or resubmitted job resumes from whatever is newest there, never from pickled state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shlex
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import submitit
+
+from rag_hpc.config import RagConfig
+from rag_hpc.errors import ClusterError, InputError
+from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, plan_for, render
+
+RUN_RECORD = "launch.json"
+DEMO_SEED = 1
+
+
+class LaunchError(ClusterError):
+    """A launch that cannot go ahead: the message names the problem and the fix."""
+
+
+@dataclass
+class LaunchOptions:
+    cluster: str
+    partition: str | None = None
+    wait: bool = False
+    dry_run: bool = False
+    mem: int | None = None
+    gpu_mem: int | None = None
+    cpus_per_task: int = 1
+    # Requeues at the time limit before submitit gives up; a long training run under a short
+    # partition limit legitimately needs many.
+    max_timeouts: int = 10
+    attach: bool = False  # jobs of this run already queued: wait for them instead of refusing
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
+    """Fill in the demo panel when none is given, and prepare the panel HDF5 when missing."""
+    from rag_hpc.data.prepare import prepare_panel
+    from rag_hpc.data.simulate import simulate_panel
+
+    workdir = config.paths.workdir.absolute()
+    config.paths.workdir = workdir
+    if config.data.panel_vcf is None and config.data.panel_h5 is None:
+        demo = simulate_panel(workdir / "demo" / config.data.demo_preset, config.data.demo_preset, DEMO_SEED, verbose=False)
+        config.data.panel_vcf = demo / "panel.vcf.gz"
+        config.data.populations = demo / "populations.tsv"
+        config.data.targets_vcf = config.data.targets_vcf or demo / "targets.array.vcf.gz"
+        config.data.truth_vcf = config.data.truth_vcf or demo / "targets.truth.vcf.gz"
+        log(f"demo panel: {demo}")
+    if not config.panel_h5.exists():
+        if config.data.panel_vcf is None:
+            raise InputError(
+                f"data.panel_h5 {config.panel_h5} does not exist and data.panel_vcf is not set: "
+                "set data.panel_vcf (the VCF to prepare), or point data.panel_h5 at a prepared panel"
+            )
+        t0 = time.perf_counter()
+        prepare_panel(
+            config.data.panel_vcf,
+            config.panel_h5,
+            config.data.populations,
+            config.data.val_fraction,
+            config.data.split_seed,
+            config.data.skip_non_snps,
+        )
+        log(f"prepared {config.panel_h5} in {time.perf_counter() - t0:.1f} s")
+    return config
+
+
+def uncached_windows(config: RagConfig) -> tuple[dict[int, str], int]:
+    """({window id: digest of its artifact keys} for windows with any invalid or missing artifact,
+    number of windows). The digest tells whether another launch builds exactly these artifacts. A
+    donor-table part counts as an artifact of the first window of its prebuild task, so a launch whose
+    windows are cached but whose tables are not (another array, more training samples) still submits the
+    tasks that compute them, and training only reads."""
+    from rag_hpc.index.build import WindowCache
+    from rag_hpc.index.donors import part_artifacts
+
+    cache = WindowCache(config)
+    try:
+        todo = {}
+        per_task = config.index.windows_per_task
+        parts = part_artifacts(cache)
+        for w in cache.windows:
+            artifacts = list(cache.artifacts(w).values()) + (parts[w.id // per_task] if w.id % per_task == 0 else [])
+            if any(cache.store.problem(a) is not None for a in artifacts):
+                keys = "".join(sorted(a.key for a in artifacts))
+                todo[w.id] = hashlib.sha256(keys.encode()).hexdigest()[:16]
+        return todo, len(cache.windows)
+    finally:
+        cache.panel.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory guard
+
+
+@dataclass
+class GuardResult:
+    plan: Plan
+    estimate: Estimate
+    budget: Budget
+    table: str
+    ok: bool
+    index_mem_mb: int
+    train_mem_mb: int
+    impute_mem_mb: int
+
+
+def _disk_free(path: Path) -> int:
+    import psutil
+
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return int(psutil.disk_usage(str(probe)).free)
+
+
+def run_guard(
+    config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | None, tasks_per_node: int, cpus_per_task: int = 1
+) -> GuardResult:
+    from rag_hpc.data.panel import Panel
+
+    with Panel(config.panel_h5) as panel:
+        plan = plan_for(config, panel, n_cached, tasks_per_node, cpus_per_task)
+    est = estimate(plan)
+    # Every training rank of a node shares the node's memory.
+    node_train = Estimate(**{**est.__dict__, "train_host_ram": est.train_host_ram * tasks_per_node})
+    budget = Budget(mem=mem, disk_free=_disk_free(config.paths.cache), gpu_mem=gpu_mem)
+    rows = check(plan, node_train, budget)
+    # Headroom over the estimate: allocator fragmentation and library buffers the model leaves out.
+    index_mb = math.ceil(est.index_task_ram * 1.5 / 2**20)
+    train_mb = math.ceil(node_train.train_host_ram * 1.5 / 2**20)
+    impute_mb = math.ceil(est.impute_task_ram * 1.5 / 2**20)
+    ok = all(r.ok for r in rows)
+    return GuardResult(plan, node_train, budget, render(plan, node_train, rows), ok, index_mb, train_mb, impute_mb)
+
+
+# ------------------------------------------------------------------------------------------------
+# what runs inside jobs
+
+
+def build_window_range(config: RagConfig, window_ids: list[int]) -> dict[str, Any]:
+    """One array task: build (or find cached) every artifact of ``window_ids`` and their donor-table parts."""
+    from rag_hpc.index.build import prebuild
+
+    t0 = time.perf_counter()
+    done = prebuild(config, window_ids, progress=False)
+    return {
+        "windows": window_ids,
+        "built": [r.window_id for r in done.windows if r.status == "built"],
+        "donor_parts_built": done.donor_parts_built,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+class ImputeRangeJob(submitit.helpers.Checkpointable):
+    """One imputation array task: the model's records of a range of windows, one content-addressed part
+    (``rag_hpc.impute.impute_range``). Requeued as it stands on preemption or a time limit (submitit's
+    default ``checkpoint``): the part is committed atomically, so a rerun redoes the range or finds it."""
+
+    def __call__(self, config: RagConfig, window_ids: list[int]) -> str:
+        from rag_hpc.impute import impute_range, load_model_predictor
+
+        assert config.data.targets_vcf is not None  # submitted only with targets
+        predictor = load_model_predictor(run_dir_of(config), config)
+        status = impute_range(config, predictor, config.data.targets_vcf, window_ids)
+        return f"windows {window_ids[0]}-{window_ids[-1]}: {status}"
+
+
+def merge_imputation(config: RagConfig, ranges: list[list[int]]) -> dict[str, str]:
+    """The merge job: the imputation array's ranges into ``<run>/report/imputed.vcf.gz`` (+ .tbi), then the
+    report when the config names the truth. It writes the run's report as the run's one writer (a trainer
+    started on the run meanwhile is refused, and this job is refused while one trains); the array's tasks
+    write only their content-addressed ranges, each under its own lock, so they run side by side."""
+    from rag_hpc.impute import load_model_predictor, merge_ranges
+    from rag_hpc.locks import one_writer
+
+    assert config.data.targets_vcf is not None
+    run_dir = run_dir_of(config)
+    out = run_dir / "report" / "imputed.vcf.gz"
+    with one_writer(run_dir, "the imputation merge"):
+        merge_ranges(config, load_model_predictor(run_dir, config), config.data.targets_vcf, out, ranges)
+        return {key: str(path) for key, path in report(config, out).items()}
+
+
+def run_dir_of(config: RagConfig) -> Path:
+    return config.train.resolved_run_dir(config.paths.workdir)
+
+
+def report(config: RagConfig, imputed: Path, log: Any = None) -> dict[str, Path]:
+    """An imputed VCF's evaluation (when the config names the truth) and the loss curve, beside it."""
+    from rag_hpc.evaluate import evaluate, write_report
+    from rag_hpc.train.metrics import plot_loss_curve
+
+    files: dict[str, Path] = {
+        "imputed": imputed,
+        "loss_curve": plot_loss_curve(run_dir_of(config), imputed.parent / "loss_curve.png"),
+    }
+    if config.data.truth_vcf is None:
+        return files
+    title = "Imputation accuracy (model)"
+    evaluation = evaluate(imputed, config.data.truth_vcf, config.panel_h5, exclude_sites_vcf=config.data.targets_vcf)
+    files.update(write_report(evaluation, imputed.parent, title=title))
+    if log is not None:
+        log(evaluation.markdown(title))
+    return files
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Training as a requeueable job. Holds only the config: progress lives in the run dir's
+    checkpoints, so the resubmitted copy of this object resumes from whatever is newest on disk."""
+
+    def __init__(self, config: RagConfig):
+        self.config = config
+
+    def __call__(self) -> str:
+        from rag_hpc.train import train
+
+        if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=self.config.cluster.gpus_per_node > 0)
+        checkpoint = train(self.config)
+        # Done: a time-limit or preemption signal from now on must not kill the process (the job
+        # would read FAILED) nor requeue a finished run.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return str(checkpoint)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # train() has already written the checkpoint on SIGUSR2 before chaining to submitit's
+        # handler, which calls this; the request only matters if that handler ran first.
+        from rag_hpc.train import request_checkpoint
+
+        request_checkpoint(stop=True, reason="submitit checkpoint")
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+# ------------------------------------------------------------------------------------------------
+# the job graph
+
+
+class Backend:
+    """Where a launch's jobs run: what each job may use, its submitit executor, the queue's limits."""
+
+    cluster: ClassVar[str]  # submitit's cluster kind
+
+    def target(self, config: RagConfig, opts: LaunchOptions) -> tuple[str | None, int | None]:
+        """(partition, memory a job may use in bytes): where the jobs go, what the guard checks against."""
+        raise NotImplementedError
+
+    def executor(
+        self,
+        config: RagConfig,
+        opts: LaunchOptions,
+        folder: Path,
+        name: str,
+        *,
+        mem_mb: int,
+        after: Sequence[str] = (),
+        partition: str | None = None,
+        gpus: int = 0,
+        nodes: int = 1,
+        tasks_per_node: int = 1,
+        array_parallelism: int | None = None,
+    ) -> submitit.AutoExecutor:
+        """An executor for jobs named ``name``: ``mem_mb`` each, after every job of ``after`` succeeded."""
+        raise NotImplementedError
+
+    def max_array_size(self) -> int:
+        return 2**31
+
+    def in_flight(self, records: list[dict[str, Any]], cache: Path) -> dict[tuple[int, str], str]:
+        """(window, artifact-key digest) -> a still-queued array of an earlier launch that builds it."""
+        return {}
+
+    def base_executor(
+        self, config: RagConfig, opts: LaunchOptions, folder: Path, name: str, **kwargs: Any
+    ) -> submitit.AutoExecutor:
+        executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster, **kwargs)
+        executor.update_parameters(name=name, timeout_min=_timeout_min(config.cluster.time), cpus_per_task=opts.cpus_per_task)
+        return executor
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _timeout_min(time_spec: str) -> int:
+    """SLURM time formats ('30', 'MM:SS', 'HH:MM:SS', 'D-HH:MM:SS') -> whole minutes, >= 1."""
+    days = 0
+    if "-" in time_spec:
+        d, time_spec = time_spec.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in time_spec.split(":")]
+    if len(parts) == 1:
+        minutes = parts[0]
+    elif len(parts) == 2:
+        minutes = parts[0] + math.ceil(parts[1] / 60)
+    else:
+        minutes = parts[0] * 60 + parts[1] + math.ceil(parts[2] / 60)
+    return max(1, days * 1440 + minutes)
+
+
+def read_records(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / RUN_RECORD
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _record(workdir: Path, record: dict[str, Any]) -> Path:
+    path = workdir / RUN_RECORD
+    runs = [*read_records(workdir), record]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(runs, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def submit(
+    config: RagConfig, opts: LaunchOptions, backend: Backend, log: Any, records: list[dict[str, Any]]
+) -> tuple[dict[str, Any], list[Any]]:
+    """Guard, then lay out the job graph through ``backend``; returns the run record and the jobs."""
+    from rag_hpc.data.windows import window_ranges
+
+    c = config.cluster
+    opts.partition, mem = backend.target(config, opts)
+    tasks_per_node = max(1, c.gpus_per_node)
+    todo, n_windows = uncached_windows(config)
+    guard = run_guard(config, n_windows - len(todo), mem, opts.gpu_mem, tasks_per_node, opts.cpus_per_task)
+    log(guard.table)
+    if not guard.ok:
+        raise LaunchError("memory guard: over budget (OVER rows above); nothing was submitted")
+
+    workdir = config.paths.workdir
+    in_flight = backend.in_flight(records, config.paths.cache)
+    shared = {w: in_flight[(w, digest)] for w, digest in todo.items() if (w, digest) in in_flight}
+    build = [w for w in todo if w not in shared]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = workdir / "submitit" / stamp
+    groups = window_ranges(build, config.index.windows_per_task)
+    record: dict[str, Any] = {
+        "time": stamp,
+        "cluster": opts.cluster,
+        "partition": opts.partition,
+        "folder": str(folder),
+        "run_dir": str(run_dir_of(config)),
+        "cache": str(config.paths.cache),
+        "windows_total": n_windows,
+        "windows_todo": len(build),
+        "array_ids": [],
+        "array_tasks": 0,
+        "array_windows": {},
+        "depends_on": sorted(set(shared.values())),
+        "train_id": None,
+        "impute_ids": [],
+        "impute_tasks": 0,
+        "merge_id": None,
+        "index_mem_mb": guard.index_mem_mb,
+        "train_mem_mb": guard.train_mem_mb,
+        "config": config.model_dump(mode="json"),
+    }
+    if opts.dry_run:
+        log(
+            f"dry run: would submit {len(groups)} array task(s) over {len(build)} uncached window(s) of {n_windows}, then training"
+            + (", then imputation and its merge" if config.data.targets_vcf is not None else "")
+        )
+        return record, []
+
+    arrays = []
+    if groups:
+        ex = backend.executor(
+            config, opts, folder, "rag_hpc-index", mem_mb=guard.index_mem_mb, array_parallelism=c.array_parallelism
+        )
+        for chunk in _chunks(groups, backend.max_array_size()):
+            jobs = ex.map_array(build_window_range, [config] * len(chunk), chunk)
+            arrays.append(jobs)
+            array_id = jobs[0].job_id.split("_")[0]
+            record["array_ids"].append(array_id)
+            record["array_windows"][array_id] = {str(w): todo[w] for group in chunk for w in group}
+        record["array_tasks"] = len(groups)
+    ex = backend.executor(
+        config,
+        opts,
+        folder,
+        "rag_hpc-train",
+        mem_mb=guard.train_mem_mb,
+        after=[*record["array_ids"], *record["depends_on"]],
+        gpus=c.gpus_per_node,
+        nodes=c.nodes,
+        tasks_per_node=tasks_per_node,
+    )
+    train_job = ex.submit(TrainJob(config))
+    record["train_id"] = train_job.job_id
+    impute_arrays, merge_job = _submit_imputation(config, opts, backend, folder, n_windows, guard, record)
+    _record(workdir, record)
+    log(
+        f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
+        f"({record['array_tasks']} task(s), {len(build)}/{n_windows} windows to build, --mem {guard.index_mem_mb}M each)"
+    )
+    if shared:
+        log(
+            f"  {len(shared)} more window(s) are being built by queued array(s) {', '.join(record['depends_on'])} "
+            "of an earlier launch: training waits for them instead"
+        )
+    log(f"training job: {train_job.job_id} ({c.nodes} node(s) x {tasks_per_node} task(s), --mem {guard.train_mem_mb}M)")
+    log(f"logs: {folder}/%A_%a_0_log.out (array), {folder}/%j_0_log.out (training)")
+    if merge_job is not None:
+        log(
+            f"imputation array: {', '.join(record['impute_ids'])} ({record['impute_tasks']} task(s) of "
+            f"{config.impute.windows_per_task} windows, --mem {guard.impute_mem_mb}M each) after training; merge job "
+            f"{merge_job.job_id} -> {run_dir_of(config) / 'report' / 'imputed.vcf.gz'}"
+        )
+    log(f"cache: {config.paths.cache}")
+    log(f"watch: python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}")
+    return record, [arrays, train_job, impute_arrays, merge_job]
+
+
+def _submit_imputation(
+    config: RagConfig,
+    opts: LaunchOptions,
+    backend: Backend,
+    folder: Path,
+    n_windows: int,
+    guard: GuardResult,
+    record: dict[str, Any],
+) -> tuple[list[Any], Any]:
+    """With targets: the imputation array after training (afterok) and the merge after the array."""
+    from rag_hpc.data.windows import window_ranges
+
+    if config.data.targets_vcf is None:
+        return [], None
+    ranges = window_ranges(list(range(n_windows)), config.impute.windows_per_task)
+    where = {"partition": config.impute.partition, "gpus": config.impute.gpus, "mem_mb": guard.impute_mem_mb}
+    ex = backend.executor(
+        config,
+        opts,
+        folder,
+        "rag_hpc-impute",
+        after=[record["train_id"]],
+        array_parallelism=config.cluster.array_parallelism,
+        **where,
+    )
+    arrays = []
+    for chunk in _chunks(ranges, backend.max_array_size()):
+        jobs = ex.map_array(ImputeRangeJob(), [config] * len(chunk), chunk)
+        arrays.append(jobs)
+        record["impute_ids"].append(jobs[0].job_id.split("_")[0])
+    record["impute_tasks"] = len(ranges)
+    merge = backend.executor(config, opts, folder, "rag_hpc-merge", after=record["impute_ids"], **where)
+    merge_job = merge.submit(merge_imputation, config, ranges)
+    record["merge_id"] = merge_job.job_id
+    return arrays, merge_job
+
+
+def wait(record: dict[str, Any], submitted: list[Any], opts: LaunchOptions, log: Any) -> dict[str, Any]:
+    """With ``opts.wait``: block until the jobs end (outside the launch lock); raise if training or the
+    merge failed, naming the failed tasks' logs."""
+    if not opts.wait or not submitted:
+        return record
+    arrays, train_job, impute_arrays, merge_job = submitted
+    failed = _failed(arrays, "index task")
+    try:
+        record["checkpoint"] = train_job.results()[0]
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported with its log
+        why = "; ".join(failed) or f"see {train_job.paths.stderr}"
+        raise LaunchError(f"training job {train_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
+    log(f"training finished: {record['checkpoint']}")
+    if merge_job is None:
+        return record
+    failed = _failed(impute_arrays, "imputation task")
+    try:
+        record["report"] = merge_job.result()
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported with its log
+        why = "; ".join(failed) or f"see {merge_job.paths.stderr}"
+        raise LaunchError(f"merge job {merge_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
+    log(f"imputed: {record['report']['imputed']}")
+    return record
+
+
+def _failed(arrays: list[Any], what: str) -> list[str]:
+    """One line per failed task of ``arrays``, waiting for each to end (debug jobs run here, in order)."""
+    failed = []
+    for jobs in arrays:
+        for j in jobs:
+            try:
+                j.result()
+            except Exception as exc:  # noqa: BLE001 - any task error is reported, with its log
+                failed.append(f"{what} {j.job_id} failed ({type(exc).__name__}): see {j.paths.stderr}")
+    return failed
