@@ -462,7 +462,7 @@ def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
         ),
         # The run dir usually shares the cache's filesystem (both under paths.workdir): counted together.
         Row(
-            "disk, + the training run" + (" and imputation" if est.impute_disk else ""),
+            "disk, + run and imputed" if est.impute_disk else "disk, + the training run",
             est.disk_to_build + est.train_disk + est.impute_disk,
             budget.disk_free,
             "free space, lower train.keep_checkpoints, or put train.run_dir / paths.cache_dir elsewhere",
