@@ -340,15 +340,21 @@ def _prepare(
 
     ambiguous = config.data.ambiguous
     targets = match_targets(panel, targets_vcf, ambiguous=ambiguous, skip_non_snps=config.data.skip_non_snps)
-    start = getattr(predictor, "begin", None)
-    if begin and start is not None:  # predictors whose evidence reaches beyond the window take all typed sites first
-        start(targets)
+    if begin:
+        _begin(predictor, targets)
     name = getattr(predictor, "name", type(predictor).__name__)
     header = [
         f"##rag_hpc_impute=<predictor={name},panel={panel.path.name},panel_sha256={panel.info.source_sha256},"
         f"window_size={config.windows.window_size},ambiguous={ambiguous}>"
     ]
     return _Prepared(panel, targets, make_windows(panel.n_sites, config.windows.window_size), header)
+
+
+def _begin(predictor: HaplotypePredictor, targets: TargetSites) -> None:
+    """Predictors whose evidence reaches beyond the window take all typed sites first."""
+    start = getattr(predictor, "begin", None)
+    if start is not None:
+        start(targets)
 
 
 def _window_records(prep: _Prepared, predictor: HaplotypePredictor, window: Window) -> bytes:
@@ -367,9 +373,15 @@ def _window_records(prep: _Prepared, predictor: HaplotypePredictor, window: Wind
     return imputed_records(panel.info.contig, panel.positions[sl], panel.ref[sl], panel.alt[sl], prob, observed)
 
 
-def _writer(out: Path, prep: _Prepared) -> ImputedVcfWriter:
+def _out_path(out_vcf: str | os.PathLike[str]) -> Path:
+    """The output VCF's path, refused before any work when it is not named as bgzipped."""
+    out = Path(out_vcf)
     if not out.name.endswith(".vcf.gz"):
         raise InputError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
+    return out
+
+
+def _writer(out: Path, prep: _Prepared) -> ImputedVcfWriter:
     out.parent.mkdir(parents=True, exist_ok=True)
     return ImputedVcfWriter(
         out, contig=prep.panel.info.contig, samples=prep.targets.samples, source="rag_hpc.impute", extra_header=prep.header
@@ -417,9 +429,7 @@ def impute(
     """
     from tqdm import tqdm
 
-    t0, out = time.perf_counter(), Path(out_vcf)
-    if not out.name.endswith(".vcf.gz"):
-        raise InputError(f"--out {out}: the imputed VCF is bgzipped, name it *.vcf.gz")
+    t0, out = time.perf_counter(), _out_path(out_vcf)
     with _open_panel(config, panel) as panel:
         prep = _prepare(config, predictor, targets_vcf, panel, begin=True)
         with _writer(out, prep) as writer:
@@ -488,9 +498,7 @@ def impute_range(
         with store.lock(art):
             if store.problem(art, checksums=True) is None:
                 return "cached"
-            start = getattr(predictor, "begin", None)
-            if start is not None:
-                start(prep.targets)
+            _begin(predictor, prep.targets)
             records = b"".join(_window_records(prep, predictor, prep.windows[w]) for w in ids)
             store.commit(art, {"records.gz": zlib.compress(records, 1)})
     return "built"
@@ -509,18 +517,15 @@ def merge_ranges(
     byte for byte what ``impute`` writes in one process. A part missing or invalid is an error naming it."""
     import zlib
 
-    t0, out, store = time.perf_counter(), Path(out_vcf), parts_store(config)
+    t0, out, store = time.perf_counter(), _out_path(out_vcf), parts_store(config)
     with _open_panel(config, panel) as panel:
         prep = _prepare(config, predictor, targets_vcf, panel, begin=False)
         ids = sorted(w for r in ranges for w in r)
         if ids != list(range(len(prep.windows))):
             raise ValueError(f"merge_ranges: the ranges cover windows {ids[:3]}...{ids[-3:]}, not all {len(prep.windows)}")
         arts = [(sorted(r), _part_artifact(config, prep, predictor, r)) for r in sorted(ranges, key=min)]
-        bad = [
-            f"windows {r[0]}-{r[-1]} ({store.problem(a, checksums=True)}: {store.path(a)})"
-            for r, a in arts
-            if store.problem(a, checksums=True)
-        ]
+        problems = [(r, a, store.problem(a, checksums=True)) for r, a in arts]
+        bad = [f"windows {r[0]}-{r[-1]} ({why}: {store.path(a)})" for r, a, why in problems if why is not None]
         if bad:
             raise InputError(
                 f"cannot merge: {len(bad)} imputed range(s) missing or invalid: {'; '.join(bad[:3])}"

@@ -11,6 +11,7 @@ import pytest
 
 from rag_hpc.config import load_config
 from rag_hpc.launch import APPTAINER_ENV, LaunchOptions, SlurmBackend, container_python
+from rag_hpc.launch.core import JobSpec
 from rag_hpc.launch.slurm import _requeue_trap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_jobs_in_a_container_run_its_python_and_requeue_from_the_host(tmp_path: 
     monkeypatch.setenv(APPTAINER_ENV, "/opt/apptainer/bin/apptainer")
     folder = tmp_path / "sub mit;x"
     config = load_config(None, [f"paths.workdir={tmp_path / 'work dir'}", f"cluster.container={tmp_path / 'i.sif'}"])
-    ex = SlurmBackend().executor(config, LaunchOptions(cluster="slurm", partition="gpu"), folder, "t", mem_mb=100)
+    ex = SlurmBackend().executor(config, LaunchOptions(cluster="slurm", partition="gpu"), folder, JobSpec("t", 100))
     python = ex._executor.python  # what submitit puts in front of `-u -m submitit.core._submit`
     assert shlex.split(python)[0] == "/opt/apptainer/bin/apptainer" and shlex.split(python)[-1] == "python"
     assert f"{tmp_path / 'work dir'}:{tmp_path / 'work dir'}" in shlex.split(python)

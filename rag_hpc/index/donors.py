@@ -285,15 +285,20 @@ def read_donors(cache: WindowCache, queries: Queries, cfg: DonorConfig | None = 
     k = cache.config.model.k if k is None else k
     n_parts = donor_parts(cache)
     tables: dict[int, DonorTable] = {}
-    missing = []
-    for part in _parts(cache, queries, range(n_parts), cfg, k):
-        files = cache.store.read(part.artifact)
-        if files is None:
-            missing.append(part)
-        else:
-            tables[part.index] = _table_from_bytes(
-                files["donors.npz"], queries.typed, queries.labels[part.rows], cache.store.path(part.artifact)
-            )
+
+    def read(parts: list[_Part]) -> list[_Part]:
+        """Read into ``tables`` the given parts the cache holds; return the others."""
+        absent = []
+        for part in parts:
+            files = cache.store.read(part.artifact)
+            if files is None:
+                absent.append(part)
+            else:
+                where = cache.store.path(part.artifact)
+                tables[part.index] = _table_from_bytes(files["donors.npz"], queries.typed, queries.labels[part.rows], where)
+        return absent
+
+    missing = read(list(_parts(cache, queries, range(n_parts), cfg, k)))
     if missing:
         # Under every missing part's lock (taken in part order, so concurrent readers cannot deadlock): the
         # parts still missing then are computed in one HMM run, whose query batches fill every thread; one
@@ -301,15 +306,7 @@ def read_donors(cache: WindowCache, queries: Queries, cfg: DonorConfig | None = 
         with contextlib.ExitStack() as locks:
             for part in missing:
                 locks.enter_context(cache.store.lock(part.artifact))
-            todo = []
-            for part in missing:
-                files = cache.store.read(part.artifact)
-                if files is None:
-                    todo.append(part)
-                else:
-                    tables[part.index] = _table_from_bytes(
-                        files["donors.npz"], queries.typed, queries.labels[part.rows], cache.store.path(part.artifact)
-                    )
+            todo = read(missing)
             if todo:
                 label = f"{queries.what} donors, {len(todo)} of {n_parts} part(s) (not prebuilt)"
                 for part, table in zip(todo, _compute_parts(cache, queries, todo, cfg, k, label, from_panel=False)):

@@ -260,6 +260,20 @@ class TrainJob(submitit.helpers.Checkpointable):
 # the job graph
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """What one kind of job of the graph asks of a backend."""
+
+    name: str
+    mem_mb: int
+    after: Sequence[str] = ()  # job ids that must succeed first
+    partition: str | None = None  # None: the launch's
+    gpus: int = 0
+    nodes: int = 1
+    tasks_per_node: int = 1
+    array_parallelism: int | None = None
+
+
 class Backend:
     """Where a launch's jobs run: what each job may use, its submitit executor, the queue's limits."""
 
@@ -269,22 +283,8 @@ class Backend:
         """(partition, memory a job may use in bytes): where the jobs go, what the guard checks against."""
         raise NotImplementedError
 
-    def executor(
-        self,
-        config: RagConfig,
-        opts: LaunchOptions,
-        folder: Path,
-        name: str,
-        *,
-        mem_mb: int,
-        after: Sequence[str] = (),
-        partition: str | None = None,
-        gpus: int = 0,
-        nodes: int = 1,
-        tasks_per_node: int = 1,
-        array_parallelism: int | None = None,
-    ) -> submitit.AutoExecutor:
-        """An executor for jobs named ``name``: ``mem_mb`` each, after every job of ``after`` succeeded."""
+    def executor(self, config: RagConfig, opts: LaunchOptions, folder: Path, job: JobSpec) -> submitit.AutoExecutor:
+        """An executor for ``job``: its name, memory and placement, after every job of ``job.after`` succeeded."""
         raise NotImplementedError
 
     def max_array_size(self) -> int:
@@ -389,7 +389,7 @@ def submit(
     arrays = []
     if groups:
         ex = backend.executor(
-            config, opts, folder, "rag_hpc-index", mem_mb=guard.index_mem_mb, array_parallelism=c.array_parallelism
+            config, opts, folder, JobSpec("rag_hpc-index", guard.index_mem_mb, array_parallelism=c.array_parallelism)
         )
         for chunk in _chunks(groups, backend.max_array_size()):
             jobs = ex.map_array(build_window_range, [config] * len(chunk), chunk)
@@ -398,17 +398,11 @@ def submit(
             record["array_ids"].append(array_id)
             record["array_windows"][array_id] = {str(w): todo[w] for group in chunk for w in group}
         record["array_tasks"] = len(groups)
-    ex = backend.executor(
-        config,
-        opts,
-        folder,
-        "rag_hpc-train",
-        mem_mb=guard.train_mem_mb,
-        after=[*record["array_ids"], *record["depends_on"]],
-        gpus=c.gpus_per_node,
-        nodes=c.nodes,
-        tasks_per_node=tasks_per_node,
+    after = [*record["array_ids"], *record["depends_on"]]
+    train = JobSpec(
+        "rag_hpc-train", guard.train_mem_mb, after, gpus=c.gpus_per_node, nodes=c.nodes, tasks_per_node=tasks_per_node
     )
+    ex = backend.executor(config, opts, folder, train)
     train_job = ex.submit(TrainJob(config))
     record["train_id"] = train_job.job_id
     impute_arrays, merge_job = _submit_imputation(config, opts, backend, folder, n_windows, guard, record)
@@ -450,23 +444,18 @@ def _submit_imputation(
     if config.data.targets_vcf is None:
         return [], None
     ranges = window_ranges(list(range(n_windows)), config.impute.windows_per_task)
-    where = {"partition": config.impute.partition, "gpus": config.impute.gpus, "mem_mb": guard.impute_mem_mb}
-    ex = backend.executor(
-        config,
-        opts,
-        folder,
-        "rag_hpc-impute",
-        after=[record["train_id"]],
-        array_parallelism=config.cluster.array_parallelism,
-        **where,
+    where = {"partition": config.impute.partition, "gpus": config.impute.gpus}
+    array = JobSpec(
+        "rag_hpc-impute", guard.impute_mem_mb, [record["train_id"]], array_parallelism=config.cluster.array_parallelism, **where
     )
+    ex = backend.executor(config, opts, folder, array)
     arrays = []
     for chunk in _chunks(ranges, backend.max_array_size()):
         jobs = ex.map_array(ImputeRangeJob(), [config] * len(chunk), chunk)
         arrays.append(jobs)
         record["impute_ids"].append(jobs[0].job_id.split("_")[0])
     record["impute_tasks"] = len(ranges)
-    merge = backend.executor(config, opts, folder, "rag_hpc-merge", after=record["impute_ids"], **where)
+    merge = backend.executor(config, opts, folder, JobSpec("rag_hpc-merge", guard.impute_mem_mb, record["impute_ids"], **where))
     merge_job = merge.submit(merge_imputation, config, ranges)
     record["merge_id"] = merge_job.job_id
     return arrays, merge_job

@@ -6,14 +6,13 @@ through a job in a debugger."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from rag_hpc.config import RagConfig
-from rag_hpc.launch.core import Backend, LaunchOptions, ensure_data, report, run_dir_of, submit, wait
+from rag_hpc.launch.core import Backend, JobSpec, LaunchOptions, ensure_data, report, run_dir_of, submit, wait
 
 
 class DebugBackend(Backend):
@@ -26,24 +25,10 @@ class DebugBackend(Backend):
 
         return opts.partition or config.cluster.partition, opts.mem or psutil.virtual_memory().total
 
-    def executor(
-        self,
-        config: RagConfig,
-        opts: LaunchOptions,
-        folder: Path,
-        name: str,
-        *,
-        mem_mb: int,
-        after: Sequence[str] = (),
-        partition: str | None = None,
-        gpus: int = 0,
-        nodes: int = 1,
-        tasks_per_node: int = 1,
-        array_parallelism: int | None = None,
-    ) -> submitit.AutoExecutor:
+    def executor(self, config: RagConfig, opts: LaunchOptions, folder: Path, job: JobSpec) -> submitit.AutoExecutor:
         # Memory, partition and dependencies mean nothing in one process: the graph's order is the wait order.
-        executor = self.base_executor(config, opts, folder, name)
-        executor.update_parameters(nodes=nodes, tasks_per_node=tasks_per_node)
+        executor = self.base_executor(config, opts, folder, job.name)
+        executor.update_parameters(nodes=job.nodes, tasks_per_node=job.tasks_per_node)
         return executor
 
 

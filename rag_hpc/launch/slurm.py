@@ -27,6 +27,7 @@ import submitit
 from rag_hpc.config import RagConfig
 from rag_hpc.launch.core import (
     Backend,
+    JobSpec,
     LaunchError,
     LaunchOptions,
     _timeout_min,
@@ -153,21 +154,7 @@ class SlurmBackend(Backend):
         info = slurm_target(opts.partition or config.cluster.partition, config.cluster.gpus_per_node)
         return info.name, opts.mem or info.mem_per_node
 
-    def executor(
-        self,
-        config: RagConfig,
-        opts: LaunchOptions,
-        folder: Path,
-        name: str,
-        *,
-        mem_mb: int,
-        after: Sequence[str] = (),
-        partition: str | None = None,
-        gpus: int = 0,
-        nodes: int = 1,
-        tasks_per_node: int = 1,
-        array_parallelism: int | None = None,
-    ) -> submitit.AutoExecutor:
+    def executor(self, config: RagConfig, opts: LaunchOptions, folder: Path, job: JobSpec) -> submitit.AutoExecutor:
         c = config.cluster
         kwargs: dict[str, Any] = {"slurm_max_num_timeout": opts.max_timeouts}
         if c.container is not None:
@@ -185,7 +172,7 @@ class SlurmBackend(Backend):
             ]
             # A constructor argument of AutoExecutor, not an update_parameters one.
             kwargs["slurm_python"] = container_python(c.container, binds)
-        executor = self.base_executor(config, opts, folder, name, **kwargs)
+        executor = self.base_executor(config, opts, folder, job.name, **kwargs)
         setup = [f"export OMP_NUM_THREADS={opts.cpus_per_task}", *_requeue_trap(folder)]
         if c.container is None:
             # Jobs unpickle functions by reference: the package must import on the node.
@@ -193,24 +180,24 @@ class SlurmBackend(Backend):
             setup.insert(0, f"export PYTHONPATH={shlex.quote(root)}${{PYTHONPATH:+:$PYTHONPATH}}")
         limit = _timeout_min(c.time) * 60
         params: dict[str, Any] = {
-            "slurm_partition": partition or opts.partition,
+            "slurm_partition": job.partition or opts.partition,
             "slurm_setup": setup,
-            "slurm_mem": f"{mem_mb}M",
+            "slurm_mem": f"{job.mem_mb}M",
             # submitit's default 90 s warning would exceed short limits; a third of the limit leaves the run time to work.
             "slurm_signal_delay_s": min(90, max(10, limit // 3)),
-            "nodes": nodes,
-            "tasks_per_node": tasks_per_node,
+            "nodes": job.nodes,
+            "tasks_per_node": job.tasks_per_node,
         }
         if c.account:
             params["slurm_account"] = c.account
         if c.qos:
             params["slurm_qos"] = c.qos
-        if gpus:
-            params["slurm_gpus_per_node"] = gpus
-        if array_parallelism:
-            params["slurm_array_parallelism"] = array_parallelism
-        if after:
-            params["slurm_additional_parameters"] = {"dependency": "afterok:" + ":".join(after), "kill_on_invalid_dep": "yes"}
+        if job.gpus:
+            params["slurm_gpus_per_node"] = job.gpus
+        if job.array_parallelism:
+            params["slurm_array_parallelism"] = job.array_parallelism
+        if job.after:
+            params["slurm_additional_parameters"] = {"dependency": "afterok:" + ":".join(job.after), "kill_on_invalid_dep": "yes"}
         executor.update_parameters(**params)
         return executor
 
