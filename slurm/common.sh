@@ -47,3 +47,71 @@ stop_pidfile() {
     fi
     rm -f "$file"
 }
+
+# ---------------------------------------------------------------- the two clusters
+# up.sh (--nodes 1, the default): cluster rag_hpc, one node named after this host at 127.0.0.1,
+# configs in /etc/slurm. up.sh --nodes 2: cluster rag_hpc2 beside it, sharing munge, MariaDB and
+# slurmdbd: its own slurmctld on this host at the bridge address, two slurmd each in its own network
+# and UTS namespace (hostname and address of its own on the bridge), its own configs and state.
+TWO_DIR=$STATE/two-nodes
+TWO_CONF_DIR=$CONF_DIR/two-nodes
+BRIDGE=ragbr0
+BRIDGE_ADDR=10.77.0.1
+TWO_NODES="rag-n1 rag-n2"
+TWO_CTLD_PORT=6827
+TWO_SLURMD_PORT=6828
+HOSTS_MARK="# rag_hpc two-node test cluster (slurm/up.sh --nodes 2)"
+
+# rag-nN's address on the bridge, 10.77.0.1N; its veth's end on the host is ragvN.
+node_addr() { echo "10.77.0.1${1#rag-n}"; }
+node_veth() { echo "ragv${1#rag-n}"; }
+
+# Sets the cluster the rest of a script works on ($1: 1 or 2 nodes), and exports SLURM_CONF so every
+# client and daemon started from here reads that cluster's config whatever the caller's environment.
+use_cluster() {
+    case "$1" in
+        1)
+            CLUSTER=rag_hpc
+            C_CONF_DIR=$CONF_DIR
+            C_STATE=$STATE
+            C_LOG=$LOG_DIR
+            C_RUN=$RUN_DIR
+            CTLD_PID=$SLURMCTLD_PID
+            C_NODES=$(hostname -s)
+            ;;
+        2)
+            CLUSTER=rag_hpc2
+            C_CONF_DIR=$TWO_CONF_DIR
+            C_STATE=$TWO_DIR
+            C_LOG=$TWO_DIR/log
+            C_RUN=$TWO_DIR/run
+            CTLD_PID=$C_RUN/slurmctld.pid
+            C_NODES=$TWO_NODES
+            ;;
+        *) echo "slurm: --nodes must be 1 or 2 (got '$1')" >&2; return 2 ;;
+    esac
+    C_NNODES=$1
+    export SLURM_CONF=$C_CONF_DIR/slurm.conf
+}
+
+# The pid file of node $1's slurmd (slurm.conf's SlurmdPidFile, %n = the node name).
+slurmd_pidfile() {
+    if ((C_NNODES == 1)); then echo "$SLURMD_PID"; else echo "$C_RUN/slurmd-$1.pid"; fi
+}
+
+# Parses "--nodes N" out of the arguments: sets NODES (default 1) and ARGS (the rest).
+parse_nodes() {
+    NODES=1
+    ARGS=()
+    while (($#)); do
+        case "$1" in
+            --nodes) NODES=${2:-}; shift 2 || { echo "slurm: --nodes needs a value" >&2; return 2; } ;;
+            --nodes=*) NODES=${1#--nodes=}; shift ;;
+            *) ARGS+=("$1"); shift ;;
+        esac
+    done
+    case "$NODES" in 1 | 2) ;; *) echo "slurm: --nodes must be 1 or 2 (got '$NODES')" >&2; return 2 ;; esac
+}
+
+# /etc/hosts without the two-node cluster's lines.
+hosts_without_mark() { grep -vF "$HOSTS_MARK" /etc/hosts || true; }

@@ -4,6 +4,13 @@
 # (default, preemptable) and `urgent`, and two fake GPUs. Re-running it on a healthy cluster only
 # checks it and prints the summary line; dead daemons are restarted, a down/drained node resumed.
 #
+#   --nodes 2   instead (or as well: both run side by side) a two-node cluster on this one machine,
+#               rag_hpc2: nodes rag-n1 (10.77.0.11) and rag-n2 (10.77.0.12), each slurmd in a network
+#               and UTS namespace of its own on bridge ragbr0 (10.77.0.1, created here), its own
+#               slurmctld on this host at 10.77.0.1:6827, sharing munge and slurmdbd with the
+#               single-node cluster. Configs in /etc/slurm/two-nodes, state in $STATE/two-nodes;
+#               clients reach it with SLURM_CONF=/etc/slurm/two-nodes/slurm.conf.
+#
 # Environment:
 #   RAG_HPC_SLURM_DIR         state, logs, pid files, database  (default /var/lib/rag_hpc_slurm)
 #   RAG_HPC_SLURM_ACCOUNTING  auto (default: slurmdbd, falling back to the sacct shim) | slurmdbd | shim
@@ -14,21 +21,29 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=common.sh
 . "$HERE/common.sh"
+parse_nodes "$@" || exit 2
+((${#ARGS[@]} == 0)) || { echo "usage: $0 [--nodes 1|2]" >&2; exit 2; }
+use_cluster "$NODES"
 
 T0=$(date +%s.%N)
 ACCOUNTING=${RAG_HPC_SLURM_ACCOUNTING:-auto}
 TIMEOUT=${RAG_HPC_SLURM_TIMEOUT:-90}
-CLUSTER=rag_hpc
 HOST=$(hostname -s)
 CPUS=$(nproc)
 NGPU=2
 MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 (( MEM_MB >= 512 )) || MEM_MB=512
+# The two nodes share this machine: each declares half of that memory (and all of its CPUs).
+NODE_MEM_MB=$MEM_MB
+if ((NODES == 2)); then
+    NODE_MEM_MB=$((MEM_MB / 2))
+    ((NODE_MEM_MB >= 512)) || NODE_MEM_MB=512
+fi
 
 note() { echo "slurm/up.sh: $*" >&2; }
 show_logs() {
     local f
-    for f in "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log "$LOG_DIR"/slurmdbd.log \
+    for f in "$C_LOG"/slurmctld.log "$C_LOG"/slurmd*.log "$LOG_DIR"/slurmdbd.log \
         "$LOG_DIR"/mariadb.log "$STATE"/munge/munged.log "$LOG_DIR"/apt.log; do
         [ -s "$f" ] || continue
         echo "----- last lines of $f"
@@ -46,7 +61,7 @@ case "$ACCOUNTING" in auto | slurmdbd | shim) ;; *) die "RAG_HPC_SLURM_ACCOUNTIN
 [ "$(id -u)" = 0 ] || die "must run as root (the daemons, /etc/slurm and /dev/fakegpu* need it): sudo bash $0"
 command -v apt-get >/dev/null || command -v slurmctld >/dev/null || die "needs Debian/Ubuntu (apt-get) or preinstalled slurm packages"
 
-mkdir -p "$STATE" "$LOG_DIR" "$RUN_DIR"
+mkdir -p "$STATE" "$LOG_DIR" "$RUN_DIR" "$C_LOG" "$C_RUN"
 # Two up.sh at once (parallel CI jobs, a test calling it while a developer does) would race on
 # the same pid files and configs.
 exec 9>"$STATE/.up.lock"
@@ -96,6 +111,9 @@ if [ "$ACCOUNTING" != shim ]; then
     apt_install slurmctld slurmd slurm-client munge slurmdbd mariadb-server || true
 fi
 apt_install slurmctld slurmd slurm-client munge || die "could not install slurmctld slurmd slurm-client munge (see $LOG_DIR/apt.log)"
+if ((NODES == 2)); then
+    apt_install iproute2 || die "could not install iproute2 (the two-node cluster's namespaces and bridge need ip)"
+fi
 
 # ---------------------------------------------------------------- fake GPUs
 # gres.conf needs real character devices: plain files or Count= without File= make the node INVAL.
@@ -150,8 +168,49 @@ write_if_changed() {
     CONF_CHANGED=1
 }
 
+# What differs between the clusters' slurm.conf and gres.conf: title, controller, where the slurmd
+# keep their state and logs, the nodes and partitions.
+cluster_conf() {
+    local node nodes=${C_NODES// /,}
+    if ((NODES == 1)); then
+        TITLE="Single-node test cluster"
+        CTLD_HOST="$HOST(127.0.0.1)"
+        SLURMD_SPOOL=$STATE/slurmd
+        SLURMD_PIDS=$SLURMD_PID
+        SLURMD_LOGS=$LOG_DIR/slurmd.log
+        NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$NGPU State=UNKNOWN"
+        GRES_LINES="NodeName=$HOST Name=gpu File=/dev/fakegpu[0-$((NGPU - 1))]"
+    else
+        TITLE="Two-node test cluster"
+        # Only the bridge's addresses: the controller at this host's end, each node at its own.
+        CTLD_HOST="$HOST($BRIDGE_ADDR)"
+        # %n: the node name, so the two slurmd of this machine keep apart.
+        SLURMD_SPOOL=$C_STATE/slurmd/%n
+        SLURMD_PIDS=$C_RUN/slurmd-%n.pid
+        SLURMD_LOGS=$C_LOG/slurmd-%n.log
+        NODE_LINES="# Ports of its own beside the single-node cluster's (6817, 6818) on this host.
+SlurmctldPort=$TWO_CTLD_PORT
+SlurmdPort=$TWO_SLURMD_PORT
+# Each node declares all $CPUS CPUs of this machine, so the two oversubscribe it (2 x $CPUS CPUs on
+# $CPUS cores, which the single-node cluster's node claims as well), and RealMemory = half of
+# (MemTotal - 1 GiB) = $NODE_MEM_MB MB, so both together claim what the single node does.
+# Both nodes' fake GPUs are the same two device files."
+        GRES_LINES=""
+        for node in $C_NODES; do
+            NODE_LINES+="
+NodeName=$node NodeAddr=$(node_addr "$node") CPUs=$CPUS RealMemory=$NODE_MEM_MB Gres=gpu:$NGPU State=UNKNOWN"
+            GRES_LINES+="NodeName=$node Name=gpu File=/dev/fakegpu[0-$((NGPU - 1))]"$'\n'
+        done
+        GRES_LINES=${GRES_LINES%$'\n'}
+    fi
+    NODE_LINES+="
+PartitionName=gpu Nodes=$nodes Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=30 MaxTime=INFINITE State=UP
+PartitionName=urgent Nodes=$nodes PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP"
+}
+
 write_slurm_conf() {
     local mode=$1 acct
+    cluster_conf
     if [ "$mode" = slurmdbd ]; then
         acct="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -161,12 +220,12 @@ AccountingStorageTRES=gres/gpu"
     else
         acct="AccountingStorageType=accounting_storage/none"
     fi
-    mkdir -p "$CONF_DIR"
-    write_if_changed "$CONF_DIR/slurm.conf" 644 root <<EOF
-# Single-node test cluster written by rag_hpc slurm/up.sh (accounting: $mode).
+    mkdir -p "$C_CONF_DIR"
+    write_if_changed "$C_CONF_DIR/slurm.conf" 644 root <<EOF
+# $TITLE written by rag_hpc slurm/up.sh (accounting: $mode).
 # Rewritten on every run: change the script, not this file.
 ClusterName=$CLUSTER
-SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldHost=$CTLD_HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -182,12 +241,12 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-StateSaveLocation=$STATE/slurmctld
-SlurmdSpoolDir=$STATE/slurmd
-SlurmctldPidFile=$SLURMCTLD_PID
-SlurmdPidFile=$SLURMD_PID
-SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+StateSaveLocation=$C_STATE/slurmctld
+SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PIDS
+SlurmctldLogFile=$C_LOG/slurmctld.log
+SlurmdLogFile=$SLURMD_LOGS
 SlurmctldDebug=info
 SlurmdDebug=info
 # submitit ignores SIGTERM, so every cancel/requeue lasts KillWait, and nothing starts while a job
@@ -202,14 +261,12 @@ PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 GresTypes=gpu
 JobCompType=jobcomp/filetxt
-JobCompLoc=$STATE/jobcomp.txt
+JobCompLoc=$C_STATE/jobcomp.txt
 $acct
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$NGPU State=UNKNOWN
-PartitionName=gpu Nodes=$HOST Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=30 MaxTime=INFINITE State=UP
-PartitionName=urgent Nodes=$HOST PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+$NODE_LINES
 EOF
-    write_if_changed "$CONF_DIR/gres.conf" 644 root <<EOF
-NodeName=$HOST Name=gpu File=/dev/fakegpu[0-$((NGPU - 1))]
+    write_if_changed "$C_CONF_DIR/gres.conf" 644 root <<EOF
+$GRES_LINES
 EOF
 }
 
@@ -296,7 +353,8 @@ EOF
         :
     else
         stop_pidfile "$SLURMDBD_PID" slurmdbd 30
-        slurmdbd </dev/null >>"$LOG_DIR/daemons.out" 2>&1 9>&- || { ACCT_FAIL="slurmdbd exited at start"; return 1; }
+        # Without SLURM_CONF: slurmdbd looks for slurmdbd.conf beside it, and it serves both clusters.
+        env -u SLURM_CONF slurmdbd </dev/null >>"$LOG_DIR/daemons.out" 2>&1 9>&- || { ACCT_FAIL="slurmdbd exited at start"; return 1; }
         local i
         # The first start creates the tables: a few seconds.
         for ((i = 0; i < 600; i++)); do
@@ -313,7 +371,15 @@ EOF
 }
 
 MODE=$ACCOUNTING
-if [ "$ACCOUNTING" != shim ]; then
+if ((NODES == 2)); then
+    # Its tests read array tasks and node lists from sacct, which only slurmdbd reports.
+    [ "$ACCOUNTING" != shim ] || die "the two-node cluster needs slurmdbd accounting (RAG_HPC_SLURM_ACCOUNTING=shim)"
+    if grep -qs "$SHIM_MARK" "$SHIM"; then
+        die "the single-node cluster runs on the sacct shim $SHIM, which would answer for both clusters; bring it up with slurmdbd first (RAG_HPC_SLURM_ACCOUNTING=slurmdbd bash $0)"
+    fi
+    setup_slurmdbd || die "the two-node cluster needs slurmdbd accounting, but: $ACCT_FAIL"
+    MODE=slurmdbd
+elif [ "$ACCOUNTING" != shim ]; then
     if setup_slurmdbd; then
         MODE=slurmdbd
     elif [ "$ACCOUNTING" = slurmdbd ]; then
@@ -338,62 +404,121 @@ if [ "$MODE" = shim ]; then
             "$SHIM_MARK" >"$SHIM"
         chmod 755 "$SHIM"
     fi
-else
+elif ((NODES == 1)); then
     # A shim left from an earlier fallback would hide the real accounting.
     if grep -qs "$SHIM_MARK" "$SHIM"; then rm -f "$SHIM"; fi
 fi
-echo "$MODE" >"$STATE/accounting"
+echo "$MODE" >"$C_STATE/accounting"
+
+# ---------------------------------------------------------------- the two-node cluster's network
+# A bridge on this host and per node a network namespace joined to it by a veth pair: a node's only
+# interfaces are its own loopback and eth0 at its address, so it reaches the controller and the other
+# node over the bridge alone. The names go to /etc/hosts: jobs address nodes by name (MASTER_ADDR,
+# and gloo binds to the address of its own hostname).
+ensure_hosts() {
+    local node want
+    want=$(for node in $C_NODES; do echo "$(node_addr "$node") $node $HOSTS_MARK"; done)
+    [ "$(grep -F "$HOSTS_MARK" /etc/hosts)" = "$want" ] && return 0
+    # In place, not by rename: /etc/hosts may be a bind mount (containers).
+    printf '%s\n%s\n' "$(hosts_without_mark)" "$want" >/etc/hosts
+}
+
+ensure_network() {
+    local node veth addr
+    ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge || die "cannot create bridge $BRIDGE"
+    ip -4 addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_ADDR/24 " || ip addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    for node in $C_NODES; do
+        veth=$(node_veth "$node")
+        addr=$(node_addr "$node")
+        if ! ip netns exec "$node" true 2>/dev/null; then
+            # A name without its namespace (/run/netns after a reboot) blocks `ip netns add`; a veth whose
+            # other end is in a namespace no longer named would join the bridge to nothing.
+            ip netns del "$node" 2>/dev/null || true
+            ip link del "$veth" 2>/dev/null || true
+            ip netns add "$node" || die "cannot create network namespace $node"
+        fi
+        if ! ip link show "$veth" >/dev/null 2>&1; then
+            ip -n "$node" link del eth0 2>/dev/null || true
+            ip link add "$veth" type veth peer name eth0 netns "$node" || die "cannot create the veth pair $veth - $node:eth0"
+        fi
+        ip link set "$veth" master "$BRIDGE" up
+        ip -n "$node" -4 addr show dev eth0 | grep -q "inet $addr/24 " || ip -n "$node" addr add "$addr/24" dev eth0
+        ip -n "$node" link set lo up
+        ip -n "$node" link set eth0 up
+    done
+    ensure_hosts
+}
+if ((NODES == 2)); then ensure_network; fi
 
 # ---------------------------------------------------------------- slurmctld, slurmd
 if ((CONF_CHANGED)); then
-    # `scontrol reconfigure` does not apply node, GRES or port changes: restart both.
-    stop_pidfile "$SLURMD_PID" slurmd 15 &
-    p1=$!
-    stop_pidfile "$SLURMCTLD_PID" slurmctld 30 &
+    # `scontrol reconfigure` does not apply node, GRES or port changes: restart them all.
+    pids=()
+    for node in $C_NODES; do
+        stop_pidfile "$(slurmd_pidfile "$node")" slurmd 15 &
+        pids+=("$!")
+    done
+    stop_pidfile "$CTLD_PID" slurmctld 30 &
     # Named pids: a bare `wait` would also wait for the mariadbd started above, forever.
-    wait "$!" "$p1"
+    wait "$!" "${pids[@]}"
 fi
-mkdir -p "$STATE/slurmctld" "$STATE/slurmd"
+mkdir -p "$C_STATE/slurmctld" "$C_STATE/slurmd"
 ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
-if pid_of "$SLURMCTLD_PID" slurmctld >/dev/null; then
+if pid_of "$CTLD_PID" slurmctld >/dev/null; then
     # Alive but not answering for 10 s: hung, restart it.
     for ((i = 0; i < 100; i++)); do ctld_ok && break; sleep 0.1; done
-    ctld_ok || stop_pidfile "$SLURMCTLD_PID" slurmctld 30
+    ctld_ok || stop_pidfile "$CTLD_PID" slurmctld 30
 fi
-if ! pid_of "$SLURMCTLD_PID" slurmctld >/dev/null; then
-    slurmctld </dev/null >>"$LOG_DIR/daemons.out" 2>&1 9>&- || die "slurmctld exited at start"
+if ! pid_of "$CTLD_PID" slurmctld >/dev/null; then
+    slurmctld </dev/null >>"$C_LOG/daemons.out" 2>&1 9>&- || die "slurmctld exited at start"
 fi
 start_slurmd() {
-    pid_of "$SLURMD_PID" slurmd >/dev/null && return 0
-    slurmd </dev/null >>"$LOG_DIR/daemons.out" 2>&1 9>&- || die "slurmd exited at start"
+    local node=$1
+    pid_of "$(slurmd_pidfile "$node")" slurmd >/dev/null && return 0
+    if ((NODES == 1)); then
+        slurmd </dev/null >>"$C_LOG/daemons.out" 2>&1 9>&- || die "slurmd exited at start"
+    else
+        mkdir -p "$C_STATE/slurmd/$node"
+        # In the node's network namespace, under its own hostname (UTS namespace). nsenter, not
+        # `ip netns exec`, which mounts a /sys of its own, without the cgroup mounts slurmd checks.
+        nsenter --net="/run/netns/$node" unshare --uts sh -c 'hostname "$1" && exec slurmd -f "$2" -N "$1"' sh "$node" "$SLURM_CONF" \
+            </dev/null >>"$C_LOG/daemons.out" 2>&1 9>&- || die "slurmd of $node exited at start"
+    fi
 }
-start_slurmd
+for node in $C_NODES; do start_slurmd "$node"; done
 
-# ---------------------------------------------------------------- wait for a usable node
+# ---------------------------------------------------------------- wait for usable nodes
+declare -A last_resume=() restarted=() states=()
 deadline=$(($(date +%s) + TIMEOUT))
-last_resume=0
-restarted_slurmd=0
 while :; do
-    state=$(sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n 1 || true)
-    case "$state" in
-        idle | mixed | allocated | completing | "allocated+" | "mixed+" | "idle+") break ;;
-        *inval*)
-            die "node $HOST is INVAL: $(scontrol show node "$HOST" 2>/dev/null | grep -o 'Reason=.*')" ;;
-        *'*' | '')
-            # Not responding (yet): slurmd may still be registering, or it died on start.
-            if ! pid_of "$SLURMD_PID" slurmd >/dev/null && ((restarted_slurmd == 0)); then
-                restarted_slurmd=1
-                start_slurmd
-            fi ;;
-        *drain* | *down* | *fail*)
-            # Left drained/down by an earlier crash or a killed job: put it back to work.
-            if (($(date +%s) - last_resume >= 3)); then
-                scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
-                last_resume=$(date +%s)
-            fi ;;
-    esac
+    waiting=()
+    for node in $C_NODES; do
+        state=$(sinfo -h -N -n "$node" -o %T 2>/dev/null | head -n 1 || true)
+        states[$node]=$state
+        case "$state" in
+            idle | mixed | allocated | completing | "allocated+" | "mixed+" | "idle+") continue ;;
+            *inval*)
+                die "node $node is INVAL: $(scontrol show node "$node" 2>/dev/null | grep -o 'Reason=.*')" ;;
+            *'*' | '')
+                # Not responding (yet): slurmd may still be registering, or it died on start.
+                if ! pid_of "$(slurmd_pidfile "$node")" slurmd >/dev/null && [ -z "${restarted[$node]:-}" ]; then
+                    restarted[$node]=1
+                    start_slurmd "$node"
+                fi ;;
+            *drain* | *down* | *fail*)
+                # Left drained/down by an earlier crash or a killed job: put it back to work.
+                if (($(date +%s) - ${last_resume[$node]:-0} >= 3)); then
+                    scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+                    last_resume[$node]=$(date +%s)
+                fi ;;
+        esac
+        waiting+=("$node")
+    done
+    ((${#waiting[@]} == 0)) && break
     if (($(date +%s) >= deadline)); then
-        die "node $HOST not usable after ${TIMEOUT}s (sinfo state: '${state:-no answer}'; $(scontrol show node "$HOST" 2>/dev/null | grep -o 'Reason=.*' || echo 'slurmctld not answering'))"
+        node=${waiting[0]}
+        die "node $node not usable after ${TIMEOUT}s (sinfo state: '${states[$node]:-no answer}'; $(scontrol show node "$node" 2>/dev/null | grep -o 'Reason=.*' || echo 'slurmctld not answering'))"
     fi
     sleep 0.3
 done
@@ -404,4 +529,9 @@ for p in gpu urgent; do
 done
 
 elapsed=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-echo "slurm up: node $HOST $state (cpus=$CPUS mem=${MEM_MB}MB gres=gpu:$NGPU) partitions gpu*,urgent accounting=$MODE state=$STATE in ${elapsed}s"
+if ((NODES == 1)); then
+    echo "slurm up: node $HOST ${states[$HOST]} (cpus=$CPUS mem=${MEM_MB}MB gres=gpu:$NGPU) partitions gpu*,urgent accounting=$MODE state=$STATE in ${elapsed}s"
+else
+    nodes=$(for node in $C_NODES; do printf '%s %s(%s) %s' "${sep:-}" "$node" "$(node_addr "$node")" "${states[$node]}"; sep=,; done)
+    echo "slurm up: cluster $CLUSTER nodes${nodes} (each cpus=$CPUS mem=${NODE_MEM_MB}MB gres=gpu:$NGPU, netns on $BRIDGE) slurmctld $BRIDGE_ADDR:$TWO_CTLD_PORT partitions gpu*,urgent accounting=$MODE SLURM_CONF=$SLURM_CONF state=$C_STATE in ${elapsed}s"
+fi
