@@ -219,9 +219,7 @@ def predict(overrides: list[str]) -> dict[str, Any]:
 
     config = load_config(overrides=overrides)
     todo, n_windows = uncached_windows(config)
-    guard = run_guard(
-        config, n_windows - len(todo), mem=None, gpu_mem=None, tasks_per_node=1, cpus_per_task=len(os.sched_getaffinity(0))
-    )
+    guard = run_guard(config, todo, mem=None, gpu_mem=None, tasks_per_node=1, cpus_per_task=len(os.sched_getaffinity(0)))
     first_task = window_ranges(list(todo), config.index.windows_per_task)[0] if todo else []
     first_impute = window_ranges(list(range(n_windows)), config.impute.windows_per_task)[0]
     return {

@@ -25,8 +25,14 @@ from rag_hpc.errors import BUG_EXIT_CODE, DiskSpaceError, InputError, UserError
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser, per_chromosome: bool = False) -> None:
+    """--config, --set, --debug; with ``per_chromosome`` (a stage that reads one chromosome's files) also
+    --chromosome, which ``config_from_args`` applies."""
     parser.add_argument("--config", metavar="YAML", help="config file (default: $RAG_HPC_CONFIG, else built-in defaults)")
+    if per_chromosome:
+        parser.add_argument(
+            "--chromosome", metavar="NAME", help="with data.chromosomes (a genome config): the chromosome to work on"
+        )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -39,7 +45,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RagConfig:
-    return load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
+    return config.chromosome(args.chromosome) if hasattr(args, "chromosome") else config
 
 
 def run_main(

@@ -9,12 +9,13 @@ config otherwise surfaces hours later inside a job.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,21 +51,66 @@ class PathsConfig(_Section):
         return self.cache_dir if self.cache_dir is not None else self.workdir / "cache"
 
 
+CHROM = "{chrom}"  # in a data path: the chromosome's name, one file per chromosome of data.chromosomes
+_TEMPLATED = ("panel_vcf", "panel_h5", "populations", "targets_vcf", "truth_vcf")
+
+
+def _chromosome_list(value: Any) -> Any:
+    """'1..22' or 'chr1..chr22' (a range), or 'X' -> a list of names; lists pass through."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]  # YAML reads [1, 2] as numbers
+    if not isinstance(value, (str, int)):
+        return value
+    value = str(value)
+    m = re.fullmatch(r"\s*([A-Za-z_]*)(\d+)\s*\.\.\s*([A-Za-z_]*)(\d+)\s*", value)
+    if m is None:
+        return [value]
+    prefix, lo, prefix2, hi = m.groups()
+    if prefix != prefix2 or int(lo) > int(hi):
+        raise ValueError(f"{value!r}: a range is FIRST..LAST with one prefix and FIRST <= LAST, e.g. 1..22 or chr1..chr22")
+    return [f"{prefix}{i}" for i in range(int(lo), int(hi) + 1)]
+
+
 class DataConfig(_Section):
     panel_vcf: ConfigPath | None = Field(None, description="phased reference panel; None = the simulated demo panel")
     panel_h5: ConfigPath | None = Field(None, description="prepared panel (default: workdir/panel.h5)")
     populations: ConfigPath | None = Field(None, description="TSV 'sample<TAB>population' for per-population AF")
     targets_vcf: ConfigPath | None = Field(None, description="phased targets on array sites")
     truth_vcf: ConfigPath | None = Field(None, description="targets' true genotypes at all sites (evaluation)")
+    chromosomes: Annotated[list[str] | None, BeforeValidator(_chromosome_list)] = Field(
+        None,
+        description="a genome in one launch: these chromosomes (a list, or a range such as 1..22 or chr1..chr22), each "
+        "with its own files, named by {chrom} in panel_vcf / panel_h5 / targets_vcf / truth_vcf (e.g. "
+        "panels/chr{chrom}.vcf.gz); one prebuild over all, one model, imputation and report per chromosome",
+    )
     ambiguous: Literal["skip", "keep"] = Field(
         "skip",
         description="strand-ambiguous (A/T, C/G) target sites: skip them, or keep them read as on the panel's strand; "
         "training's array, the targets' donor tables and imputation all use the sites this leaves",
     )
-    demo_preset: Literal["demo", "kgp-like"] = "demo"
+    demo_preset: Literal["demo", "kgp-like", "demo-genome"] = Field(
+        "demo", description="the simulated panel when none is given; demo-genome: two chromosomes (a genome launch)"
+    )
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of panel samples held out for validation")
     split_seed: int = 0
     skip_non_snps: bool = Field(False, description="skip multi-allelic/indel records with a count instead of failing")
+
+    @model_validator(mode="after")
+    def _one_file_per_chromosome(self) -> DataConfig:
+        templated = [f for f in _TEMPLATED if CHROM in str(getattr(self, f) or "")]
+        if self.chromosomes is None:
+            if templated:
+                raise ValueError(f"{templated[0]} names {CHROM} but data.chromosomes is not set: list the chromosomes")
+            return self
+        names = self.chromosomes
+        if not names or len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", c) for c in names):
+            raise ValueError(f"chromosomes {names}: distinct names of letters, digits, '_', '.' or '-', at least one")
+        for f in ("panel_vcf", "targets_vcf", "truth_vcf"):
+            if getattr(self, f) is not None and f not in templated:
+                raise ValueError(f"data.chromosomes is set, so {f} must name {CHROM} (one file per chromosome)")
+        if self.panel_vcf is None and "panel_h5" not in templated:
+            raise ValueError(f"data.chromosomes is set: panel_vcf (or panel_h5) must name {CHROM}")
+        return self
 
 
 class WindowConfig(_Section):
@@ -229,6 +275,36 @@ class RagConfig(BaseSettings):
     @property
     def panel_h5(self) -> Path:
         return self.data.panel_h5 if self.data.panel_h5 is not None else self.paths.workdir / "panel.h5"
+
+    def chromosome(self, name: str | None) -> RagConfig:
+        """The config a per-chromosome stage (prepare, index, impute, evaluate) runs under: ``name``'s of
+        data.chromosomes, or this one when there is no chromosome list."""
+        if self.data.chromosomes is None:
+            if name is not None:
+                raise ConfigError(f"--chromosome {name}: data.chromosomes is not set, so the config is one chromosome's")
+            return self
+        genome = dict(self.genome())
+        if name not in genome:
+            raise ConfigError(
+                f"data.chromosomes lists {', '.join(self.data.chromosomes)}: this stage runs on one of them; "
+                f"name it with --chromosome{f' (not {name!r})' if name is not None else ''}"
+            )
+        return genome[name]
+
+    def genome(self) -> list[tuple[str | None, RagConfig]]:
+        """[(chromosome, its config)] of data.chromosomes, in order: each config names that chromosome's files
+        (its panel prepared to <workdir>/panel.<chrom>.h5 by default) and no chromosome list, so every
+        per-chromosome stage (prepare, prebuild, impute, evaluate) reads it as a one-chromosome run.
+        Without data.chromosomes: [(None, self)]."""
+        if self.data.chromosomes is None:
+            return [(None, self)]
+        out = []
+        for chrom in self.data.chromosomes:
+            files = {f: Path(str(v).replace(CHROM, chrom)) for f in _TEMPLATED if (v := getattr(self.data, f)) is not None}
+            files.setdefault("panel_h5", self.paths.workdir / f"panel.{chrom}.h5")
+            data = self.data.model_copy(update={**files, "chromosomes": None})
+            out.append((chrom, self.model_copy(update={"data": data}, deep=True)))
+        return out
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_hpc.cli import add_config_args, run_main
+from rag_hpc.cli import add_config_args, config_from_args, run_main
 from rag_hpc.data.vcf import VcfError, check_container, match_sites
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import atomic_write, save_figure
@@ -482,14 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude-sites", type=Path, metavar="VCF", help="leave out these sites (e.g. the typed array sites)")
     parser.add_argument("--no-plot", action="store_true", help="skip r2_by_maf.png")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
-    add_config_args(parser)
+    add_config_args(parser, per_chromosome=True)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    from rag_hpc.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     truth = args.truth if args.truth is not None else config.data.truth_vcf
     if truth is None:
         raise ConfigError("no truth: pass --truth TRUTH.vcf.gz (or set data.truth_vcf)")

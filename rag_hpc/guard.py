@@ -18,7 +18,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from rag_hpc.config import MAX_SWEEP_THREADS
@@ -117,10 +117,13 @@ class Plan:
     steps: int = 100_000  # optimizer steps of the run (its logs grow with them)
     log_every: int = 50
     tensorboard: bool = True
+    # A genome launch: the sites of each chromosome (``sites`` is their sum). Each chromosome has its own
+    # windows, HMM and donor-table parts; the jobs of one task hold one chromosome at a time.
+    chromosome_sites: tuple[int, ...] = ()
 
     @property
     def windows(self) -> int:
-        return math.ceil(self.sites / self.window_size)
+        return sum(math.ceil(s / self.window_size) for s in self.chromosome_sites or (self.sites,))
 
     @property
     def reference(self) -> int:
@@ -134,7 +137,13 @@ class Plan:
     @property
     def donor_parts(self) -> int:
         """Parts each donor table is computed in: one per prebuild task (rag_hpc.index.donors.donor_parts)."""
-        return math.ceil(self.windows / self.windows_per_task)
+        return sum(
+            math.ceil(math.ceil(s / self.window_size) / self.windows_per_task) for s in self.chromosome_sites or (self.sites,)
+        )
+
+    def largest_chromosome(self) -> Plan:
+        """The plan of the genome's largest chromosome alone: what one prebuild or imputation task holds."""
+        return replace(self, sites=max(self.chromosome_sites), chromosome_sites=(), cached_windows=0)
 
     @property
     def queries(self) -> tuple[int, int]:
@@ -162,6 +171,23 @@ class Estimate:
     impute_disk: int = 0  # every range and the merged VCF
     checkpoint_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+def genome_plan(plans: list[Plan], max_steps: int | None = None) -> Plan:
+    """One plan over the chromosomes of a genome launch (``plan_for`` of each): their sites, typed sites,
+    cached windows and training steps add up (one model sees every window); all else is the launch's."""
+    if len(plans) == 1:
+        return plans[0]
+    sites = sum(p.sites for p in plans)
+    steps = sum(p.steps for p in plans)
+    return replace(
+        plans[0],
+        sites=sites,
+        array_density=sum(p.typed for p in plans) / sites,
+        cached_windows=sum(p.cached_windows for p in plans),
+        steps=min(steps, max_steps or steps),
+        chromosome_sites=tuple(p.sites for p in plans),
+    )
 
 
 def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_node: int, cpus_per_task: int = 1) -> Plan:
@@ -401,7 +427,7 @@ def estimate(plan: Plan) -> Estimate:
     gpu += min(plan.mix_windows, plan.windows) * (H * L + 4 * R * L)
     if plan.index == "flat-lxd":
         gpu += lxd_window_bytes(plan)  # the predecessor searched a window's L×D index on the GPU
-    return Estimate(
+    est = Estimate(
         index_task_ram=int(index_ram),
         disk_per_window=int(disk_per_window),
         disk_to_build=int(disk_per_window * max(0, plan.windows - plan.cached_windows) + donor_disk),
@@ -422,6 +448,17 @@ def estimate(plan: Plan) -> Estimate:
         checkpoint_bytes=int(ckpt),
         notes=notes,
     )
+    if len(plan.chromosome_sites) > 1:
+        # A prebuild or imputation task holds one chromosome (its panel, HMM, table part): the largest one's.
+        one = estimate(plan.largest_chromosome())
+        est = replace(
+            est,
+            index_task_ram=one.index_task_ram,
+            task_donor_disk=one.task_donor_disk,
+            impute_task_ram=one.impute_task_ram,
+            impute_task_disk=one.impute_task_disk,
+        )
+    return est
 
 
 @dataclass
@@ -498,7 +535,9 @@ def check(plan: Plan, est: Estimate, budget: Budget) -> list[Row]:
 
 def render(plan: Plan, est: Estimate, rows: list[Row]) -> str:
     lines = [
-        f"plan: {plan.haplotypes:,} haplotypes x {plan.sites:,} sites = {plan.windows} windows of {plan.window_size}, "
+        f"plan: {plan.haplotypes:,} haplotypes x {plan.sites:,} sites"
+        + (f" on {len(plan.chromosome_sites)} chromosomes" if plan.chromosome_sites else "")
+        + f" = {plan.windows} windows of {plan.window_size}, "
         f"index {plan.index}, D={plan.dims}, {plan.layers} layers, batch {plan.batch_size}, k={plan.k}; "
         f"{est.params:,} parameters",
         f"{'figure':<28}{'need':>12}{'budget':>12}  status",

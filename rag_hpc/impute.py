@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from rag_hpc.cli import add_config_args, run_main
+from rag_hpc.cli import add_config_args, config_from_args, run_main
 from rag_hpc.config import RagConfig
 from rag_hpc.data.targets import TargetSites, match_targets
 from rag_hpc.data.vcf import VcfWriter
@@ -591,15 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: data.ambiguous, skip; a model is best given the sites its training array had)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    add_config_args(parser)
+    add_config_args(parser, per_chromosome=True)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    from rag_hpc.config import load_config
     from rag_hpc.data.panel import Panel
 
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     if args.panel is not None:
         config.data.panel_h5 = args.panel
     if args.ambiguous is not None:

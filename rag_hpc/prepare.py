@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from rag_hpc.cli import add_config_args, run_main
+from rag_hpc.cli import add_config_args, config_from_args, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,20 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip multi-allelic and indel records (counted) instead of failing",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    add_config_args(parser)
+    add_config_args(parser, per_chromosome=True)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     import h5py
 
-    from rag_hpc.config import load_config
     from rag_hpc.data.panel import SPLIT_LABELS, Panel
     from rag_hpc.data.prepare import prepare_panel
     from rag_hpc.errors import ConfigError
 
     # Flags win; what a flag leaves out comes from the config's data section (defaults, env, --config, --set).
-    config = load_config(args.config, args.overrides)
+    config = config_from_args(args)
     data = config.data
 
     def pick(flag, default):

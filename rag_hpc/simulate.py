@@ -10,10 +10,14 @@ from rag_hpc.cli import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rag_hpc.data.simulate import PRESETS
+    from rag_hpc.data.simulate import GENOME_PRESETS, PRESETS
 
     presets = "; ".join(
-        f"{p.name}: {p.n_panel:,} panel + {p.n_targets} target individuals over {p.length / 1e6:g} Mb" for p in PRESETS.values()
+        [f"{p.name}: {p.n_panel:,} panel + {p.n_targets} target individuals over {p.length / 1e6:g} Mb" for p in PRESETS.values()]
+        + [
+            f"{name}: chromosomes {', '.join(chroms)}, each a {base} simulation in DIR/<chromosome>/"
+            for name, (base, chroms) in GENOME_PRESETS.items()
+        ]
     )
     parser = argparse.ArgumentParser(
         prog="python -m rag_hpc.simulate",
@@ -25,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"presets: {presets}",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (created atomically)")
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="simulation size (default: demo)")
+    parser.add_argument(
+        "--preset", default="demo", choices=sorted([*PRESETS, *GENOME_PRESETS]), help="simulation size (default: demo)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="random seed, >= 0 (default: 1); same seed, same files")
     parser.add_argument("--force", action="store_true", help="replace DIR if it holds anything else")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")

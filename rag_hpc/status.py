@@ -1,7 +1,8 @@
 """``python -m rag_hpc.status [--workdir DIR]``: what the launches recorded in DIR are doing.
 
 Per launch: its jobs and their SLURM states (sacct, squeue for the pending reason), windows cached /
-total, the newest checkpoint step and the last metrics row. A training job cancelled because an index
+total (and per chromosome for a genome launch, with its tasks and imputed VCF), the newest checkpoint
+step and the last metrics row. A training job cancelled because an index
 task failed is called out with the failed task's log, since SLURM alone only says "CANCELLED".
 """
 
@@ -13,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,15 @@ def last_metrics(run_dir: Path) -> dict[str, str] | None:
     return rows[-1] if rows else None
 
 
+def _report_r2(path: Path) -> dict[str, str] | None:
+    """MAF bin -> dosage r² of an imputation report's metrics.json (``rag_hpc.evaluate``), when there is one."""
+    try:
+        bins = json.loads(path.read_text())["bins"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {b["label"]: "-" if b["r2"] is None else f"{b['r2']:.3f}" for b in bins}
+
+
 def run_status(record: dict[str, Any]) -> dict[str, Any]:
     """One launch record -> its current status (what ``render`` prints)."""
     array_ids, impute_ids = record.get("array_ids", []), record.get("impute_ids", [])
@@ -78,6 +89,20 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
         "impute_array": {a: states.get(a) for a in impute_ids},
         "impute_tasks": impute_tasks,
         "merge": {merge_id: states.get(merge_id, "unknown")} if merge_id else {},
+        # A genome launch, per chromosome: windows cached, its tasks' states, its imputed VCF when written.
+        "chromosomes": [
+            {
+                "name": ch["name"],
+                "offset": ch["offset"],
+                "windows": ch["windows"],
+                "index_tasks": {j: states.get(j, "unknown") for j in ch.get("index_tasks", [])},
+                "impute_tasks": {j: states.get(j, "unknown") for j in ch.get("impute_tasks", [])},
+                "imputed": ch["imputed"] if Path(ch["imputed"]).is_file() else None,
+                "r2_by_maf": _report_r2(Path(ch["imputed"]).parent / "metrics.json"),
+            }
+            for ch in record.get("chromosomes", [])
+            if ch["name"] is not None
+        ],
         "windows_total": record.get("windows_total"),
         "run_dir": record.get("run_dir"),
         "checkpoint_step": newest_checkpoint_step(Path(record["run_dir"])) if record.get("run_dir") else None,
@@ -91,6 +116,8 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
 
             todo, total = uncached_windows(RagConfig(**record["config"]))
             status["windows_cached"] = total - len(todo)
+            for ch in status["chromosomes"]:
+                ch["windows_cached"] = ch["windows"] - sum(ch["offset"] <= w < ch["offset"] + ch["windows"] for w in todo)
         except Exception as exc:  # noqa: BLE001 - the status must print even when the cache cannot be read
             status["problems"].append(f"cannot read the cache: {exc}")
     folder = Path(record.get("folder", "."))
@@ -110,13 +137,17 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def _counts(states: Iterable[str]) -> str:
+    """'3 COMPLETED, 1 RUNNING'."""
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state.split()[0]] = counts.get(state.split()[0], 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no task seen yet"
+
+
 def _task_counts(tasks: dict[str, str], array_id: str) -> str:
     """'3 COMPLETED, 1 RUNNING' over the tasks of one array."""
-    counts: dict[str, int] = {}
-    for jid, state in tasks.items():
-        if jid.startswith(f"{array_id}_"):
-            counts[state.split()[0]] = counts.get(state.split()[0], 0) + 1
-    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no task seen yet"
+    return _counts(state for jid, state in tasks.items() if jid.startswith(f"{array_id}_"))
 
 
 def render(status: dict[str, Any]) -> str:
@@ -133,6 +164,15 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"  merge job {jid}: {state}")
     if "windows_cached" in status:
         lines.append(f"  windows cached: {status['windows_cached']} / {status['windows_total']}")
+    for ch in status.get("chromosomes", []):
+        parts = [f"windows cached {ch.get('windows_cached', '?')} / {ch['windows']}"]
+        for what, key in (("index", "index_tasks"), ("imputation", "impute_tasks")):
+            if ch[key]:
+                parts.append(f"{what} tasks: {_counts(ch[key].values())}")
+        parts.append(f"imputed: {ch['imputed'] or 'not yet'}")
+        lines.append(f"  chromosome {ch['name']}: " + "; ".join(parts))
+        if ch.get("r2_by_maf"):
+            lines.append("    dosage r² by MAF: " + "  ".join(f"{b} {r}" for b, r in ch["r2_by_maf"].items()))
     lines.append(
         f"  newest checkpoint step: {status['checkpoint_step'] if status['checkpoint_step'] is not None else 'none yet'}"
     )

@@ -144,6 +144,11 @@ def tiny_sets(sim: Path, workdir: Path, cache: Path | None = None, epochs: int =
     ]
 
 
+def tiny_genome_sets(genome: Path, workdir: Path, *extra: str) -> list[str]:
+    """``tiny_sets`` for the two chromosomes of ``tiny_genome``: one file of each kind per chromosome."""
+    return [*tiny_sets(genome / "{chrom}", workdir, None, 1, *extra), "data.chromosomes=[20, 21]"]
+
+
 def as_flags(sets: list[str]) -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rag_hpc.config import ConfigError, load_config, parse_overrides
@@ -55,6 +57,11 @@ def test_the_shipped_configs_load():
         (["index.windows_per_task=0"], "index.windows_per_task", "greater than 0"),
         # The per-window FAISS index is gone: an old config that still tunes it is told so by name.
         (["index.kind=flat"], "index.kind", "unknown key"),
+        # A genome: one file per chromosome, named by {chrom}, and the list of chromosomes, or neither.
+        (["data.panel_vcf=p/chr{chrom}.vcf.gz"], "data", "names {chrom} but data.chromosomes is not set"),
+        (["data.chromosomes=1..3", "data.panel_vcf=p.vcf.gz"], "data", "panel_vcf must name {chrom}"),
+        (["data.chromosomes=[1, 1]", "data.panel_vcf=p{chrom}.vcf.gz"], "data", "distinct names"),
+        (["data.chromosomes=3..1"], "data.chromosomes", "FIRST <= LAST"),
     ],
 )
 def test_a_config_that_cannot_work_is_refused_naming_the_field(overrides, field, words):
@@ -81,3 +88,36 @@ def test_overrides_parse_yaml_scalars_and_reject_garbage():
     assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=x y"]) == {"a": {"b": 3, "c": [1, 2]}, "d": "x y"}
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_overrides(["novalue"])
+
+
+def test_a_genome_config_names_one_file_per_chromosome_and_each_stage_gets_its_chromosomes_config():
+    config = load_config(
+        overrides=[
+            "data.chromosomes=chr1..chr3",
+            "data.panel_vcf=panels/{chrom}.vcf.gz",
+            "data.targets_vcf=array/{chrom}.vcf.gz",
+            "data.populations=pop.tsv",
+            "paths.workdir=/w",
+        ]
+    )
+    assert config.data.chromosomes == ["chr1", "chr2", "chr3"]
+    genome = config.genome()
+    assert [name for name, _ in genome] == ["chr1", "chr2", "chr3"]
+    one = config.chromosome("chr2")
+    assert one.data.chromosomes is None and one == genome[1][1]
+    assert (one.data.panel_vcf, one.data.targets_vcf, one.panel_h5) == (
+        Path("panels/chr2.vcf.gz"),
+        Path("array/chr2.vcf.gz"),
+        Path("/w/panel.chr2.h5"),
+    )
+    assert one.data.populations == Path("pop.tsv") and one.data.truth_vcf is None  # shared, and unset, stay so
+    # YAML's numbers are chromosome names too; a single name is a list of one.
+    assert load_config(overrides=["data.chromosomes=[20, 21]", "data.panel_vcf=p{chrom}"]).data.chromosomes == ["20", "21"]
+    assert load_config(overrides=["data.chromosomes=X", "data.panel_vcf=p{chrom}"]).data.chromosomes == ["X"]
+    with pytest.raises(ConfigError, match="name it with --chromosome"):
+        config.chromosome(None)
+    with pytest.raises(ConfigError, match="not 'chr9'"):
+        config.chromosome("chr9")
+    with pytest.raises(ConfigError, match=r"data\.chromosomes is not set"):
+        load_config().chromosome("1")
+    assert load_config().genome() == [(None, load_config())]

@@ -132,3 +132,26 @@ def test_cli_exits_nonzero_over_budget_and_prints_the_table():
         [sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "0", "--sites", "10"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --haplotypes must be positive, got 0"
+
+
+def test_a_genome_plan_adds_its_chromosomes_up_but_sizes_each_task_for_the_largest_chromosome():
+    from dataclasses import replace
+
+    from rag_hpc.guard import genome_plan
+
+    small, large = (replace(KGP_CHR21, sites=n, targets=True, target_haplotypes=2_000) for n in (60_000, 150_000))
+    genome = genome_plan([small, large, small])
+    assert genome.sites == 270_000 and genome.chromosome_sites == (60_000, 150_000, 60_000)
+    assert genome.windows == 2 * small.windows + large.windows and genome.typed == 2 * small.typed + large.typed
+    est, alone = estimate(genome), estimate(large)
+    # A prebuild or imputation task holds one chromosome: the largest's figures, whatever the genome's size.
+    for figure in ("index_task_ram", "task_donor_disk", "impute_task_ram", "impute_task_disk"):
+        assert getattr(est, figure) == getattr(alone, figure), figure
+
+    # One model reads every chromosome: training holds all their donor tables; the cache holds all windows.
+    def tables(plan: Plan) -> int:
+        return sum(donor_table_bytes(plan, q) for q in plan.queries)
+
+    assert est.train_host_ram - alone.train_host_ram >= tables(genome) - tables(large) > 0
+    assert est.disk_to_build == pytest.approx(2 * estimate(small).disk_to_build + alone.disk_to_build, rel=0.01)
+    assert genome_plan([large]) is large

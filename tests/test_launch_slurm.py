@@ -36,6 +36,7 @@ from tests.slurm_helpers import (
     squeue_ids,
     state_of,
     submit_urgent,
+    tiny_genome_sets,
     tiny_sets,
     wait_for,
 )
@@ -122,6 +123,55 @@ def test_imputation_array_after_training_merges_into_the_vcf_a_local_imputation_
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert [p.stat().st_mtime_ns == t for p, t in zip(parts, stamps)] == [True, False, True]
     assert parts[1].read_bytes() != b"lost" and gzip.decompress(merged.read_bytes()) == before
+
+
+def test_a_genome_launch_is_one_job_graph_and_writes_each_chromosomes_vcf_as_a_local_imputation_does(
+    cluster, tiny_genome, tmp_path
+):
+    import gzip
+
+    work = tmp_path / "work"
+    sets = tiny_genome_sets(tiny_genome, work, "impute.windows_per_task=2")
+    first = launcher(*as_flags(sets), "--windows-per-task", "2", "--time", "10", "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = launch_records(work)[-1]
+    (array_id,), train_id, (impute_id,), merge_id = (
+        record["array_ids"],
+        record["train_id"],
+        record["impute_ids"],
+        record["merge_id"],
+    )
+    assert final_state(merge_id, 60) == "COMPLETED"
+    rows = {r[0]: r for j in (array_id, train_id, impute_id, merge_id) for r in sacct(j, "JobID,JobName,State,Start,End")}
+    print("\ngenome launch, sacct -X (JobID|JobName|State|Start|End):\n" + "\n".join("|".join(r) for r in rows.values()))
+    per = {ch["name"]: ch for ch in record["chromosomes"]}
+    assert list(per) == ["20", "21"]
+    # One index array over the windows of both chromosomes, one training after it, one imputation array
+    # after training over both chromosomes, one merge after that.
+    for key, after in (("index_tasks", None), ("impute_tasks", train_id)):
+        tasks = [t for ch in per.values() for t in ch[key]]
+        assert all(per[c][key] for c in per) and len(tasks) == len(set(tasks))
+        assert {rows[t][2] for t in tasks} == {"COMPLETED"}, rows
+        if after is not None:
+            assert min(rows[t][3] for t in tasks) >= rows[after][4], f"{key} started before job {after} ended"
+    assert rows[train_id][3] >= max(rows[t][4] for t in per["21"]["index_tasks"] + per["20"]["index_tasks"])
+    assert rows[merge_id][3] >= max(rows[t][4] for ch in per.values() for t in ch["impute_tasks"])
+    rc, text = _status(work)
+    assert rc == 0, text
+    for chrom, ch in per.items():
+        merged = Path(ch["imputed"])
+        assert merged == run_dir(work) / "report" / chrom / "imputed.vcf.gz" and (merged.parent / "report.md").is_file()
+        n_index, n_impute = len(ch["index_tasks"]), len(ch["impute_tasks"])
+        assert (
+            f"chromosome {chrom}: windows cached {ch['windows']} / {ch['windows']}; index tasks: {n_index} COMPLETED; "
+            f"imputation tasks: {n_impute} COMPLETED; imputed: {merged}"
+        ) in text, text
+        # The same checkpoint imputing this chromosome in one local process: the same VCF.
+        out = tmp_path / f"local-{chrom}.vcf.gz"
+        local = cli("impute", "--checkpoint", str(run_dir(work)), "--chromosome", chrom, "--out", str(out), *as_flags(sets))
+        assert local.returncode == 0, local.stderr[-3000:]
+        assert gzip.decompress(merged.read_bytes()) == gzip.decompress(out.read_bytes())
+    print(text)
 
 
 def test_a_failing_index_task_cancels_training_and_status_says_why(cluster, tiny_simulation, tmp_path):

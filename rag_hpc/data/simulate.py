@@ -7,6 +7,7 @@ at "array" sites only (what a genotyping chip would give) and at every panel sit
 
 Outputs in DIR: panel.vcf.gz(+.tbi), targets.array.vcf.gz(+.tbi), targets.truth.vcf.gz(+.tbi),
 populations.tsv, manifest.json. DIR appears complete or not at all (built in a sibling temp dir, then renamed).
+A genome preset writes one such DIR per chromosome, DIR/<chromosome>/, of the same individuals.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ PRESETS: dict[str, SimPreset] = {
 }
 
 
+# A genome of several chromosomes (``simulate_genome``): the base preset per chromosome, each into DIR/<chromosome>/.
+GENOME_PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Two demo-sized chromosomes: a genome launch (one prebuild, one model, a report per chromosome) in minutes.
+    "demo-genome": ("demo", ("20", "21")),
+}
+
+
 def split_evenly(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
@@ -80,7 +88,7 @@ def _preset(preset: str | SimPreset) -> SimPreset:
     if isinstance(preset, SimPreset):
         return preset
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join([*PRESETS, *GENOME_PRESETS])}")
     return PRESETS[preset]
 
 
@@ -92,8 +100,8 @@ def _versions() -> dict[str, str]:
     return {"msprime": msprime.__version__, "stdpopsim": stdpopsim.__version__, "tskit": tskit.__version__}
 
 
-def cached_manifest(out_dir: Path, preset: SimPreset, seed: int) -> dict | None:
-    """The manifest of a complete simulation in out_dir made with this preset and seed, else None."""
+def cached_manifest(out_dir: Path, preset: SimPreset, seed: int, contig: str = CONTIG) -> dict | None:
+    """The manifest of a complete simulation in out_dir made with this preset, seed and contig, else None."""
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -105,6 +113,7 @@ def cached_manifest(out_dir: Path, preset: SimPreset, seed: int) -> dict | None:
         and manifest.get("format_version") == SIM_FORMAT_VERSION
         and manifest.get("preset") == asdict(preset)
         and manifest.get("seed") == seed
+        and manifest.get("contig") == contig
     )
     if not same:
         return None
@@ -178,7 +187,7 @@ def choose_array_sites(pos: np.ndarray, maf: np.ndarray, spacing: int, min_maf: 
     return np.sort(common[order[first]])
 
 
-def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:
+def _write_outputs(ts, preset: SimPreset, seed: int, contig: str, tmp: Path, log) -> dict:
     panel_names, target_names, populations, nodes = _sample_layout(ts, preset)
     n_panel_haps = 2 * len(panel_names)
     n_target = len(target_names)
@@ -201,7 +210,7 @@ def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:
     balt = np.empty(block, "S1")
 
     t0 = time.perf_counter()
-    with VcfWriter(tmp / PANEL_VCF, contig=CONTIG, samples=panel_names, contig_length=preset.length, source=source) as panel_vcf:
+    with VcfWriter(tmp / PANEL_VCF, contig=contig, samples=panel_names, contig_length=preset.length, source=source) as panel_vcf:
 
         def flush(n: int) -> None:
             nonlocal dropped_mono
@@ -254,7 +263,7 @@ def _write_outputs(ts, preset: SimPreset, seed: int, tmp: Path, log) -> dict:
     array_idx = choose_array_sites(pos, maf, preset.array_spacing, preset.array_min_maf, seed)
 
     t0 = time.perf_counter()
-    common = {"contig": CONTIG, "samples": target_names, "contig_length": preset.length}
+    common = {"contig": contig, "samples": target_names, "contig_length": preset.length}
     with VcfWriter(tmp / TRUTH_VCF, source=source + "; targets, all panel sites", **common) as w:
         w.write_phased(pos, ref, alt, tgt)
     with VcfWriter(
@@ -296,18 +305,23 @@ def simulate_panel(
     *,
     overwrite: bool = False,
     verbose: bool = True,
+    contig: str = CONTIG,
 ) -> Path:
     """Simulate panel + targets into out_dir (see module doc) and return out_dir.
 
     A complete simulation with the same preset and seed already in out_dir is reused. A different one is only
-    replaced with ``overwrite=True``; out_dir is never left half-written.
+    replaced with ``overwrite=True``; out_dir is never left half-written. A genome preset
+    (``GENOME_PRESETS``) writes one such simulation per chromosome into out_dir/<chromosome>/.
     """
+    if isinstance(preset, str) and preset in GENOME_PRESETS:
+        base, chromosomes = GENOME_PRESETS[preset]
+        return simulate_genome(out_dir, base, chromosomes, seed, overwrite=overwrite, verbose=verbose)
     spec = _preset(preset)
     if seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {seed}")
     out = Path(out_dir).absolute()
     log = print if verbose else (lambda _msg: None)
-    if cached_manifest(out, spec, seed) is not None:
+    if cached_manifest(out, spec, seed, contig) is not None:
         log(f"{out}: cached simulation ({spec.name}, seed {seed}); nothing to do")
         return out
     if out.exists() and not out.is_dir():
@@ -328,13 +342,13 @@ def simulate_panel(
         t0 = time.perf_counter()
         ts = _simulate_tree_sequence(spec, seed)
         log(f"  msprime: {ts.num_sites:,} sites in {time.perf_counter() - t0:.1f} s")
-        info = _write_outputs(ts, spec, seed, tmp, log)
+        info = _write_outputs(ts, spec, seed, contig, tmp, log)
         manifest = {
             "format": SIM_FORMAT,
             "format_version": SIM_FORMAT_VERSION,
             "preset": asdict(spec),
             "seed": seed,
-            "contig": CONTIG,
+            "contig": contig,
             "model": f"HomSap/{MODEL}",
             "mutation_rate": MUTATION_RATE,
             "recombination_rate": RECOMBINATION_RATE,
@@ -346,7 +360,7 @@ def simulate_panel(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make the published dir private
-        _publish(tmp, out, spec, seed)
+        _publish(tmp, out, spec, seed, contig)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -357,7 +371,23 @@ def simulate_panel(
     return out
 
 
-def _publish(tmp: Path, out: Path, spec: SimPreset, seed: int) -> None:
+def simulate_genome(
+    out_dir: str | os.PathLike[str],
+    preset: str | SimPreset,
+    chromosomes: tuple[str, ...],
+    seed: int = 1,
+    *,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """One ``preset`` simulation per chromosome, of the same individuals, into out_dir/<chromosome>/ (the
+    layout a genome config names with {chrom}); chromosome i (from 0) with seed + 1000 * i, so unlinked."""
+    for i, chrom in enumerate(chromosomes):
+        simulate_panel(Path(out_dir) / chrom, preset, seed + 1000 * i, overwrite=overwrite, verbose=verbose, contig=chrom)
+    return Path(out_dir).absolute()
+
+
+def _publish(tmp: Path, out: Path, spec: SimPreset, seed: int, contig: str) -> None:
     """Move the finished temp dir into place; the old out (if replaced) goes only after the new one is in."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -371,6 +401,6 @@ def _publish(tmp: Path, out: Path, spec: SimPreset, seed: int) -> None:
         os.rename(tmp, out)
     except OSError:
         # Another process published the same simulation first: theirs is as good as ours.
-        if cached_manifest(out, spec, seed) is None:
+        if cached_manifest(out, spec, seed, contig) is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)

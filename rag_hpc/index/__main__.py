@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "windows' prebuild task (the Li-Stephens donors training and validation read), into the content-addressed "
         "cache. Artifacts already complete and valid are skipped.",
     )
-    add_config_args(parser)
+    add_config_args(parser, per_chromosome=True)
     parser.add_argument("--windows", metavar="IDS", help="window ids, e.g. 0-15 or 3,7 (default: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

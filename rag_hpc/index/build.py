@@ -100,6 +100,11 @@ class WindowCache:
     """The window artifacts of one panel under one config: build, check, load."""
 
     def __init__(self, config: RagConfig, panel: Panel | None = None):
+        if config.data.chromosomes is not None:
+            raise ConfigError(
+                "a window cache is one chromosome's: this config lists data.chromosomes "
+                f"({', '.join(config.data.chromosomes)}); run per chromosome (RagConfig.chromosome / --chromosome)"
+            )
         self.config = config
         self.panel = panel if panel is not None else Panel(config.panel_h5)
         self.store = ArtifactStore(config.paths.cache)

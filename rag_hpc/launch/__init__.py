@@ -158,13 +158,13 @@ def main(args: argparse.Namespace) -> int:
 
         config = ensure_data(config)
 
-        todo, n_windows = uncached_windows(config)
+        todo, _ = uncached_windows(config)
         mem = parse_bytes(args.mem) if args.mem else psutil.virtual_memory().total
         # Sized for this machine: training runs on CPU here unless it has a GPU (run_local trains on one).
         here = config.model_copy(deep=True)
         here.cluster.gpus_per_node = min(1, torch.cuda.device_count()) if config.train.device != "cpu" else 0
         cpus = len(os.sched_getaffinity(0))
-        guard = run_guard(here, n_windows - len(todo), mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1, cpus)
+        guard = run_guard(here, todo, mem, parse_bytes(args.gpu_mem) if args.gpu_mem else None, 1, cpus)
         print(guard.table)
         if not guard.ok:
             print("error: memory guard: over budget on this machine (OVER rows above); nothing was run", file=sys.stderr)

@@ -18,16 +18,16 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import submitit
 
-from rag_hpc.config import RagConfig
+from rag_hpc.config import CHROM, DataConfig, RagConfig
 from rag_hpc.errors import ClusterError, InputError
-from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, plan_for, render
+from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, genome_plan, plan_for, render
 
 RUN_RECORD = "launch.json"
 DEMO_SEED = 1
@@ -57,60 +57,111 @@ class LaunchOptions:
 
 
 def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
-    """Fill in the demo panel when none is given, and prepare the panel HDF5 when missing."""
+    """Fill in the demo panel when none is given, and prepare each chromosome's panel HDF5 when missing."""
     from rag_hpc.data.prepare import prepare_panel
-    from rag_hpc.data.simulate import simulate_panel
+    from rag_hpc.data.simulate import GENOME_PRESETS, simulate_panel
 
     workdir = config.paths.workdir.absolute()
     config.paths.workdir = workdir
     if config.data.panel_vcf is None and config.data.panel_h5 is None:
-        demo = simulate_panel(workdir / "demo" / config.data.demo_preset, config.data.demo_preset, DEMO_SEED, verbose=False)
-        config.data.panel_vcf = demo / "panel.vcf.gz"
-        config.data.populations = demo / "populations.tsv"
-        config.data.targets_vcf = config.data.targets_vcf or demo / "targets.array.vcf.gz"
-        config.data.truth_vcf = config.data.truth_vcf or demo / "targets.truth.vcf.gz"
+        preset = config.data.demo_preset
+        demo = simulate_panel(workdir / "demo" / preset, preset, DEMO_SEED, verbose=False)
+        files: dict[str, Any] = {}
+        if preset in GENOME_PRESETS:
+            chromosomes = GENOME_PRESETS[preset][1]
+            files = {"chromosomes": list(chromosomes), "populations": demo / chromosomes[0] / "populations.tsv"}
+            demo = demo / CHROM  # one simulation per chromosome, of the same individuals
+        files = {
+            "panel_vcf": demo / "panel.vcf.gz",
+            "populations": demo / "populations.tsv",
+            "targets_vcf": config.data.targets_vcf or demo / "targets.array.vcf.gz",
+            "truth_vcf": config.data.truth_vcf or demo / "targets.truth.vcf.gz",
+            **files,
+        }
+        # At once: the data section is validated as a whole (templated paths need the chromosome list).
+        config.data = DataConfig(**{**config.data.model_dump(), **files})
         log(f"demo panel: {demo}")
-    if not config.panel_h5.exists():
-        if config.data.panel_vcf is None:
+    for chrom, one in config.genome():
+        if one.panel_h5.exists():
+            continue
+        if one.data.panel_vcf is None:
             raise InputError(
-                f"data.panel_h5 {config.panel_h5} does not exist and data.panel_vcf is not set: "
+                f"data.panel_h5 {one.panel_h5} does not exist and data.panel_vcf is not set: "
                 "set data.panel_vcf (the VCF to prepare), or point data.panel_h5 at a prepared panel"
             )
         t0 = time.perf_counter()
         prepare_panel(
-            config.data.panel_vcf,
-            config.panel_h5,
-            config.data.populations,
-            config.data.val_fraction,
-            config.data.split_seed,
-            config.data.skip_non_snps,
+            one.data.panel_vcf,
+            one.panel_h5,
+            one.data.populations,
+            one.data.val_fraction,
+            one.data.split_seed,
+            one.data.skip_non_snps,
         )
-        log(f"prepared {config.panel_h5} in {time.perf_counter() - t0:.1f} s")
+        log(f"prepared {one.panel_h5}{f' (chromosome {chrom})' if chrom else ''} in {time.perf_counter() - t0:.1f} s")
     return config
+
+
+@dataclass(frozen=True)
+class Chromosome:
+    """One chromosome of a launch: its own config (``RagConfig.genome``) and where its windows sit among the
+    launch's. A launch numbers the windows of all its chromosomes in one sequence (``offset`` + the
+    chromosome's own window id), so the job graph, the run record and ``status`` count windows the same way
+    for one chromosome or 22."""
+
+    name: str | None
+    config: RagConfig
+    offset: int
+    windows: int
+
+    @property
+    def ids(self) -> range:
+        return range(self.offset, self.offset + self.windows)
+
+
+def chromosomes(config: RagConfig) -> list[Chromosome]:
+    """The launch's chromosomes (one, unnamed, without data.chromosomes), their panels prepared."""
+    from rag_hpc.data.panel import Panel
+
+    out, offset = [], 0
+    for name, one in config.genome():
+        with Panel(one.panel_h5) as panel:
+            n = math.ceil(panel.n_sites / one.windows.window_size)
+        out.append(Chromosome(name, one, offset, n))
+        offset += n
+    return out
+
+
+def imputed_vcf(config: RagConfig, chromosome: str | None) -> Path:
+    """Where a run's imputed VCF (and its report, beside it) goes: <run>/report/[<chromosome>/]imputed.vcf.gz."""
+    report_dir = run_dir_of(config) / "report"
+    return (report_dir if chromosome is None else report_dir / chromosome) / "imputed.vcf.gz"
 
 
 def uncached_windows(config: RagConfig) -> tuple[dict[int, str], int]:
     """({window id: digest of its artifact keys} for windows with any invalid or missing artifact,
-    number of windows). The digest tells whether another launch builds exactly these artifacts. A
-    donor-table part counts as an artifact of the first window of its prebuild task, so a launch whose
-    windows are cached but whose tables are not (another array, more training samples) still submits the
-    tasks that compute them, and training only reads."""
+    number of windows), window ids counted over all chromosomes (``Chromosome``). The digest tells whether
+    another launch builds exactly these artifacts. A donor-table part counts as an artifact of the first
+    window of its prebuild task, so a launch whose windows are cached but whose tables are not (another
+    array, more training samples) still submits the tasks that compute them, and training only reads."""
     from rag_hpc.index.build import WindowCache
     from rag_hpc.index.donors import part_artifacts
 
-    cache = WindowCache(config)
-    try:
-        todo = {}
-        per_task = config.index.windows_per_task
-        parts = part_artifacts(cache)
-        for w in cache.windows:
-            artifacts = list(cache.artifacts(w).values()) + (parts[w.id // per_task] if w.id % per_task == 0 else [])
-            if any(cache.store.problem(a) is not None for a in artifacts):
-                keys = "".join(sorted(a.key for a in artifacts))
-                todo[w.id] = hashlib.sha256(keys.encode()).hexdigest()[:16]
-        return todo, len(cache.windows)
-    finally:
-        cache.panel.close()
+    todo, total = {}, 0
+    for chrom in chromosomes(config):
+        cache = WindowCache(chrom.config)
+        try:
+            per_task = config.index.windows_per_task
+            parts = part_artifacts(cache)
+            for w in cache.windows:
+                artifacts = list(cache.artifacts(w).values()) + (parts[w.id // per_task] if w.id % per_task == 0 else [])
+                if any(cache.store.problem(a) is not None for a in artifacts):
+                    keys = "".join(sorted(a.key for a in artifacts))
+                    todo[chrom.offset + w.id] = hashlib.sha256(keys.encode()).hexdigest()[:16]
+        finally:
+            cache.panel.close()
+        total += chrom.windows
+    return todo, total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,12 +190,22 @@ def _disk_free(path: Path) -> int:
 
 
 def run_guard(
-    config: RagConfig, n_cached: int, mem: int | None, gpu_mem: int | None, tasks_per_node: int, cpus_per_task: int = 1
+    config: RagConfig,
+    uncached: Collection[int],
+    mem: int | None,
+    gpu_mem: int | None,
+    tasks_per_node: int,
+    cpus_per_task: int = 1,
 ) -> GuardResult:
+    """The guard over every chromosome of the launch at once; ``uncached``: the windows to build (global ids)."""
     from rag_hpc.data.panel import Panel
 
-    with Panel(config.panel_h5) as panel:
-        plan = plan_for(config, panel, n_cached, tasks_per_node, cpus_per_task)
+    plans = []
+    for chrom in chromosomes(config):
+        cached = chrom.windows - sum(w in uncached for w in chrom.ids)
+        with Panel(chrom.config.panel_h5) as panel:
+            plans.append(plan_for(chrom.config, panel, cached, tasks_per_node, cpus_per_task))
+    plan = genome_plan(plans, config.train.max_steps)
     est = estimate(plan)
     # Every training rank of a node shares the node's memory.
     node_train = Estimate(**{**est.__dict__, "train_host_ram": est.train_host_ram * tasks_per_node})
@@ -191,19 +252,26 @@ class ImputeRangeJob(submitit.helpers.Checkpointable):
 
 
 def merge_imputation(config: RagConfig, ranges: list[list[int]]) -> dict[str, str]:
-    """The merge job: the imputation array's ranges into ``<run>/report/imputed.vcf.gz`` (+ .tbi), then the
-    report when the config names the truth. It writes the run's report as the run's one writer (a trainer
-    started on the run meanwhile is refused, and this job is refused while one trains); the array's tasks
-    write only their content-addressed ranges, each under its own lock, so they run side by side."""
+    """The merge job: the imputation array's ranges (window ids over the launch's chromosomes) into each
+    chromosome's ``imputed_vcf`` (+ .tbi), then its report when the config names the truth. It writes the
+    run's reports as the run's one writer (a trainer started on the run meanwhile is refused, and this job is
+    refused while one trains); the array's tasks write only their content-addressed ranges, each under its
+    own lock, so they run side by side."""
     from rag_hpc.impute import load_model_predictor, merge_ranges
     from rag_hpc.locks import one_writer
 
     assert config.data.targets_vcf is not None
     run_dir = run_dir_of(config)
-    out = run_dir / "report" / "imputed.vcf.gz"
+    files: dict[str, str] = {}
     with one_writer(run_dir, "the imputation merge"):
-        merge_ranges(config, load_model_predictor(run_dir, config), config.data.targets_vcf, out, ranges)
-        return {key: str(path) for key, path in report(config, out).items()}
+        for ch in chromosomes(config):
+            own = [[w - ch.offset for w in r] for r in ranges if r[0] in ch.ids]
+            assert ch.config.data.targets_vcf is not None
+            out = imputed_vcf(config, ch.name)
+            merge_ranges(ch.config, load_model_predictor(run_dir, ch.config), ch.config.data.targets_vcf, out, own)
+            prefix = "" if ch.name is None else f"{ch.name}:"
+            files.update({prefix + key: str(path) for key, path in report(ch.config, out).items()})
+    return files
 
 
 def run_dir_of(config: RagConfig) -> Path:
@@ -302,6 +370,22 @@ class Backend:
         return executor
 
 
+def task_ranges(genome: list[Chromosome], window_ids: Collection[int], per_task: int) -> list[tuple[Chromosome, list[int]]]:
+    """The launch's windows ``window_ids`` (global) as array tasks: runs of at most ``per_task`` windows of one
+    chromosome each, as that chromosome's own window ids (what its jobs read)."""
+    from rag_hpc.data.windows import window_ranges
+
+    wanted = set(window_ids)
+    return [(ch, ids) for ch in genome for ids in window_ranges([w - ch.offset for w in ch.ids if w in wanted], per_task)]
+
+
+def _note_tasks(
+    record: dict[str, Any], genome: list[Chromosome], items: list[tuple[Chromosome, list[int]]], jobs: list[Any], key: str
+) -> None:
+    for (ch, _), job in zip(items, jobs):
+        record["chromosomes"][genome.index(ch)][key].append(job.job_id)
+
+
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -340,13 +424,12 @@ def submit(
     config: RagConfig, opts: LaunchOptions, backend: Backend, log: Any, records: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], list[Any]]:
     """Guard, then lay out the job graph through ``backend``; returns the run record and the jobs."""
-    from rag_hpc.data.windows import window_ranges
-
     c = config.cluster
     opts.partition, mem = backend.target(config, opts)
     tasks_per_node = max(1, c.gpus_per_node)
+    genome = chromosomes(config)
     todo, n_windows = uncached_windows(config)
-    guard = run_guard(config, n_windows - len(todo), mem, opts.gpu_mem, tasks_per_node, opts.cpus_per_task)
+    guard = run_guard(config, todo, mem, opts.gpu_mem, tasks_per_node, opts.cpus_per_task)
     log(guard.table)
     if not guard.ok:
         raise LaunchError("memory guard: over budget (OVER rows above); nothing was submitted")
@@ -357,7 +440,7 @@ def submit(
     build = [w for w in todo if w not in shared]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = workdir / "submitit" / stamp
-    groups = window_ranges(build, config.index.windows_per_task)
+    groups = task_ranges(genome, build, config.index.windows_per_task)
     record: dict[str, Any] = {
         "time": stamp,
         "cluster": opts.cluster,
@@ -367,6 +450,18 @@ def submit(
         "cache": str(config.paths.cache),
         "windows_total": n_windows,
         "windows_todo": len(build),
+        # Per chromosome, for status: its windows among the launch's, its tasks, where its VCF goes.
+        "chromosomes": [
+            {
+                "name": ch.name,
+                "offset": ch.offset,
+                "windows": ch.windows,
+                "index_tasks": [],
+                "impute_tasks": [],
+                "imputed": str(imputed_vcf(config, ch.name)),
+            }
+            for ch in genome
+        ],
         "array_ids": [],
         "array_tasks": 0,
         "array_windows": {},
@@ -392,11 +487,12 @@ def submit(
             config, opts, folder, JobSpec("rag_hpc-index", guard.index_mem_mb, array_parallelism=c.array_parallelism)
         )
         for chunk in _chunks(groups, backend.max_array_size()):
-            jobs = ex.map_array(build_window_range, [config] * len(chunk), chunk)
+            jobs = ex.map_array(build_window_range, [ch.config for ch, _ in chunk], [ids for _, ids in chunk])
             arrays.append(jobs)
             array_id = jobs[0].job_id.split("_")[0]
             record["array_ids"].append(array_id)
-            record["array_windows"][array_id] = {str(w): todo[w] for group in chunk for w in group}
+            record["array_windows"][array_id] = {str(ch.offset + w): todo[ch.offset + w] for ch, ids in chunk for w in ids}
+            _note_tasks(record, genome, chunk, jobs, "index_tasks")
         record["array_tasks"] = len(groups)
     after = [*record["array_ids"], *record["depends_on"]]
     train = JobSpec(
@@ -405,7 +501,7 @@ def submit(
     ex = backend.executor(config, opts, folder, train)
     train_job = ex.submit(TrainJob(config))
     record["train_id"] = train_job.job_id
-    impute_arrays, merge_job = _submit_imputation(config, opts, backend, folder, n_windows, guard, record)
+    impute_arrays, merge_job = _submit_imputation(config, opts, backend, folder, genome, guard, record)
     _record(workdir, record)
     log(
         f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
@@ -422,7 +518,7 @@ def submit(
         log(
             f"imputation array: {', '.join(record['impute_ids'])} ({record['impute_tasks']} task(s) of "
             f"{config.impute.windows_per_task} windows, --mem {guard.impute_mem_mb}M each) after training; merge job "
-            f"{merge_job.job_id} -> {run_dir_of(config) / 'report' / 'imputed.vcf.gz'}"
+            f"{merge_job.job_id} -> {', '.join(ch['imputed'] for ch in record['chromosomes'])}"
         )
     log(f"cache: {config.paths.cache}")
     log(f"watch: python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}")
@@ -434,16 +530,15 @@ def _submit_imputation(
     opts: LaunchOptions,
     backend: Backend,
     folder: Path,
-    n_windows: int,
+    genome: list[Chromosome],
     guard: GuardResult,
     record: dict[str, Any],
 ) -> tuple[list[Any], Any]:
-    """With targets: the imputation array after training (afterok) and the merge after the array."""
-    from rag_hpc.data.windows import window_ranges
-
+    """With targets: the imputation array after training (afterok) over the windows of every chromosome,
+    and one merge after the array that writes each chromosome's VCF (one job: it is the run's one writer)."""
     if config.data.targets_vcf is None:
         return [], None
-    ranges = window_ranges(list(range(n_windows)), config.impute.windows_per_task)
+    ranges = task_ranges(genome, [w for ch in genome for w in ch.ids], config.impute.windows_per_task)
     where = {"partition": config.impute.partition, "gpus": config.impute.gpus}
     array = JobSpec(
         "rag_hpc-impute", guard.impute_mem_mb, [record["train_id"]], array_parallelism=config.cluster.array_parallelism, **where
@@ -451,12 +546,13 @@ def _submit_imputation(
     ex = backend.executor(config, opts, folder, array)
     arrays = []
     for chunk in _chunks(ranges, backend.max_array_size()):
-        jobs = ex.map_array(ImputeRangeJob(), [config] * len(chunk), chunk)
+        jobs = ex.map_array(ImputeRangeJob(), [ch.config for ch, _ in chunk], [ids for _, ids in chunk])
         arrays.append(jobs)
         record["impute_ids"].append(jobs[0].job_id.split("_")[0])
+        _note_tasks(record, genome, chunk, jobs, "impute_tasks")
     record["impute_tasks"] = len(ranges)
     merge = backend.executor(config, opts, folder, JobSpec("rag_hpc-merge", guard.impute_mem_mb, record["impute_ids"], **where))
-    merge_job = merge.submit(merge_imputation, config, ranges)
+    merge_job = merge.submit(merge_imputation, config, [[ch.offset + w for w in ids] for ch, ids in ranges])
     record["merge_id"] = merge_job.job_id
     return arrays, merge_job
 
@@ -482,7 +578,7 @@ def wait(record: dict[str, Any], submitted: list[Any], opts: LaunchOptions, log:
     except Exception as exc:  # noqa: BLE001 - any failure of the job is reported with its log
         why = "; ".join(failed) or f"see {merge_job.paths.stderr}"
         raise LaunchError(f"merge job {merge_job.job_id} did not complete ({type(exc).__name__}): {why}") from None
-    log(f"imputed: {record['report']['imputed']}")
+    log("imputed: " + ", ".join(path for key, path in record["report"].items() if key.split(":")[-1] == "imputed"))
     return record
 
 

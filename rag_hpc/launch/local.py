@@ -12,7 +12,7 @@ from typing import Any
 import submitit
 
 from rag_hpc.config import RagConfig
-from rag_hpc.launch.core import Backend, JobSpec, LaunchOptions, ensure_data, report, run_dir_of, submit, wait
+from rag_hpc.launch.core import Backend, JobSpec, LaunchOptions, ensure_data, imputed_vcf, report, run_dir_of, submit, wait
 
 
 class DebugBackend(Backend):
@@ -39,31 +39,36 @@ def launch_debug(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
 
 
 def run_local(config: RagConfig, log: Any = print) -> dict[str, Path]:
-    """The whole pipeline on this machine: prebuild -> train -> impute -> evaluate."""
+    """The whole pipeline on this machine: prebuild -> train -> impute -> evaluate, each chromosome's
+    prebuild, imputation and report in turn around the one training."""
     from rag_hpc.impute import impute, load_model_predictor
     from rag_hpc.index.build import prebuild
     from rag_hpc.train import train
 
-    t0 = time.perf_counter()
-    done = prebuild(config, None, progress=True)
-    built = sum(r.status == "built" for r in done.windows)
-    log(
-        f"index: {built} window(s) built, {len(done.windows) - built} cached; donor-table parts: "
-        f"{done.donor_parts_built} built, {done.donor_parts_cached} cached; in {time.perf_counter() - t0:.1f} s"
-    )
+    genome = config.genome()
+    for chrom, one in genome:
+        t0 = time.perf_counter()
+        done = prebuild(one, None, progress=True)
+        built = sum(r.status == "built" for r in done.windows)
+        log(
+            f"index{f' (chromosome {chrom})' if chrom else ''}: {built} window(s) built, {len(done.windows) - built} cached; "
+            f"donor-table parts: {done.donor_parts_built} built, {done.donor_parts_cached} cached; in {time.perf_counter() - t0:.1f} s"
+        )
     t0 = time.perf_counter()
     checkpoint = train(config)
     log(f"training: {checkpoint} in {time.perf_counter() - t0:.1f} s")
-    run_dir = run_dir_of(config)
-    files: dict[str, Path] = {"checkpoint": checkpoint, "metrics_csv": run_dir / "metrics.csv"}
+    files: dict[str, Path] = {"checkpoint": checkpoint, "metrics_csv": run_dir_of(config) / "metrics.csv"}
     if config.data.targets_vcf is None:
         log("no data.targets_vcf: skipping imputation and evaluation")
         return files
-    t0 = time.perf_counter()
-    predictor = load_model_predictor(checkpoint, config)
-    imputed = impute(config, predictor, config.data.targets_vcf, run_dir / "report" / "imputed.vcf.gz", progress=True)
-    log(f"imputation: {imputed.out} in {time.perf_counter() - t0:.1f} s")
-    files.update(report(config, imputed.out, log))
+    for chrom, one in genome:
+        assert one.data.targets_vcf is not None
+        t0 = time.perf_counter()
+        predictor = load_model_predictor(checkpoint, one)
+        imputed = impute(one, predictor, one.data.targets_vcf, imputed_vcf(config, chrom), progress=True)
+        log(f"imputation: {imputed.out} in {time.perf_counter() - t0:.1f} s")
+        prefix = "" if chrom is None else f"{chrom}:"
+        files.update({prefix + key: path for key, path in report(one, imputed.out, log).items()})
     for key, path in files.items():
         log(f"{key}: {path}")
     return files

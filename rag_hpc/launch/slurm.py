@@ -158,18 +158,12 @@ class SlurmBackend(Backend):
         c = config.cluster
         kwargs: dict[str, Any] = {"slurm_max_num_timeout": opts.max_timeouts}
         if c.container is not None:
-            binds = [
-                config.paths.workdir,
-                config.paths.cache,
-                folder,
-                config.panel_h5.parent,
-                config.train.resolved_run_dir(config.paths.workdir),
-            ]
-            binds += [
-                Path(p).parent
-                for p in (config.data.panel_vcf, config.data.populations, config.data.targets_vcf, config.data.truth_vcf)
-                if p is not None
-            ]
+            binds = [config.paths.workdir, config.paths.cache, folder, config.train.resolved_run_dir(config.paths.workdir)]
+            for _, one in config.genome():  # every chromosome's files
+                d = one.data
+                binds += [one.panel_h5.parent] + [
+                    Path(p).parent for p in (d.panel_vcf, d.populations, d.targets_vcf, d.truth_vcf) if p is not None
+                ]
             # A constructor argument of AutoExecutor, not an update_parameters one.
             kwargs["slurm_python"] = container_python(c.container, binds)
         executor = self.base_executor(config, opts, folder, job.name, **kwargs)

@@ -199,13 +199,32 @@ def forward_batch(
         return donor_logits(net, table, window, rows, data.reference, data.alleles[query_ids], data.observed, data.maf)
 
 
-class _WindowLoader:
-    """Shards of the windows in flight, on the device; loaded (checksum-verified) once each."""
+@dataclass
+class _Chromosome:
+    """What training reads of one chromosome: its window cache, the run's typed sites on it and the donor
+    tables of the training and validation queries there."""
 
-    def __init__(self, cache: WindowCache, reference_ids: np.ndarray, typed: np.ndarray, device: torch.device, capacity: int):
-        self.cache = cache
+    cache: WindowCache
+    typed: np.ndarray
+    train_donors: DonorTable | None = None
+    val_donors: DonorTable | None = None
+
+
+class _WindowLoader:
+    """Shards of the windows in flight, on the device; loaded (checksum-verified) once each. Windows are
+    numbered over the run's chromosomes in order (``Trainer.where``)."""
+
+    def __init__(
+        self,
+        chromosomes: list[_Chromosome],
+        where: list[tuple[int, int]],
+        reference_ids: np.ndarray,
+        device: torch.device,
+        capacity: int,
+    ):
+        self.chromosomes = chromosomes
+        self.where = where
         self.reference_ids = reference_ids
-        self.typed = typed
         self.device = device
         self.capacity = capacity
         self._held: OrderedDict[int, WindowData] = OrderedDict()
@@ -214,8 +233,10 @@ class _WindowLoader:
         if window in self._held:
             self._held.move_to_end(window)
             return self._held[window]
-        shard = self.cache.shard(window)
-        observed = self.cache.windows[window].observed(self.typed)
+        chrom, local = self.where[window]
+        cache = self.chromosomes[chrom].cache
+        shard = cache.shard(local)
+        observed = cache.windows[local].observed(self.chromosomes[chrom].typed)
         data = window_data(window, shard.alleles, shard.af, self.reference_ids, observed, self.device)
         self._held[window] = data
         while len(self._held) > self.capacity:
@@ -303,7 +324,7 @@ class Trainer:
             raise RunInUseError(refused)
         self._logs = _LogSetup(self.run_dir, env)
         self.tb: Any = None
-        self.cache: WindowCache | None = None
+        self.chromosomes: list[_Chromosome] = []
         try:
             self._setup(config, env)
         except BaseException:
@@ -314,17 +335,33 @@ class Trainer:
         self.device = env.device
         self.amp = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
 
-        self.cache = WindowCache(config)
-        panel = self.cache.panel
-        self.queries = run_queries(self.cache)
+        # One model over every chromosome of the run: its inputs are window-relative (alleles, the donors'
+        # posteriors, MAF from the window's own chromosome), so windows of all chromosomes are batches of
+        # one epoch, and the queries are the same samples on each.
+        queries = []
+        for _, one in config.genome():
+            cache = WindowCache(one)
+            self.chromosomes.append(_Chromosome(cache, np.empty(0, np.int64)))
+            queries.append(run_queries(cache))
+        self.queries = queries[0]
         self.train_ids, self.val_ids = self.queries["training"].ids, self.queries["validation"].ids
-        reference = panel.reference_haplotypes()
+        panels = [ch.cache.panel for ch in self.chromosomes]
+        reference = panels[0].reference_haplotypes()
+        for name, panel, q in zip(config.data.chromosomes or [], panels, queries):
+            if panel.split_digest() != panels[0].split_digest() or not np.array_equal(q["training"].ids, self.train_ids):
+                raise ConfigError(
+                    f"chromosome {name}'s panel ({panel.path}) splits other samples than chromosome "
+                    f"{config.data.chromosomes[0]}'s ({panels[0].path}): one model needs the same samples and split "
+                    "on every chromosome (same samples, data.populations, data.val_fraction, data.split_seed)"
+                )
         if config.model.k > reference.size - 2:
             raise ConfigError(
                 f"model.k={config.model.k} but a query can copy only {reference.size - 2} train-split "
                 "haplotypes (its own sample is excluded): lower model.k"
             )
-        self.n_windows = len(self.cache.windows)
+        # Global window id -> (chromosome, its window id).
+        self.where = [(c, w) for c, ch in enumerate(self.chromosomes) for w in range(len(ch.cache.windows))]
+        self.n_windows = len(self.where)
         self.sampler = WindowBatchSampler(
             self.n_windows, self.train_ids, self.cfg.batch_size, self.cfg.seed, self.cfg.mix_windows, env.world_size
         )
@@ -336,7 +373,8 @@ class Trainer:
             )
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, self.cfg.max_steps or self.total_steps)
-        self.panel_id = {"source_sha256": panel.info.source_sha256, "split": panel.split_digest()}
+        sources = [p.info.source_sha256 for p in panels]
+        self.panel_id = {"source_sha256": sources[0] if len(sources) == 1 else sources, "split": panels[0].split_digest()}
 
         torch.manual_seed(self.cfg.seed)
         self.model = DonorImputer(config.model).to(self.device)
@@ -353,22 +391,27 @@ class Trainer:
         self.resumed_from = self._resume()
         # After the checkpoint checks: a run refused for its checkpoint costs no HMM.
         # Every query of the run sees the same array sites, so each one's donors are computed once (cached).
-        typed = self.cache.array_sites()
-        if typed.size == 0:
-            raise ConfigError("the run's array types no panel site: check data.targets_vcf, or raise masks.array_density")
         k, t0 = config.model.k, time.perf_counter()
-        self.train_donors = read_donors(self.cache, self.queries["training"])
-        self.val_donors = read_donors(self.cache, self.queries["validation"]) if self.val_ids.size else None
+        for (name, _), ch, q in zip(config.genome(), self.chromosomes, queries):
+            ch.typed = ch.cache.array_sites()
+            if ch.typed.size == 0:
+                raise ConfigError(
+                    f"the run's array types no panel site{f' on chromosome {name}' if name else ''}: check "
+                    "data.targets_vcf, or raise masks.array_density"
+                )
+            ch.train_donors = read_donors(ch.cache, q["training"])
+            ch.val_donors = read_donors(ch.cache, q["validation"]) if self.val_ids.size else None
         log.info(
-            "donors: %d training and %d validation haplotypes typed at %d array sites, k %d, ready in %.1f s (%s)",
+            "donors: %d training and %d validation haplotypes typed at %d array sites%s, k %d, ready in %.1f s (%s)",
             self.train_ids.size,
             self.val_ids.size,
-            typed.size,
+            sum(ch.typed.size for ch in self.chromosomes),
+            f" on {len(self.chromosomes)} chromosomes" if len(self.chromosomes) > 1 else "",
             k,
             time.perf_counter() - t0,
-            "the target VCF's sites" if self.cache.targets() is not None else "simulated array",
+            "the target VCF's sites" if self.chromosomes[0].cache.targets() is not None else "simulated array",
         )
-        self.loader = _WindowLoader(self.cache, reference, typed, self.device, capacity=self.sampler.mix_windows)
+        self.loader = _WindowLoader(self.chromosomes, self.where, reference, self.device, capacity=self.sampler.mix_windows)
         self.net = wrap_model(self.model, env)
 
         self.csv: MetricsCsv | None = None
@@ -503,7 +546,10 @@ class Trainer:
         rows = np.searchsorted(self.train_ids, local)  # the train query table is in haplotype-id order
         seed = uniforms(cfg.seed, Stream.DROPOUT, env.rank, np.array([self.step], np.uint64), micro, 1)[0, 0]
         torch.manual_seed(int(seed * 2**53))
-        logits = forward_batch(self.net, self.cache.windows[mb.window], data, self.train_donors, rows, ids, self.amp)
+        chrom, window = self.where[mb.window]
+        ch = self.chromosomes[chrom]
+        assert ch.train_donors is not None
+        logits = forward_batch(self.net, ch.cache.windows[window], data, ch.train_donors, rows, ids, self.amp)
         masked = (~data.observed).expand_as(logits)
         bce_sum = imputation_loss(logits, data.alleles[ids], masked) * int(masked.sum())
         scale = 1.0 / (max(n_global, 1) * cfg.grad_accum)
@@ -550,13 +596,15 @@ class Trainer:
             # an imputation target's would not be a panel site at all, so scoring it would put an
             # unimputable site in val's rarest bin (measured: 0.81 there against the bench's 0.955).
             hidden = ~data.observed & (data.maf > 0)
-            if not bool(hidden.any()) or self.val_donors is None:
+            chrom, local = self.where[window]
+            ch = self.chromosomes[chrom]
+            if not bool(hidden.any()) or ch.val_donors is None:
                 continue
             logits = []
             for start in range(0, len(val_ids), vbs):
                 rows = np.arange(start, min(start + vbs, len(val_ids)))
                 logits.append(
-                    forward_batch(model, self.cache.windows[window], data, self.val_donors, rows, val_ids[rows], self.amp).float()
+                    forward_batch(model, ch.cache.windows[local], data, ch.val_donors, rows, val_ids[rows], self.amp).float()
                 )
             acc.add_window(torch.cat(logits), data.alleles[val_ids], hidden, data.maf)  # MAF bins the same as AF
         all_reduce_sum(acc.sums, env)
@@ -718,9 +766,9 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-        if self.cache is not None:
-            self.cache.panel.close()
-            self.cache = None
+        for ch in self.chromosomes:
+            ch.cache.panel.close()
+        self.chromosomes = []
         self._logs.close()
         self._writer.close()
 
