@@ -44,8 +44,16 @@ def add_config_args(parser: argparse.ArgumentParser, per_chromosome: bool = Fals
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
-def config_from_args(args: argparse.Namespace) -> RagConfig:
+def config_from_args(args: argparse.Namespace, checkpoint: Path | None = None) -> RagConfig:
+    """The config of --config/--set (and --chromosome); with ``checkpoint`` (a checkpoint file or run
+    directory), what shaped that model and where its run's data are come from it (``RagConfig.for_checkpoint``)."""
     config = load_config(args.config, args.overrides)
+    if checkpoint is not None:
+        from rag_hpc.checkpoint import load_checkpoint
+
+        if not checkpoint.exists():
+            raise InputError(f"--checkpoint {checkpoint} does not exist: pass a step_<N>.pt file or a run directory")
+        config = config.for_checkpoint(load_checkpoint(checkpoint)["config"])
     return config.chromosome(args.chromosome) if hasattr(args, "chromosome") else config
 
 

@@ -276,6 +276,52 @@ class RagConfig(BaseSettings):
     def panel_h5(self) -> Path:
         return self.data.panel_h5 if self.data.panel_h5 is not None else self.paths.workdir / "panel.h5"
 
+    def absolute(self) -> RagConfig:
+        """A copy with every path absolute, as a checkpoint records them: imputing with it from another
+        directory finds the run's panel, targets and cache."""
+        out = self.model_copy(deep=True)
+        for section in (out.paths, out.data, out.train, out.cluster):
+            for name in _path_fields(section):
+                setattr(section, name, getattr(section, name).absolute())
+        return out
+
+    def shaping_differences(self, saved: dict[str, Any], explicit_only: bool = False) -> list[str]:
+        """'section.field=ours (the checkpoint's: theirs)' for each value that shaped the model (``SHAPING``)
+        where this config and ``saved`` (a checkpoint's config) differ; ``explicit_only``: only values this
+        config sets explicitly (file, environment or --set), not its defaults."""
+        ours_all = self.model_dump(mode="json")
+        out = []
+        for section, fields in SHAPING.items():
+            given = getattr(self, section)
+            for name in fields or type(given).model_fields:
+                ours = ours_all[section][name]
+                theirs = saved.get(section, {}).get(name, ours)  # a field newer than the checkpoint: ours
+                if ours != theirs and (name in given.model_fields_set or not explicit_only):
+                    out.append(f"{section}.{name}={ours} (the checkpoint's: {theirs})")
+        return out
+
+    def for_checkpoint(self, saved: dict[str, Any]) -> RagConfig:
+        """The config to impute with a model trained under ``saved`` (a checkpoint's config): what shaped the
+        model (``SHAPING``) from the checkpoint; where the run's panel, targets and cache are from the
+        checkpoint unless this config names them; everything else (how to run: cluster, threads, batch) from
+        this config. A shaping value this config sets explicitly and the checkpoint contradicts is refused,
+        naming both."""
+        conflicts = self.shaping_differences(saved, explicit_only=True)
+        if conflicts:
+            raise ConfigError(
+                "the config contradicts what the checkpoint was trained with: "
+                + "; ".join(conflicts)
+                + ". Drop those settings (imputation takes them from the checkpoint), or use a model trained with them"
+            )
+        merged = self.model_dump(mode="json")
+        for section, fields in SHAPING.items():
+            for name in fields or type(getattr(self, section)).model_fields:
+                merged[section][name] = saved.get(section, {}).get(name, merged[section][name])
+        for section in _LOCATION:
+            explicit = getattr(self, section).model_fields_set
+            merged[section] = {**saved.get(section, {}), **{k: v for k, v in merged[section].items() if k in explicit}}
+        return RagConfig(**merged)
+
     def chromosome(self, name: str | None) -> RagConfig:
         """The config a per-chromosome stage (prepare, index, impute, evaluate) runs under: ``name``'s of
         data.chromosomes, or this one when there is no chromosome list."""
@@ -305,6 +351,17 @@ class RagConfig(BaseSettings):
             data = self.data.model_copy(update={**files, "chromosomes": None})
             out.append((chrom, self.model_copy(update={"data": data}, deep=True)))
         return out
+
+
+# What shaped a trained model (section -> its fields; None: all of them). Imputing with a checkpoint takes
+# these from the checkpoint: a config that sets one otherwise is refused (``RagConfig.for_checkpoint``).
+SHAPING: dict[str, tuple[str, ...] | None] = {"windows": None, "model": None, "masks": None, "donors": ("ne", "error")}
+# Where the run found its panel, targets and cache: the checkpoint's unless the config names them.
+_LOCATION = ("paths", "data")
+
+
+def _path_fields(section: BaseModel) -> list[str]:
+    return [name for name, value in section if isinstance(value, Path)]
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, config_from_args, run_main
-from rag_hpc.data.vcf import VcfError, check_container, match_sites
+from rag_hpc.data.vcf import VcfError, check_container, match_sites, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import atomic_write, save_figure
 
@@ -296,7 +296,7 @@ def evaluate(
 
     imp = read_calls(imputed_vcf, dosage_field="DS")
     truth = read_calls(truth_vcf, dosage_field=None)
-    if imp.contig != truth.contig:
+    if not same_chromosome(imp.contig, truth.contig):
         raise VcfError(f"{imp.path} is contig {imp.contig} but {truth.path} is contig {truth.contig}: nothing to compare")
 
     truth_index = {s: i for i, s in enumerate(truth.samples)}
@@ -321,7 +321,7 @@ def evaluate(
         keep &= ~typed
 
     with Panel(panel_h5) as panel:
-        if panel.info.contig != truth.contig:
+        if not same_chromosome(panel.info.contig, truth.contig):
             raise VcfError(f"{truth.path} is contig {truth.contig} but the panel {panel.path} is contig {panel.info.contig}")
         pm = match_sites(panel.positions, panel.ref, panel.alt, imp.pos, imp.ref, imp.alt)
         panel_af = panel.af
@@ -478,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--panel", type=Path, help="prepared panel HDF5 (MAF source); default: data.panel_h5, else <workdir>/panel.h5"
     )
+    parser.add_argument("--checkpoint", type=Path, help="a trained run (or checkpoint): its panel and truth are the defaults")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.add_argument("--exclude-sites", type=Path, metavar="VCF", help="leave out these sites (e.g. the typed array sites)")
     parser.add_argument("--no-plot", action="store_true", help="skip r2_by_maf.png")
@@ -487,8 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-
-    config = config_from_args(args)
+    config = config_from_args(args, args.checkpoint)
     truth = args.truth if args.truth is not None else config.data.truth_vcf
     if truth is None:
         raise ConfigError("no truth: pass --truth TRUTH.vcf.gz (or set data.truth_vcf)")

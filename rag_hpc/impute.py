@@ -557,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
         "GT:DS:GP (INFO AF, DR2, TYPED/IMP). Targets are matched to the panel by position and alleles (REF/ALT swaps "
         "and strand flips are fixed, strand-ambiguous A/T and C/G sites are skipped). Bad input stops with one "
         "'error:' line; no partial output is ever left.",
-        epilog="The panel is data.panel_h5 (else <workdir>/panel.h5); windows are windows.window_size sites.",
+        epilog="With --checkpoint, the window geometry, model, retrieval (donors.ne, donors.error) and masks are the "
+        "checkpoint's (a --set that contradicts one is refused), and the panel, targets and cache are its run's unless "
+        "--panel, --targets or --set name others: `--checkpoint RUN --out O` imputes the run's targets from any "
+        "directory. Without one, the panel is data.panel_h5 (else <workdir>/panel.h5).",
     )
     method = parser.add_mutually_exclusive_group()
     method.add_argument(
@@ -598,7 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from rag_hpc.data.panel import Panel
 
-    config = config_from_args(args)
+    # With a model: its window geometry, retrieval and masks, and its run's panel, targets and cache, from
+    # the checkpoint; the command line may name other targets or another panel, never other settings.
+    config = config_from_args(args, args.checkpoint)
     if args.panel is not None:
         config.data.panel_h5 = args.panel
     if args.ambiguous is not None:
@@ -610,8 +615,6 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline copy|nearest")
     with Panel(config.panel_h5) as panel:
         if args.checkpoint is not None:
-            if not args.checkpoint.exists():  # a file, or a run / checkpoint directory (its newest valid checkpoint)
-                raise InputError(f"--checkpoint {args.checkpoint} does not exist: pass a step_<N>.pt file or a run directory")
             predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
         elif args.baseline == "copy":
             predictor = CopyPredictor.from_config(config, panel=panel, ne=args.ne, error=args.error)

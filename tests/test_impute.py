@@ -58,9 +58,16 @@ def is_ambiguous(ref: bytes, alt: bytes) -> bool:
 
 
 def write_targets(
-    src: Path, dst: Path, *, pos_shift: int = 0, swap: np.ndarray | None = None, flip: np.ndarray | None = None
+    src: Path,
+    dst: Path,
+    *,
+    pos_shift: int = 0,
+    swap: np.ndarray | None = None,
+    flip: np.ndarray | None = None,
+    contig: str | None = None,
 ) -> Path:
-    """Rewrite a phased target VCF: shift positions, swap REF/ALT (flipping the alleles) or complement the alleles."""
+    """Rewrite a phased target VCF: shift positions, swap REF/ALT (flipping the alleles), complement the
+    alleles or rename the contig."""
     t = read_phased_vcf(src)
     ref, alt, gt = t.ref.copy(), t.alt.copy(), t.gt.copy()
     if swap is not None:
@@ -69,7 +76,7 @@ def write_targets(
     if flip is not None:
         ref[flip] = [COMPLEMENT[a] for a in ref[flip]]
         alt[flip] = [COMPLEMENT[a] for a in alt[flip]]
-    with VcfWriter(dst, contig=t.contig, samples=t.samples) as w:
+    with VcfWriter(dst, contig=contig or t.contig, samples=t.samples) as w:
         w.write_phased(t.pos + pos_shift, ref, alt, gt)
     return dst
 
@@ -175,6 +182,32 @@ def test_swapped_and_strand_flipped_targets_give_the_same_imputation(
     assert other.targets.counts["strand_flipped"] == int(flip.sum())
     assert other.targets.counts["used"] == plain.targets.counts["used"]
     assert records(tmp_path / "changed.imputed.vcf.gz") == records(tmp_path / "plain.vcf.gz")
+
+
+def test_chr21_and_21_name_one_chromosome_said_once_and_another_chromosome_is_refused(
+    config: RagConfig, tiny_simulation: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rag_hpc.data.vcf import VcfError
+    from rag_hpc.evaluate import evaluate
+
+    src = tiny_simulation / "targets.array.vcf.gz"  # the panel and these targets name the chromosome 21
+    plain = run_impute(config, src, tmp_path / "plain.vcf.gz", k=3)
+    chr21 = write_targets(src, tmp_path / "chr21.vcf.gz", contig="chr21")
+    with caplog.at_level("WARNING", logger="rag_hpc.data"):
+        renamed = run_impute(config, chr21, tmp_path / "chr21.imputed.vcf.gz", k=3)
+        run_impute(config, chr21, tmp_path / "again.vcf.gz", k=3)
+    assert renamed.targets.counts["used"] == plain.targets.counts["used"]
+    assert records(tmp_path / "chr21.imputed.vcf.gz") == records(tmp_path / "plain.vcf.gz")
+    said = [r.getMessage() for r in caplog.records if "read as one chromosome" in r.getMessage()]
+    assert len(said) == 1 and "chr21" in said[0], said
+    # The truth may spell it either way too.
+    truth = tmp_path / "truth.chr21.vcf.gz"
+    t = read_phased_vcf(tiny_simulation / "targets.truth.vcf.gz")
+    with VcfWriter(truth, contig="chr21", samples=t.samples) as w:
+        w.write_phased(t.pos, t.ref, t.alt, t.gt)
+    assert evaluate(tmp_path / "plain.vcf.gz", truth, config.panel_h5).overall.n_r2 > 0
+    with pytest.raises(VcfError, match="contig chr22 but the panel"):
+        run_impute(config, write_targets(src, tmp_path / "chr22.vcf.gz", contig="chr22"), tmp_path / "no.vcf.gz")
 
 
 class _FailingPredictor(NearestHaplotypePredictor):
@@ -366,3 +399,53 @@ def test_ranges_imputed_by_separate_tasks_merge_into_the_vcf_one_process_writes(
     # Another predictor's ranges are other parts: never merged into this one's VCF.
     with pytest.raises(InputError, match="missing or invalid"):
         merge_ranges(config, CopyPredictor.from_config(config, ne=30_000), targets, tmp_path / "other.vcf.gz", ranges)
+
+
+def test_impute_with_a_checkpoint_takes_its_settings_and_its_runs_data_from_any_directory(
+    tiny_simulation: Path, tmp_path: Path
+) -> None:
+    import gzip
+    import subprocess
+    import sys
+
+    from tests.slurm_helpers import as_flags, cli, plain_env, tiny_sets, train_tiny
+
+    work = tmp_path / "work"
+    train_tiny(tiny_simulation, work)
+    run = work / "runs" / "default"
+    full = cli(
+        "impute", "--checkpoint", str(run), "--out", str(tmp_path / "full.vcf.gz"), *as_flags(tiny_sets(tiny_simulation, work))
+    )
+    assert full.returncode == 0, full.stderr[-2000:]
+    # The shortest command, from another directory, with no config: the window size (100, not the default
+    # 511), the model, the HMM and the run's panel, targets and cache all come from the checkpoint.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    short = subprocess.run(
+        [sys.executable, "-m", "rag_hpc.impute", "--checkpoint", str(run), "--out", "short.vcf.gz", "--quiet"],
+        cwd=elsewhere,
+        env=plain_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert short.returncode == 0, short.stderr[-2000:]
+    assert gzip.decompress((elsewhere / "short.vcf.gz").read_bytes()) == gzip.decompress((tmp_path / "full.vcf.gz").read_bytes())
+    assert not (elsewhere / "rag_hpc_work").exists(), "nothing is written outside the run's own directories"
+    # A setting that contradicts the model is refused, naming both values; one that agrees is fine.
+    bad = cli(
+        "impute",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "x.vcf.gz"),
+        "--set",
+        "windows.window_size=511",
+        "--set",
+        "model.k=4",
+    )
+    assert bad.returncode == 2 and not (tmp_path / "x.vcf.gz").exists()
+    assert "windows.window_size=511 (the checkpoint's: 100); model.k=4 (the checkpoint's: 8)" in bad.stderr, bad.stderr
+    same = cli("impute", "--checkpoint", str(run), "--out", str(tmp_path / "y.vcf.gz"), "--set", "windows.window_size=100")
+    assert same.returncode == 0, same.stderr[-2000:]

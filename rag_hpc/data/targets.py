@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from rag_hpc.data.vcf import VcfError, match_sites, read_phased_vcf
+from rag_hpc.data.vcf import VcfError, match_sites, read_phased_vcf, same_chromosome
 
 if TYPE_CHECKING:
     from rag_hpc.data.panel import Panel
@@ -101,10 +101,10 @@ def match_targets(
         raise ValueError(f"ambiguous must be 'skip' or 'keep', got {ambiguous!r}")
     path = Path(targets_vcf)
     targets = _read_targets(path, skip_non_snps)
-    if targets.contig != panel.info.contig:
+    if not same_chromosome(targets.contig, panel.info.contig):
         raise VcfError(
             f"{path}: contig {targets.contig} but the panel {panel.path} is contig {panel.info.contig}; use targets and "
-            "panel of the same chromosome with the same naming (e.g. `bcftools annotate --rename-chrs`)"
+            "panel of the same chromosome"
         )
     match = match_sites(panel.positions, panel.ref, panel.alt, targets.pos, targets.ref, targets.alt)
     at_panel_pos = np.isin(targets.pos, panel.positions)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import os
 import tempfile
 import zlib
@@ -40,6 +41,22 @@ _BASES = frozenset("ACGT")
 
 class VcfError(InputError):
     """A VCF this project cannot use; the message names the record (CHROM:POS, sample) and the fix."""
+
+
+_ALIASES_SEEN: set[frozenset[str]] = set()
+
+
+def same_chromosome(a: str, b: str) -> bool:
+    """Whether two contig names name one chromosome: equal, or equal but for a ``chr`` prefix (``chr21`` in
+    GRCh38 files, ``21`` in b37 ones, both common in one user's data). The second is logged once per pair."""
+    if a == b:
+        return True
+    if a.removeprefix("chr") != b.removeprefix("chr"):
+        return False
+    if frozenset((a, b)) not in _ALIASES_SEEN:
+        _ALIASES_SEEN.add(frozenset((a, b)))
+        logging.getLogger("rag_hpc.data").warning("contigs %s and %s are read as one chromosome", a, b)
+    return True
 
 
 @dataclass(frozen=True)

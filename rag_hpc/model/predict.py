@@ -99,10 +99,11 @@ class ModelPredictor:
 def model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) -> ModelPredictor:
     device = "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
     model, saved = load_model(checkpoint, device)
-    if saved["windows"]["window_size"] != config.windows.window_size:
+    differences = config.shaping_differences(saved)
+    if differences:
         raise ConfigError(
-            f"checkpoint was trained with windows.window_size={saved['windows']['window_size']} but the config "
-            f"says {config.windows.window_size}: impute with the training window size"
+            f"{checkpoint} was trained under other settings than this config's: {'; '.join(differences)}. Impute with "
+            "the checkpoint's settings (python -m rag_hpc.impute --checkpoint takes them from it)"
         )
     # The HMM's parameters shaped what the model learnt from; how it is run (batch, threads) is this job's.
     donors = DonorConfig(**{**saved["donors"], "batch": config.donors.batch, "threads": config.donors.threads})

@@ -305,6 +305,8 @@ class _LogSetup:
 
 class Trainer:
     def __init__(self, config: RagConfig, env: DistEnv):
+        # Recorded with absolute paths: imputation from any directory finds the run's panel, targets and cache.
+        config = config.absolute()
         self.config = config
         self.cfg = config.train
         self.env = env
