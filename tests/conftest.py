@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +43,19 @@ def cluster() -> dict[str, int]:
     from tests.slurm_helpers import ensure_cluster
 
     return ensure_cluster()
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[dict[str, Any]]:
+    """The two-node SLURM test cluster (slurm/up.sh --nodes 2), started when it is not answering. For the
+    module, SLURM_CONF points this process at it: sbatch, squeue, sacct, sinfo, scontrol, and through
+    sbatch's environment the jobs they submit."""
+    from tests.slurm_helpers import ensure_two_nodes
+
+    info = ensure_two_nodes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(info["conf"]))
+        yield info
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

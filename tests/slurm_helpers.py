@@ -1,5 +1,6 @@
-"""Helpers for tests that submit real jobs to the single-node SLURM test cluster (slurm/up.sh), and the
-tiny panel + tiny CPU model every launcher test runs (``tiny_sets``).
+"""Helpers for tests that submit real jobs to the single-node SLURM test cluster (slurm/up.sh) or the
+two-node one (slurm/up.sh --nodes 2), and the tiny panel + tiny CPU model every launcher test runs
+(``tiny_sets``).
 
 Without a usable cluster they skip, except under CI=true, where that is a failure: CI exists to run them.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -55,6 +57,47 @@ def node_states() -> set[str] | None:
 def healthy() -> bool:
     states = node_states()
     return bool(states) and states <= USABLE and shutil.which("sbatch") is not None
+
+
+# The two-node cluster (slurm/up.sh --nodes 2): its clients find it through SLURM_CONF.
+TWO_NODE_CONF = Path("/etc/slurm/two-nodes/slurm.conf")
+TWO_NODES = ("rag-n1", "rag-n2")
+
+
+def two_node_states() -> dict[str, str]:
+    """node -> sinfo state of the two-node cluster ({} when its controller does not answer)."""
+    if shutil.which("sinfo") is None or not TWO_NODE_CONF.exists():
+        return {}
+    try:
+        out = run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=15, env={**os.environ, "SLURM_CONF": str(TWO_NODE_CONF)})
+    except subprocess.TimeoutExpired:
+        return {}
+    return dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2) if out.returncode == 0 else {}
+
+
+def up_two_nodes() -> subprocess.CompletedProcess[str]:
+    """``bash slurm/up.sh --nodes 2``: brings the two-node cluster up, or repairs it (dead slurmd, DOWN nodes)."""
+    return run(["bash", str(REPO / "slurm" / "up.sh"), "--nodes", "2"], timeout=900)
+
+
+def ensure_two_nodes() -> dict[str, Any]:
+    """The two-node test cluster, brought up (root only) unless both nodes answer usable; skips or fails otherwise."""
+
+    def usable(states: dict[str, str]) -> bool:
+        return set(states) == set(TWO_NODES) and set(states.values()) <= USABLE
+
+    if not usable(two_node_states()):
+        if os.geteuid() != 0:
+            unavailable("the two-node cluster does not answer and only root can run slurm/up.sh --nodes 2")
+        try:
+            up = up_two_nodes()
+        except subprocess.TimeoutExpired:
+            unavailable("slurm/up.sh --nodes 2 did not finish within 900 s")
+        if up.returncode != 0:
+            unavailable(f"slurm/up.sh --nodes 2 exited {up.returncode}:\n{up.stdout[-2000:]}\n{up.stderr[-6000:]}")
+        if not usable(states := two_node_states()):
+            unavailable(f"slurm/up.sh --nodes 2 succeeded but sinfo reports {states}")
+    return {"conf": TWO_NODE_CONF, "nodes": TWO_NODES}
 
 
 def ensure_cluster() -> dict[str, int]:
@@ -181,8 +224,9 @@ def train_tiny(sim: Path, workdir: Path) -> Path:
 
 def plain_env(threads: int) -> dict[str, str]:
     """Environment of a plain (non-SLURM) run of this package with ``threads`` CPU threads: a job with
-    ``--cpus-per-task threads`` computes bit-for-bit the same."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    ``--cpus-per-task threads`` computes bit-for-bit the same. SLURM_CONF stays: it names the cluster
+    the SLURM commands talk to, not a job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_")) or k == "SLURM_CONF"}
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
 
 
@@ -234,6 +278,50 @@ def submit_urgent(out: Path) -> str:
 
 
 # ---------------------------------------------------------------- what a launch leaves in its workdir
+
+
+STEP = re.compile(r" INFO step (\d+)/\d+ ")
+TOTAL = re.compile(r" epochs = (\d+) steps")
+START = re.compile(r"fresh start: |resumed from .+: next step (\d+)")
+STOPPED = re.compile(r"stopping at step (\d+) on (\w+);")
+
+
+class TrainLog:
+    """A run's train.log, re-read on every question: the job appends to it across requeues."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def lines(self) -> list[str]:
+        return self.path.read_text().splitlines() if self.path.exists() else []
+
+    def total_steps(self) -> int | None:
+        found = [int(m.group(1)) for line in self.lines() if (m := TOTAL.search(line))]
+        return found[0] if found else None
+
+    def starts(self) -> list[str]:
+        """One line per time training began: "fresh start" or "resumed from ..."."""
+        return [line for line in self.lines() if START.search(line)]
+
+    def progress(self, start: int) -> int | None:
+        """The last step logged after the ``start``-th beginning (0: the first), None before one."""
+        begun, last = -1, None
+        for line in self.lines():
+            if START.search(line):
+                begun += 1
+            elif begun == start and (m := STEP.search(line)):
+                last = int(m.group(1))
+        return last
+
+    def resumed_steps(self) -> list[int]:
+        return [int(m.group(1)) for line in self.starts() if (m := START.search(line)) and m.group(1)]
+
+    def stops(self) -> list[tuple[int, str, str]]:
+        """(step, signal name, line) of each checkpoint written on a signal before stopping."""
+        return [(int(m.group(1)), m.group(2), line) for line in self.lines() if (m := STOPPED.search(line))]
+
+    def finished(self) -> str | None:
+        return next((line for line in self.lines() if " finished at step " in line), None)
 
 
 def launch_records(workdir: Path) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ import itertools
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pytest
 from tests import reliability
 from tests.slurm_helpers import (
     UNFINISHED,
+    TrainLog,
     as_flags,
     final_model,
     final_state,
@@ -64,49 +64,6 @@ EPOCHS = 6  # 162 steps of the tiny run
 # before the run could end, far more than SLURM takes to deliver it (~2-5 s). The reference does not hold.
 HOLD_S = 0.35
 TOLERANCE = 1e-6  # max |parameter difference| to the uninterrupted run (bit-equal in practice on CPU)
-
-STEP = re.compile(r" INFO step (\d+)/\d+ ")
-TOTAL = re.compile(r" epochs = (\d+) steps")
-START = re.compile(r"fresh start: |resumed from .+: next step (\d+)")
-STOPPED = re.compile(r"stopping at step (\d+) on (\w+);")
-
-
-class TrainLog:
-    """A run's train.log, re-read on every question: the job appends to it across requeues."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def lines(self) -> list[str]:
-        return self.path.read_text().splitlines() if self.path.exists() else []
-
-    def total_steps(self) -> int | None:
-        found = [int(m.group(1)) for line in self.lines() if (m := TOTAL.search(line))]
-        return found[0] if found else None
-
-    def starts(self) -> list[str]:
-        """One line per time training began: "fresh start" or "resumed from ..."."""
-        return [line for line in self.lines() if START.search(line)]
-
-    def progress(self, start: int) -> int | None:
-        """The last step logged after the ``start``-th beginning (0: the first), None before one."""
-        begun, last = -1, None
-        for line in self.lines():
-            if START.search(line):
-                begun += 1
-            elif begun == start and (m := STEP.search(line)):
-                last = int(m.group(1))
-        return last
-
-    def resumed_steps(self) -> list[int]:
-        return [int(m.group(1)) for line in self.starts() if (m := START.search(line)) and m.group(1)]
-
-    def stops(self) -> list[tuple[int, str, str]]:
-        """(step, signal name, line) of each checkpoint written on a signal before stopping."""
-        return [(int(m.group(1)), m.group(2), line) for line in self.lines() if (m := STOPPED.search(line))]
-
-    def finished(self) -> str | None:
-        return next((line for line in self.lines() if " finished at step " in line), None)
 
 
 class Uninterrupted:
