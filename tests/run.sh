@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command (README, .ci/run): installs what the tests need, then runs them all.
-# Safe to re-run; on a fresh Debian/Ubuntu machine it needs root for the single-node SLURM test
-# cluster (slurm/up.sh installs and starts it; slurm/down.sh stops it).
+# Safe to re-run; on a fresh Debian/Ubuntu machine it needs root for the SLURM test clusters (slurm/up.sh
+# and up.sh --nodes 2 install and start them; slurm/down.sh stops them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,15 +14,18 @@ PY=${PYTHON:-python3}
 "$PY" -m ruff format --check --diff .
 "$PY" -m ruff check .
 
-# The SLURM tests submit real jobs to a single-node cluster; under CI they fail, not skip, without it.
-if ! bash slurm/up.sh; then
-    bash slurm/status.sh --logs || true
-    if [ "${CI:-}" = "true" ]; then
-        echo "tests/run.sh: the SLURM test cluster did not come up (logs above)" >&2
-        exit 1
+# The SLURM tests submit real jobs to a single-node cluster, tests/test_two_nodes.py to a two-node one
+# beside it (its nodes in network namespaces of this machine); under CI they fail, not skip, without them.
+for nodes in 1 2; do
+    if ! bash slurm/up.sh --nodes "$nodes"; then
+        bash slurm/status.sh --nodes "$nodes" --logs || true
+        if [ "${CI:-}" = "true" ]; then
+            echo "tests/run.sh: the $nodes-node SLURM test cluster did not come up (logs above)" >&2
+            exit 1
+        fi
+        echo "tests/run.sh: no $nodes-node SLURM test cluster (needs root on Debian/Ubuntu); its tests will skip" >&2
     fi
-    echo "tests/run.sh: no SLURM test cluster (needs root on Debian/Ubuntu); its tests will skip" >&2
-fi
+done
 
 set +e
 "$PY" -m pytest -q "$@"
