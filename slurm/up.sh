@@ -423,11 +423,12 @@ ensure_hosts() {
     printf '%s\n%s\n' "$(hosts_without_mark)" "$want" >/etc/hosts
 }
 
+ipx() { ip "$@" || die "ip $* failed"; }
 ensure_network() {
     local node veth addr
-    ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge || die "cannot create bridge $BRIDGE"
-    ip -4 addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_ADDR/24 " || ip addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
+    ip link show "$BRIDGE" >/dev/null 2>&1 || ipx link add "$BRIDGE" type bridge
+    ip -4 addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_ADDR/24 " || ipx addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
+    ipx link set "$BRIDGE" up
     for node in $C_NODES; do
         veth=$(node_veth "$node")
         addr=$(node_addr "$node")
@@ -436,16 +437,18 @@ ensure_network() {
             # other end is in a namespace no longer named would join the bridge to nothing.
             ip netns del "$node" 2>/dev/null || true
             ip link del "$veth" 2>/dev/null || true
-            ip netns add "$node" || die "cannot create network namespace $node"
+            # A slurmd still alive there would answer no one: it starts again in the new namespace.
+            stop_pidfile "$(slurmd_pidfile "$node")" slurmd 15
+            ipx netns add "$node"
         fi
         if ! ip link show "$veth" >/dev/null 2>&1; then
             ip -n "$node" link del eth0 2>/dev/null || true
-            ip link add "$veth" type veth peer name eth0 netns "$node" || die "cannot create the veth pair $veth - $node:eth0"
+            ipx link add "$veth" type veth peer name eth0 netns "$node"
         fi
-        ip link set "$veth" master "$BRIDGE" up
-        ip -n "$node" -4 addr show dev eth0 | grep -q "inet $addr/24 " || ip -n "$node" addr add "$addr/24" dev eth0
-        ip -n "$node" link set lo up
-        ip -n "$node" link set eth0 up
+        ipx link set "$veth" master "$BRIDGE" up
+        ip -n "$node" -4 addr show dev eth0 | grep -q "inet $addr/24 " || ipx -n "$node" addr add "$addr/24" dev eth0
+        ipx -n "$node" link set lo up
+        ipx -n "$node" link set eth0 up
     done
     ensure_hosts
 }
