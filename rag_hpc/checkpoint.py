@@ -11,7 +11,8 @@ with ``weights_only=True`` (so nothing executable is unpickled); a corrupt or tr
 logged and the previous one is used. Only the newest ``keep`` are kept.
 
 RNG states are converted to tensors and primitives (``rng_state`` / ``set_rng_state``), because
-``weights_only`` refuses numpy arrays and arbitrary tuples of objects.
+``weights_only`` refuses numpy arrays and arbitrary tuples of objects. torch is imported only where
+tensors are (de)serialized: listing and verifying checkpoints (``status``) runs without it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from rag_hpc.errors import CheckpointError, InputError
 from rag_hpc.fsutil import atomic_write, disk_space_for
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("rag_hpc.train")
 
@@ -56,6 +59,8 @@ class CheckpointFile:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG state this process uses, in a form ``torch.load(weights_only=True)`` accepts."""
+    import torch
+
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -75,6 +80,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["mt"].tolist()), py["gauss"]))
     npy = state["numpy"]
@@ -127,6 +134,8 @@ class CheckpointManager:
         A full disk raises ``DiskFullError`` naming the directory and the checkpoint's size, and
         leaves no file of this checkpoint behind: older checkpoints are only pruned after a success.
         """
+        import torch
+
         self.directory.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -172,6 +181,8 @@ class CheckpointManager:
         return self._deserialize(ckpt, self.verify(ckpt), map_location)
 
     def _deserialize(self, ckpt: CheckpointFile, data: bytes, map_location: str | torch.device) -> dict[str, Any]:
+        import torch
+
         try:
             with warnings.catch_warnings():
                 # A foreign pickle's protocol draws a multi-line warning before the refusal below says it all.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -50,10 +49,11 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = [
-        int(m.group(1)) for p in (run_dir / "checkpoints").glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))
-    ]
-    return max(steps) if steps else None
+    """Step of the run's newest checkpoint whose bytes verify (what a resume or an imputation would use)."""
+    from rag_hpc.checkpoint import CheckpointManager
+
+    found = CheckpointManager(run_dir / "checkpoints").latest_valid()
+    return found.step if found is not None else None
 
 
 def last_metrics(run_dir: Path) -> dict[str, str] | None:
@@ -83,6 +83,7 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
     failed = sorted(j for j, s in tasks.items() if s.split()[0] in FAILED)
     status: dict[str, Any] = {
         "launched": record.get("time"),
+        "cluster": record.get("cluster"),
         "array": {a: states.get(a) for a in array_ids},
         "array_tasks": tasks,
         "train": {train_id: states.get(train_id, "unknown")} if train_id else {},
@@ -97,11 +98,11 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
                 "windows": ch["windows"],
                 "index_tasks": {j: states.get(j, "unknown") for j in ch.get("index_tasks", [])},
                 "impute_tasks": {j: states.get(j, "unknown") for j in ch.get("impute_tasks", [])},
-                "imputed": ch["imputed"] if Path(ch["imputed"]).is_file() else None,
-                "r2_by_maf": _report_r2(Path(ch["imputed"]).parent / "metrics.json"),
+                "imputes": ch.get("imputed") is not None,  # the run has targets
+                "imputed": ch["imputed"] if ch.get("imputed") and Path(ch["imputed"]).is_file() else None,
+                "r2_by_maf": _report_r2(Path(ch["imputed"]).parent / "metrics.json") if ch.get("imputed") else None,
             }
             for ch in record.get("chromosomes", [])
-            if ch["name"] is not None
         ],
         "windows_total": record.get("windows_total"),
         "run_dir": record.get("run_dir"),
@@ -137,6 +138,13 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def _num(text: str) -> str:
+    try:
+        return f"{float(text):.3f}"
+    except ValueError:
+        return text
+
+
 def _counts(states: Iterable[str]) -> str:
     """'3 COMPLETED, 1 RUNNING'."""
     counts: dict[str, int] = {}
@@ -151,12 +159,13 @@ def _task_counts(tasks: dict[str, str], array_id: str) -> str:
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = [f"launch {status['launched']}: run dir {status['run_dir']}"]
+    local = status.get("cluster") == "local"
+    lines = [f"launch {status['launched']}{' (local, in one process)' if local else ''}: run dir {status['run_dir']}"]
     for jid, state in status["train"].items():
         lines.append(f"  training job {jid}: {state}")
     for aid in status["array"]:
         lines.append(f"  index array {aid}: {_task_counts(status['array_tasks'], aid)}")
-    if not status["array"]:
+    if not status["array"] and not local:
         lines.append("  index array: none (all windows were cached)")
     for aid in status.get("impute_array", {}):
         lines.append(f"  imputation array {aid}: {_task_counts(status['impute_tasks'], aid)}")
@@ -165,19 +174,27 @@ def render(status: dict[str, Any]) -> str:
     if "windows_cached" in status:
         lines.append(f"  windows cached: {status['windows_cached']} / {status['windows_total']}")
     for ch in status.get("chromosomes", []):
-        parts = [f"windows cached {ch.get('windows_cached', '?')} / {ch['windows']}"]
+        # One unnamed chromosome: its windows are the launch's, said above.
+        parts = [f"windows cached {ch.get('windows_cached', '?')} / {ch['windows']}"] if ch["name"] is not None else []
         for what, key in (("index", "index_tasks"), ("imputation", "impute_tasks")):
-            if ch[key]:
+            if ch[key] and ch["name"] is not None:
                 parts.append(f"{what} tasks: {_counts(ch[key].values())}")
-        parts.append(f"imputed: {ch['imputed'] or 'not yet'}")
-        lines.append(f"  chromosome {ch['name']}: " + "; ".join(parts))
+        if ch["imputes"]:
+            parts.append(f"imputed: {ch['imputed'] or 'not yet'}")
+        if not parts:
+            continue
+        lines.append(f"  {'chromosome ' + ch['name'] + ': ' if ch['name'] is not None else ''}" + "; ".join(parts))
         if ch.get("r2_by_maf"):
-            lines.append("    dosage r² by MAF: " + "  ".join(f"{b} {r}" for b, r in ch["r2_by_maf"].items()))
-    lines.append(
-        f"  newest checkpoint step: {status['checkpoint_step'] if status['checkpoint_step'] is not None else 'none yet'}"
-    )
+            lines.append("    dosage r² by MAF (report): " + "  ".join(f"{b} {r}" for b, r in ch["r2_by_maf"].items()))
+    step = status["checkpoint_step"]
+    lines.append(f"  newest valid checkpoint: {'none yet' if step is None else f'step {step}'}")
     m = status["last_metrics"]
     if m:
+        val = {k.removeprefix("val_r2_maf_"): v for k, v in m.items() if k.startswith("val_r2_maf_") and v not in ("", None)}
+        if val:
+            lines.append(
+                f"  last validation (epoch {m.get('epoch')}) r² by MAF: " + "  ".join(f"{b} {_num(v)}" for b, v in val.items())
+            )
         lines.append("  last metrics: " + ", ".join(f"{k}={v}" for k, v in m.items() if v not in ("", None)))
     lines.extend(f"  PROBLEM: {p}" for p in status["problems"])
     return "\n".join(lines)

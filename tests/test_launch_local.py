@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from tests.slurm_helpers import as_flags, launcher, tiny_sets
+from tests.slurm_helpers import as_flags, cli, launcher, tiny_sets
 
 
 def test_local_launch_prepares_builds_trains_imputes_and_reports(tiny_simulation: Path, tmp_path: Path) -> None:
@@ -25,6 +25,19 @@ def test_local_launch_prepares_builds_trains_imputes_and_reports(tiny_simulation
     assert list(csv.DictReader((run_dir / "metrics.csv").open())), "no epoch row in metrics.csv"
     assert "index: 3 window(s) built" in out.stdout
     assert str(report / "report.md") in out.stdout, "the launcher must say where the report is"
+    # status reads a local run too: windows, the checkpoint a resume would use, validation and the report.
+    status = cli("status", "--workdir", str(tmp_path / "work"))
+    assert status.returncode == 0, status.stderr
+    step = max(int(p.stem.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    for line in (
+        "(local, in one process)",
+        "windows cached: 3 / 3",
+        f"imputed: {report / 'imputed.vcf.gz'}",
+        "dosage r² by MAF (report): [0, 0.005)",
+        f"newest valid checkpoint: step {step}",
+        "last validation (epoch 0) r² by MAF: 0.000-0.005",
+    ):
+        assert line in status.stdout, status.stdout
 
 
 def test_debug_launch_runs_the_job_graph_in_process_and_writes_the_vcf_the_local_pipeline_writes(

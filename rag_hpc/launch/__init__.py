@@ -35,11 +35,14 @@ from rag_hpc.launch.core import (
     LaunchOptions,
     TrainJob,
     build_window_range,
+    chromosomes,
     ensure_data,
     merge_imputation,
     read_records,
+    record_launch,
     run_dir_of,
     run_guard,
+    run_record,
     uncached_windows,
 )
 from rag_hpc.launch.local import launch_debug, run_local
@@ -169,6 +172,8 @@ def main(args: argparse.Namespace) -> int:
         if not guard.ok:
             print("error: memory guard: over budget on this machine (OVER rows above); nothing was run", file=sys.stderr)
             return 1
+        # Recorded before it runs, so `status` reads a local run as it goes and after it ends.
+        record_launch(config.paths.workdir, run_record(config, "local", chromosomes(config), len(todo)))
         run_local(config)
         return 0
     opts = LaunchOptions(

@@ -406,12 +406,37 @@ def _timeout_min(time_spec: str) -> int:
     return max(1, days * 1440 + minutes)
 
 
+def run_record(config: RagConfig, cluster: str, genome: list[Chromosome], windows_todo: int) -> dict[str, Any]:
+    """What every launch records (``RUN_RECORD``), local or queued: the run, its cache, its windows and,
+    per chromosome, where its windows sit, its tasks (queued launches fill them in) and its imputed VCF."""
+    return {
+        "time": time.strftime("%Y%m%d-%H%M%S"),
+        "cluster": cluster,
+        "run_dir": str(run_dir_of(config)),
+        "cache": str(config.paths.cache),
+        "windows_total": sum(ch.windows for ch in genome),
+        "windows_todo": windows_todo,
+        "chromosomes": [
+            {
+                "name": ch.name,
+                "offset": ch.offset,
+                "windows": ch.windows,
+                "index_tasks": [],
+                "impute_tasks": [],
+                "imputed": str(imputed_vcf(config, ch.name)) if config.data.targets_vcf is not None else None,
+            }
+            for ch in genome
+        ],
+        "config": config.model_dump(mode="json"),
+    }
+
+
 def read_records(workdir: Path) -> list[dict[str, Any]]:
     path = workdir / RUN_RECORD
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _record(workdir: Path, record: dict[str, Any]) -> Path:
+def record_launch(workdir: Path, record: dict[str, Any]) -> Path:
     path = workdir / RUN_RECORD
     runs = [*read_records(workdir), record]
     tmp = path.with_suffix(".tmp")
@@ -438,42 +463,25 @@ def submit(
     in_flight = backend.in_flight(records, config.paths.cache)
     shared = {w: in_flight[(w, digest)] for w, digest in todo.items() if (w, digest) in in_flight}
     build = [w for w in todo if w not in shared]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = workdir / "submitit" / stamp
+    record = run_record(config, opts.cluster, genome, len(build))
+    folder = workdir / "submitit" / record["time"]
     groups = task_ranges(genome, build, config.index.windows_per_task)
-    record: dict[str, Any] = {
-        "time": stamp,
-        "cluster": opts.cluster,
-        "partition": opts.partition,
-        "folder": str(folder),
-        "run_dir": str(run_dir_of(config)),
-        "cache": str(config.paths.cache),
-        "windows_total": n_windows,
-        "windows_todo": len(build),
-        # Per chromosome, for status: its windows among the launch's, its tasks, where its VCF goes.
-        "chromosomes": [
-            {
-                "name": ch.name,
-                "offset": ch.offset,
-                "windows": ch.windows,
-                "index_tasks": [],
-                "impute_tasks": [],
-                "imputed": str(imputed_vcf(config, ch.name)),
-            }
-            for ch in genome
-        ],
-        "array_ids": [],
-        "array_tasks": 0,
-        "array_windows": {},
-        "depends_on": sorted(set(shared.values())),
-        "train_id": None,
-        "impute_ids": [],
-        "impute_tasks": 0,
-        "merge_id": None,
-        "index_mem_mb": guard.index_mem_mb,
-        "train_mem_mb": guard.train_mem_mb,
-        "config": config.model_dump(mode="json"),
-    }
+    record.update(
+        {
+            "partition": opts.partition,
+            "folder": str(folder),
+            "array_ids": [],
+            "array_tasks": 0,
+            "array_windows": {},
+            "depends_on": sorted(set(shared.values())),
+            "train_id": None,
+            "impute_ids": [],
+            "impute_tasks": 0,
+            "merge_id": None,
+            "index_mem_mb": guard.index_mem_mb,
+            "train_mem_mb": guard.train_mem_mb,
+        }
+    )
     if opts.dry_run:
         log(
             f"dry run: would submit {len(groups)} array task(s) over {len(build)} uncached window(s) of {n_windows}, then training"
@@ -502,7 +510,7 @@ def submit(
     train_job = ex.submit(TrainJob(config))
     record["train_id"] = train_job.job_id
     impute_arrays, merge_job = _submit_imputation(config, opts, backend, folder, genome, guard, record)
-    _record(workdir, record)
+    record_launch(workdir, record)
     log(
         f"index array: {', '.join(record['array_ids']) or 'none (all windows cached)'} "
         f"({record['array_tasks']} task(s), {len(build)}/{n_windows} windows to build, --mem {guard.index_mem_mb}M each)"
