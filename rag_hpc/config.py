@@ -88,6 +88,11 @@ class DataConfig(_Section):
         description="strand-ambiguous (A/T, C/G) target sites: skip them, or keep them read as on the panel's strand; "
         "training's array, the targets' donor tables and imputation all use the sites this leaves",
     )
+    panel_overlap: Literal["refuse", "exclude"] = Field(
+        "refuse",
+        description="target samples that are panel samples (same ID, or genotypes identical at >= 99 % of the typed "
+        "sites): refuse them, or exclude their haplotypes from the targets' donors (--exclude-panel-overlap)",
+    )
     demo_preset: Literal["demo", "kgp-like", "demo-genome"] = Field(
         "demo", description="the simulated panel when none is given; demo-genome: two chromosomes (a genome launch)"
     )

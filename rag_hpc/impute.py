@@ -33,7 +33,7 @@ import numpy as np
 
 from rag_hpc.cli import add_config_args, config_from_args, run_main
 from rag_hpc.config import RagConfig
-from rag_hpc.data.targets import TargetSites, match_targets
+from rag_hpc.data.targets import TargetSites
 from rag_hpc.data.vcf import VcfWriter
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.index.cache import Artifact, ArtifactStore
@@ -339,7 +339,9 @@ def _prepare(
     from rag_hpc.data.windows import make_windows
 
     ambiguous = config.data.ambiguous
-    targets = match_targets(panel, targets_vcf, ambiguous=ambiguous, skip_non_snps=config.data.skip_non_snps)
+    from rag_hpc.index.build import WindowCache
+
+    targets = WindowCache(config, panel).match(targets_vcf)
     if begin:
         _begin(predictor, targets)
     name = getattr(predictor, "name", type(predictor).__name__)
@@ -593,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="strand-ambiguous A/T and C/G target sites: skip them or trust they are on the panel's strand "
         "(default: data.ambiguous, skip; a model is best given the sites its training array had)",
     )
+    parser.add_argument(
+        "--exclude-panel-overlap",
+        action="store_true",
+        help="target samples that are panel samples (same ID, or genotypes identical at >= 99 %% of the typed sites) are "
+        "imputed without their own haplotypes among the donors (default: refused, data.panel_overlap)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_config_args(parser, per_chromosome=True)
     return parser
@@ -608,6 +616,8 @@ def main(args: argparse.Namespace) -> int:
         config.data.panel_h5 = args.panel
     if args.ambiguous is not None:
         config.data.ambiguous = args.ambiguous
+    if args.exclude_panel_overlap:
+        config.data.panel_overlap = "exclude"
     targets = args.targets if args.targets is not None else config.data.targets_vcf
     if targets is None:
         raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")

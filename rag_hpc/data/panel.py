@@ -155,6 +155,16 @@ class Panel:
         keys = uniforms(seed, Stream.REFERENCE_ORDER, 0, ids.astype(np.uint64), 0, 1)[:, 0]
         return ids[np.argsort(keys, kind="stable")].astype(np.int64)
 
+    def haplotypes_at(self, sites: np.ndarray, block: int = 4096) -> np.ndarray:
+        """Alleles of every haplotype at the (increasing) ``sites``: uint8 [n_haplotypes, len(sites)], read
+        ``block`` sites of the panel at a time."""
+        parts = []
+        for start in range(0, self.n_sites, block):
+            lo, hi = np.searchsorted(sites, [start, start + block])
+            if hi > lo:
+                parts.append(self.haplotypes(start, min(start + block, self.n_sites))[:, sites[lo:hi] - start])
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.n_haplotypes, 0), np.uint8)
+
     def haplotypes(self, start: int, stop: int) -> np.ndarray:
         """Alleles of every haplotype at sites [start, stop): uint8 [n_haplotypes, stop - start].
 

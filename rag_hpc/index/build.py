@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 import zipfile
 from collections.abc import Iterable
@@ -29,12 +30,13 @@ from tqdm import tqdm
 from rag_hpc.config import RagConfig
 from rag_hpc.data.masks import simulated_array
 from rag_hpc.data.panel import Panel
-from rag_hpc.data.targets import TargetSites, match_targets
+from rag_hpc.data.targets import PanelOverlap, TargetSites, checked_against_panel, match_targets, panel_overlap
 from rag_hpc.data.windows import Window, make_windows
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.index.cache import Artifact, ArtifactStore
 
 SHARD = "shard"
+OVERLAP = "overlap"  # whether the targets' samples are panel samples (``WindowCache.match``)
 
 log = logging.getLogger("rag_hpc.index")
 
@@ -120,10 +122,26 @@ class WindowCache:
             self._targets = None
             data = self.config.data
             if data.targets_vcf is not None:
-                self._targets = match_targets(
-                    self.panel, data.targets_vcf, ambiguous=data.ambiguous, skip_non_snps=data.skip_non_snps
-                )
+                self._targets = self.match(data.targets_vcf)
         return self._targets  # type: ignore[return-value]
+
+    def match(self, targets_vcf: str | os.PathLike[str]) -> TargetSites:
+        """Targets matched to the panel (``data.ambiguous``) and checked against its samples
+        (``data.panel_overlap``: refused, or their own haplotypes excluded from the donors). Whether target
+        samples are panel samples is computed once per panel and targets content, as a cache artifact:
+        it reads the panel at every typed site (seconds at chromosome scale), and every job of a run asks."""
+        data = self.config.data
+        targets = match_targets(self.panel, targets_vcf, ambiguous=data.ambiguous, skip_non_snps=data.skip_non_snps)
+        art = Artifact(OVERLAP, {"format": 1, "panel_sha256": self.panel.info.source_sha256, "targets_sha256": targets.digest()})
+        files = self.store.read(art)
+        if files is None:
+            with self.store.lock(art):
+                files = self.store.read(art)
+                if files is None:
+                    files = {"overlap.json": panel_overlap(self.panel, targets).to_json()}
+                    self.store.commit(art, files)
+        overlap = PanelOverlap.from_json(files["overlap.json"])
+        return checked_against_panel(self.panel, targets, overlap, data.panel_overlap, str(targets_vcf))
 
     def array_sites(self) -> np.ndarray:
         """The run's typed sites (panel indices, increasing): the targets' sites as imputation will use them

@@ -159,7 +159,8 @@ class Queries:
     typed: np.ndarray
     ids: np.ndarray | None = None
     alleles: np.ndarray | None = None
-    targets: str | None = None
+    targets: str | None = None  # the targets' digest: it covers ``exclude``
+    exclude: np.ndarray | None = None  # reference rows no query may copy (targets that are panel samples)
 
     @property
     def labels(self) -> np.ndarray:
@@ -168,7 +169,8 @@ class Queries:
 
 
 def target_queries(targets: TargetSites) -> Queries:
-    return Queries("targets", targets.panel_index, alleles=targets.haplotypes, targets=targets.digest())
+    exclude = targets.exclude if targets.exclude.size else None
+    return Queries("targets", targets.panel_index, alleles=targets.haplotypes, targets=targets.digest(), exclude=exclude)
 
 
 def run_queries(cache: WindowCache) -> dict[str, Queries]:
@@ -344,7 +346,12 @@ def _compute_parts(
     exclude_own = {p.exclude_own for p in parts}
     if len(exclude_own) > 1:
         raise ValueError("_compute_parts: parts of one table either all exclude their own sample or none do")
-    exclude = own_sample_rows(ids, reference) if exclude_own == {True} else None  # type: ignore[arg-type]
+    if exclude_own == {True}:
+        exclude = own_sample_rows(ids, reference)  # type: ignore[arg-type]
+    elif queries.exclude is not None:
+        exclude = np.broadcast_to(queries.exclude, (query_t.shape[1], queries.exclude.size))
+    else:
+        exclude = None
     whole = compute_donors(cache, typed, query_t, cfg, k, exclude, reference_t)
     out, start = [], 0
     for part in parts:

@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-timeouts", type=int, default=10, help="time-limit requeues allowed per job (default 10)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs to finish")
     p.add_argument(
+        "--exclude-panel-overlap",
+        action="store_true",
+        help="target samples that are panel samples are imputed without their own haplotypes among the donors "
+        "(default: the launch is refused, naming them; data.panel_overlap)",
+    )
+    p.add_argument(
         "--attach",
         action="store_true",
         help="when jobs of this run are already queued (a launch refuses to submit it twice), wait for them and report",
@@ -132,6 +138,8 @@ def config_for_launch(args: argparse.Namespace) -> RagConfig:
         if value is not None:
             # JSON-quoted: YAML would read --time 10 as an int and a path with ': ' as a mapping.
             overrides.append(f"{key}={json.dumps(str(value)) if isinstance(value, (str, Path)) else value}")
+    if args.exclude_panel_overlap:
+        overrides.append("data.panel_overlap=exclude")
     config = config_from_args(argparse.Namespace(config=args.config, overrides=overrides))
     no_file = args.config is None and not os.environ.get("RAG_HPC_CONFIG")
     if no_file and config.data.panel_vcf is None and config.data.panel_h5 is None:
