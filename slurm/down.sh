@@ -37,9 +37,28 @@ cancel_all() {
 
 # The two-node cluster, whatever of it exists.
 two_nodes_down() {
-    local node veth pids i
+    local node veth procs pids i
     use_cluster 2
     if ((purge)); then cancel_all; fi
+    # Its nodes go down as in a power cut: everything in their namespaces, slurmd and the job steps
+    # that outlive it (slurmstepd ignores SIGTERM), is SIGKILLed; slurmctld, told the nodes are DOWN,
+    # ends their jobs NODE_FAIL (requeued if they may be) instead of keeping them RUNNING on nodes
+    # that come back empty.
+    for node in $C_NODES; do
+        if ip netns exec "$node" true 2>/dev/null; then
+            procs=$(ip netns pids "$node" 2>/dev/null || true)
+            # shellcheck disable=SC2086
+            [ -z "$procs" ] || kill -KILL $procs 2>/dev/null || true
+            for ((i = 0; i < 50; i++)); do
+                [ -z "$(ip netns pids "$node" 2>/dev/null)" ] && break
+                sleep 0.1
+            done
+        fi
+    done
+    if pid_of "$CTLD_PID" slurmctld >/dev/null; then
+        scontrol update nodename="${C_NODES// /,}" state=down reason="slurm/down.sh --nodes 2" >/dev/null 2>&1 || true
+    fi
+    # Together: each takes a second or two (a killed slurmd until it is reaped).
     pids=()
     for node in $C_NODES; do
         stop_pidfile "$(slurmd_pidfile "$node")" slurmd 15 &
@@ -48,19 +67,6 @@ two_nodes_down() {
     stop_pidfile "$CTLD_PID" slurmctld 30 &
     wait "$!" "${pids[@]}"
     for node in $C_NODES; do
-        if ip netns exec "$node" true 2>/dev/null; then
-            # Job steps outlive slurmd; a node that goes down takes them with it.
-            pids=$(ip netns pids "$node" 2>/dev/null || true)
-            # shellcheck disable=SC2086
-            [ -z "$pids" ] || kill -TERM $pids 2>/dev/null || true
-            for ((i = 0; i < 50; i++)); do
-                [ -z "$(ip netns pids "$node" 2>/dev/null)" ] && break
-                sleep 0.1
-            done
-            pids=$(ip netns pids "$node" 2>/dev/null || true)
-            # shellcheck disable=SC2086
-            [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
-        fi
         ip netns del "$node" 2>/dev/null || true
         # Gone with the namespace, unless its other end was somewhere else.
         veth=$(node_veth "$node")
