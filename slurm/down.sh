@@ -3,9 +3,10 @@
 # Job state, accounting database and logs stay, so `up.sh` resumes where it left off.
 #   --purge     also cancel all jobs and delete the state directory (job ids restart at 1).
 #   --nodes 2   only the two-node cluster (up.sh --nodes 2): its slurmctld, both slurmd and whatever
-#               else runs in the nodes' namespaces, the namespaces, veth pairs, bridge and /etc/hosts
-#               lines; munge, slurmdbd and the single-node cluster keep running. With --purge its state
-#               directory and its jobs in the accounting database go too.
+#               else runs in the nodes' namespaces (jobs running there end NODE_FAIL, as in a power
+#               cut), the namespaces, veth pairs, bridge and /etc/hosts lines; munge, slurmdbd and the
+#               single-node cluster keep running. With --purge its state directory and its jobs in the
+#               accounting database go too.
 # Without --nodes 2 the two-node cluster is stopped as well: it cannot run without munge and slurmdbd.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
