@@ -60,9 +60,9 @@ from rag_hpc.cli import add_config_args
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.evaluate import MAF_BINS, Evaluation, bin_label, evaluate, plot_r2_by_maf, write_report
 
-BEAGLE_JAR = Path("/usr/share/beagle/beagle.jar")
-METHODS = ("nearest", "copy", "minimac4", "beagle", "model")
-BEAGLE_INSTALL = "apt-get install -y --no-install-recommends beagle"
+# *-phased: the method on the targets unphased, then phased by Beagle through ``rag_hpc.phase`` (as real
+# array data arrive); model-phased imputes with the model the 'model' run trained.
+METHODS = ("nearest", "copy", "minimac4", "beagle", "model", "minimac4-phased", "model-phased")
 
 
 @dataclass
@@ -118,6 +118,78 @@ def simulated_dataset(work: Path, seed: int) -> Dataset:
         map=map_file,
         facts={"array_sites": manifest["counts"]["array_sites"], "recombination_rate": manifest["recombination_rate"]},
     )
+
+
+def without_panel_samples(data: Dataset, panel_h5: Path, work: Path, config: RagConfig) -> Dataset:
+    """The dataset without target samples that are panel samples (``rag_hpc.data.targets.panel_overlap``:
+    the package refuses to impute them, since their own haplotypes would be their donors): left out of every
+    method's targets and truth alike."""
+    import dataclasses
+
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.data.targets import match_targets, panel_overlap
+    from rag_hpc.data.vcf import VcfWriter, read_phased_vcf
+
+    with Panel(panel_h5) as panel:
+        overlap = panel_overlap(panel, match_targets(panel, data.targets, ambiguous=config.data.ambiguous))
+    if not overlap:
+        return data
+    log(f"left out of the targets, as panel samples: {overlap.describe(limit=len(overlap.pairs))}")
+    drop = {t for t, _, _ in overlap.pairs}
+    paths = {}
+    for name in ("targets", "truth"):
+        src = read_phased_vcf(getattr(data, name))
+        keep = [i for i, s in enumerate(src.samples) if s not in drop]
+        paths[name] = work / f"{name}-without-panel-samples-{_digest(getattr(data, name))}.vcf.gz"
+        if not paths[name].is_file():
+            with VcfWriter(paths[name], contig=src.contig, samples=[src.samples[i] for i in keep]) as w:
+                w.write_phased(src.pos, src.ref, src.alt, src.gt[:, keep])
+    facts = {**data.facts, "left_out_as_panel_samples": overlap.pairs}
+    return dataclasses.replace(data, targets=paths["targets"], truth=paths["truth"], facts=facts)
+
+
+def beagle_phased(config: RagConfig, panel_h5: Path, data: Dataset, work: Path) -> tuple[Path, float]:
+    """(the targets with every genotype unphased, then phased by Beagle through ``rag_hpc.phase`` against the
+    train split with the dataset's map, the phasing's seconds): what the *-phased methods read."""
+    import gzip
+
+    from rag_hpc.phase import phase_targets
+
+    raw = work / f"targets-unphased-{_digest(data.targets)}.vcf.gz"
+    with gzip.open(data.targets, "rt") as fin, gzip.open(raw, "wt") as fout:
+        for line in fin:
+            if not line.startswith("#"):
+                f = line.rstrip("\n").split("\t")
+                line = "\t".join([*f[:9], *(g.replace("|", "/") for g in f[9:])]) + "\n"
+            fout.write(line)
+    cfg = config.model_copy(deep=True)
+    cfg.data.panel_h5, cfg.data.genetic_map = panel_h5, data.map
+    cfg.paths.cache_dir = Path(tempfile.mkdtemp(prefix="phasing-", dir=work))  # timed from scratch
+    t0 = time.perf_counter()
+    phased = phase_targets(cfg, raw)
+    seconds = time.perf_counter() - t0
+    kept = work / "targets-beagle-phased.vcf.gz"
+    shutil.copyfile(phased, kept)
+    shutil.copyfile(f"{phased}.tbi", f"{kept}.tbi")
+    shutil.rmtree(cfg.paths.cache_dir, ignore_errors=True)
+    return kept, seconds
+
+
+def run_model_on(name: str, config: RagConfig, checkpoint: str, panel_h5: Path, targets: Path, out_vcf: Path) -> MethodResult:
+    """The trained model (the 'model' run's checkpoint) on other targets: the imputation step alone."""
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.impute import impute, load_model_predictor
+
+    result = MethodResult(name, name)
+    cfg = config.model_copy(deep=True)
+    t0 = time.perf_counter()
+    with Panel(panel_h5) as panel, PeakRss() as rss:
+        summary = impute(cfg, load_model_predictor(checkpoint, cfg), targets, out_vcf, panel=panel)
+    result.seconds = result.info["impute_seconds"] = time.perf_counter() - t0
+    result.info["impute_peak_rss_mb"] = rss.mb
+    result.vcf = out_vcf
+    log(summary.describe())
+    return result
 
 
 def _digest(*parts: Any) -> str:
@@ -292,20 +364,15 @@ def run_minimac(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> Me
     return result
 
 
-def beagle_command() -> list[str] | None:
-    exe = shutil.which("beagle")
-    if exe:
-        return [exe]  # Debian's wrapper: exec java -jar /usr/share/beagle/beagle.jar "$@"
-    if BEAGLE_JAR.is_file() and shutil.which("java"):
-        return ["java", "-jar", str(BEAGLE_JAR)]
-    return None
-
-
 def run_beagle(ref_vcf: Path, data: Dataset, out_dir: Path, threads: int) -> MethodResult:
+    from rag_hpc.errors import ConfigError
+    from rag_hpc.phase import beagle_command
+
     result = MethodResult("beagle", "beagle")
-    cmd = beagle_command()
-    if cmd is None:
-        result.status = f"not available: no `beagle` on PATH nor {BEAGLE_JAR} ({BEAGLE_INSTALL})"
+    try:
+        cmd = beagle_command()
+    except ConfigError as exc:
+        result.status = f"not available: {exc}"
         return result
     prefix = out_dir / "beagle"
     for f in (Path(f"{prefix}.vcf.gz"), Path(f"{prefix}.log")):
@@ -358,6 +425,7 @@ def run_model(config: RagConfig, panel_h5: Path, data: Dataset, work: Path, out_
         timer.cancel()
     result.info["train_seconds"] = time.perf_counter() - t0
     result.info["checkpoint"] = str(checkpoint)
+    result.info["config"] = cfg
     # The training's own validation of this checkpoint (val split typed at the targets' array): what the
     # training log promises the imputation will score.
     val = validate_checkpoint(cfg)
@@ -495,7 +563,8 @@ def main() -> int:
         data = simulated_dataset(work, args.seed)
     t0 = time.perf_counter()
     panel_h5 = prepared_panel(work, data, config)
-    ref_vcf = train_split_vcf(panel_h5, work) if {"beagle", "minimac4"} & set(methods) else None
+    data = without_panel_samples(data, panel_h5, work, config)
+    ref_vcf = train_split_vcf(panel_h5, work) if {"beagle", "minimac4", "minimac4-phased"} & set(methods) else None
     setup_s = time.perf_counter() - t0
 
     from rag_hpc.data.panel import SPLIT_TRAIN, Panel
@@ -510,6 +579,26 @@ def main() -> int:
     outputs = work / "outputs"
     outputs.mkdir(exist_ok=True)
     results: list[MethodResult] = []
+    phasing: tuple[Path, float] | None = None
+
+    def run_phased(method: str, phased: Path) -> MethodResult:
+        """A method on the Beagle-phased targets: Minimac4, or the model the 'model' run trained."""
+        import dataclasses
+
+        if method == "minimac4-phased":
+            assert ref_vcf is not None
+            (outputs / "phased").mkdir(exist_ok=True)
+            r = run_minimac(ref_vcf, dataclasses.replace(data, targets=phased), outputs / "phased", args.threads)
+            r.name, r.label = method, f"{r.label}, Beagle-phased"
+            return r
+        trained = next((r for r in results if r.name == "model" and r.ok), None)
+        if trained is None:
+            return MethodResult(method, "model, Beagle-phased", status="not available: the 'model' method must run first")
+        cfg = trained.info["config"]
+        r = run_model_on(method, cfg, trained.info["checkpoint"], panel_h5, phased, outputs / "model-phased.vcf.gz")
+        r.label = "model, Beagle-phased"
+        return r
+
     for method in methods:
         log(f"--- {method}")
         if method in ("nearest", "copy"):
@@ -525,6 +614,12 @@ def main() -> int:
         elif method == "beagle":
             assert ref_vcf is not None
             results.append(guarded(method, lambda: run_beagle(ref_vcf, data, outputs, args.threads)))
+        elif method.endswith("-phased"):
+            if phasing is None:
+                phasing = beagle_phased(config, panel_h5, data, work)
+                log(f"phased the unphased targets with Beagle in {phasing[1]:.1f} s: {phasing[0]}")
+            results.append(guarded(method, lambda m=method, p=phasing[0]: run_phased(m, p)))
+            results[-1].info["phasing_seconds"] = round(phasing[1], 2)
         else:
             results.append(
                 guarded(
@@ -579,7 +674,17 @@ def main() -> int:
             k: v
             for k, v in r.info.items()
             if k
-            in ("version", "command", "targets", "train_seconds", "stopped_at_step", "compress_seconds", "weighting", "val_r2")
+            in (
+                "version",
+                "command",
+                "targets",
+                "train_seconds",
+                "stopped_at_step",
+                "compress_seconds",
+                "weighting",
+                "val_r2",
+                "phasing_seconds",
+            )
         }
         if extra:
             print(f"  {r.label}: " + "; ".join(f"{k}={v}" for k, v in extra.items()))
@@ -619,6 +724,7 @@ def main() -> int:
                             "val_r2",
                             "impute_peak_rss_mb",
                             "genotypes_per_s",
+                            "phasing_seconds",
                         )
                     },
                 }

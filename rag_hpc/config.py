@@ -52,7 +52,7 @@ class PathsConfig(_Section):
 
 
 CHROM = "{chrom}"  # in a data path: the chromosome's name, one file per chromosome of data.chromosomes
-_TEMPLATED = ("panel_vcf", "panel_h5", "populations", "targets_vcf", "truth_vcf")
+_TEMPLATED = ("panel_vcf", "panel_h5", "populations", "targets_vcf", "truth_vcf", "genetic_map")
 
 
 def _chromosome_list(value: Any) -> Any:
@@ -77,6 +77,9 @@ class DataConfig(_Section):
     populations: ConfigPath | None = Field(None, description="TSV 'sample<TAB>population' for per-population AF")
     targets_vcf: ConfigPath | None = Field(None, description="phased targets on array sites")
     truth_vcf: ConfigPath | None = Field(None, description="targets' true genotypes at all sites (evaluation)")
+    genetic_map: ConfigPath | None = Field(
+        None, description="PLINK map (chrom, id, cM, bp) for phasing unphased targets with Beagle; None: 1 cM/Mb"
+    )
     chromosomes: Annotated[list[str] | None, BeforeValidator(_chromosome_list)] = Field(
         None,
         description="a genome in one launch: these chromosomes (a list, or a range such as 1..22 or chr1..chr22), each "

@@ -596,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: data.ambiguous, skip; a model is best given the sites its training array had)",
     )
     parser.add_argument(
+        "--phase",
+        action="store_true",
+        help="phase the targets with Beagle 5.4 (impute=false) against the panel's train split first, with "
+        "data.genetic_map when set; done anyway when the targets are unphased (rag_hpc.phase)",
+    )
+    parser.add_argument(
         "--exclude-panel-overlap",
         action="store_true",
         help="target samples that are panel samples (same ID, or genotypes identical at >= 99 %% of the typed sites) are "
@@ -623,6 +629,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
     if args.checkpoint is None and args.baseline is None:
         raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline copy|nearest")
+    from rag_hpc.phase import is_phased, phase_targets
+
+    if args.phase or not is_phased(targets):
+        targets = phase_targets(config, targets)
     with Panel(config.panel_h5) as panel:
         if args.checkpoint is not None:
             predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)

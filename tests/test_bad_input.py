@@ -152,15 +152,11 @@ CORPUS = [
     impute(
         "targets on another build", "{gen}/targets.build.vcf.gz", rf"none of its \d+ sites is at a panel position.*{FIX_BUILD}"
     ),
-    impute(
-        "unphased targets",
-        "{gen}/targets.unphased.vcf",
-        r"targets must be phased \(.*unphased genotype.*\); phase the targets first.*beagle gt=.*shapeit4",
-    ),
+    # (Unphased targets are no bad input: impute phases them, tests/test_phase.py.)
     impute(
         "targets with a missing call",
         "{gen}/targets.missing.vcf",
-        r"targets must have no missing calls .*phasing fills them.*beagle",
+        r"targets must have no missing calls .*phasing fills them.*impute --phase",
     ),
     # -- configs
     index(
@@ -323,7 +319,6 @@ def built(tiny_simulation: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     shutil.copy(work / "panel.h5", gen / "panel.vcf.gz")
     targets = tiny_simulation / "targets.array.vcf.gz"
     _edit_records(targets, gen / "targets.alleles.vcf", lambda _, f: _alleles_of_no_orientation(f))
-    _edit_records(targets, gen / "targets.unphased.vcf", lambda _, f: [*f[:9], *(g.replace("|", "/") for g in f[9:])])
     _edit_records(targets, gen / "targets.missing.vcf", lambda i, f: [*f[:10], ".|.", *f[11:]] if i == 3 else f)
     write_targets(targets, gen / "targets.build.vcf.gz", pos_shift=10_000_000)
     return {"built": work, "ckpt": ckpt, "gen": gen, "sim": tiny_simulation}

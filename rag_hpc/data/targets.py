@@ -30,10 +30,8 @@ if TYPE_CHECKING:
 AmbiguousPolicy = Literal["skip", "keep"]
 
 FIX_PHASE_TARGETS = (
-    "phase the targets first, against the same panel: "
-    "`beagle gt=targets.vcf.gz ref=panel.vcf.gz impute=false out=phased` (Debian package beagle) "
-    "or `shapeit4 --input targets.vcf.gz --reference panel.vcf.gz --region CHR --output phased.vcf.gz` "
-    "(Debian package shapeit4)"
+    "phase them with Beagle through rag_hpc: `python -m rag_hpc.impute --phase ...` (done anyway for unphased "
+    "targets, as `launch` does), or alone: `python -m rag_hpc.phase --targets targets.vcf.gz`"
 )
 FIX_BUILD = (
     "the targets and the panel are probably on different genome builds (e.g. GRCh37 vs GRCh38): lift the targets "

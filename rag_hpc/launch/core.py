@@ -99,7 +99,42 @@ def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
             one.data.skip_non_snps,
         )
         log(f"prepared {one.panel_h5}{f' (chromosome {chrom})' if chrom else ''} in {time.perf_counter() - t0:.1f} s")
+    _phase_targets(config, log)
     return config
+
+
+def _phase_targets(config: RagConfig, log: Any) -> None:
+    """Unphased targets are phased with Beagle (``rag_hpc.phase``) before anything reads them, and the run
+    reads the phased files from then on: for one chromosome the content-addressed file itself, for a genome
+    <workdir>/phased/<chromosome>.vcf.gz, a link to each chromosome's (one path template for all)."""
+    from rag_hpc.phase import is_phased, phase_targets
+
+    genome = config.genome()
+    unphased = {c for c, one in genome if one.data.targets_vcf is not None and not is_phased(one.data.targets_vcf)}
+    if not unphased:
+        return
+    phased: dict[str | None, Path] = {}
+    for chrom, one in genome:
+        assert one.data.targets_vcf is not None
+        if chrom in unphased:
+            t0 = time.perf_counter()
+            phased[chrom] = phase_targets(one, one.data.targets_vcf)
+            log(f"phased {one.data.targets_vcf} with Beagle in {time.perf_counter() - t0:.1f} s: {phased[chrom]}")
+        else:
+            phased[chrom] = one.data.targets_vcf.absolute()
+    if config.data.chromosomes is None:
+        config.data.targets_vcf = phased[None]
+        return
+    links = config.paths.workdir / "phased"
+    links.mkdir(parents=True, exist_ok=True)
+    for chrom, path in phased.items():
+        for suffix in ("", ".tbi"):
+            link = links / f"{chrom}.vcf.gz{suffix}"
+            tmp = link.with_name(f".{link.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(f"{path}{suffix}")
+            os.replace(tmp, link)
+    config.data.targets_vcf = links / f"{CHROM}.vcf.gz"
 
 
 @dataclass(frozen=True)
