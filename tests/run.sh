@@ -14,6 +14,13 @@ PY=${PYTHON:-python3}
 "$PY" -m ruff format --check --diff .
 "$PY" -m ruff check .
 
+# Beagle 5.4, the Debian package: tests/test_phase.py phases targets with the real one (it brings a JRE).
+if ! command -v beagle >/dev/null && command -v apt-get >/dev/null; then
+    apt_beagle() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@" >/dev/null; }
+    apt_beagle install -y --no-install-recommends beagle || { apt_beagle update && apt_beagle install -y --no-install-recommends beagle; } ||
+        echo "tests/run.sh: could not install beagle; tests/test_phase.py will fail under CI=true" >&2
+fi
+
 # The SLURM tests submit real jobs to a single-node cluster, tests/test_two_nodes.py to a two-node one
 # beside it (its nodes in network namespaces of this machine); under CI they fail, not skip, without them.
 for nodes in 1 2; do
