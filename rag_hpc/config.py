@@ -93,7 +93,7 @@ class DataConfig(_Section):
     )
     panel_overlap: Literal["refuse", "exclude"] = Field(
         "refuse",
-        description="target samples that are panel samples (same ID, or genotypes identical at >= 99 % of the typed "
+        description="target samples that are panel samples (same ID, or genotypes agreeing at >= 99.5 % of the typed "
         "sites): refuse them, or exclude their haplotypes from the targets' donors (--exclude-panel-overlap)",
     )
     demo_preset: Literal["demo", "kgp-like", "demo-genome"] = Field(

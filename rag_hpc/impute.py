@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exclude-panel-overlap",
         action="store_true",
-        help="target samples that are panel samples (same ID, or genotypes identical at >= 99 %% of the typed sites) are "
+        help="target samples that are panel samples (same ID, or genotypes agreeing at >= 99.5 %% of the typed sites) are "
         "imputed without their own haplotypes among the donors (default: refused, data.panel_overlap)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")

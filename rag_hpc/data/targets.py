@@ -41,11 +41,12 @@ FIX_BUILD = (
 
 # A target sample is a panel sample when their genotypes differ at no more than this share of the typed
 # sites where either carries an ALT allele (sites where both are homozygous REF say nothing: at a rare
-# site any two people agree). Duplicates of one individual differ only by genotyping error (0.1-0.5 % on
-# arrays); first-degree relatives differ at a quarter or more of those sites, unrelated people at about
-# half: 1 % separates them by a wide margin. Genotypes, not haplotypes, are compared, because targets
-# phased on their own carry switch errors that a haplotype comparison would count.
-OVERLAP_MAX_DISCORDANCE = 0.01
+# site any two people agree). Duplicates of one individual differ only by genotyping error, 0.1-0.3 % on
+# current arrays; relatives differ at a quarter or more of those sites, unrelated people at about half.
+# The closest non-duplicate measured (a simulated target sharing both haplotypes with a panel sample over
+# most of a 5 Mb region, accuracy bench) differs at 0.87 %: 0.5 % keeps it out. Genotypes, not haplotypes,
+# are compared, because targets phased on their own carry switch errors a haplotype comparison would count.
+OVERLAP_MAX_DISCORDANCE = 0.005
 # Fewer informative sites than this for a pair say too little: the pair is judged by sample ID alone. At
 # 30, two unrelated people (each site a coin toss) agree everywhere with odds of about 1e-9.
 OVERLAP_MIN_SITES = 30
