@@ -110,35 +110,49 @@ def _map_for(genetic_map: Path, contig: str, where: Path) -> Path:
     return renamed
 
 
-def phase_targets(config: RagConfig, targets_vcf: str | os.PathLike[str], threads: int | None = None) -> Path:
-    """Beagle-phased ``targets_vcf`` against the run's reference (see the module doc): its path under
-    ``<cache>/phased/``, computed there unless already done for the same inputs."""
-    from rag_hpc.data.vcf import check_container
-
-    targets = Path(targets_vcf).absolute()
-    check_container(targets)
+def _contig(vcf: Path) -> str:
     from cyvcf2 import VCF
 
-    reader = VCF(str(targets), lazy=True)
+    reader = VCF(str(vcf), lazy=True)
     try:
         first = next(iter(reader), None)
     finally:
         reader.close()
     if first is None:
-        raise VcfError(f"{targets} holds no records: nothing to phase")
-    contig = first.CHROM
-    genetic_map = config.data.genetic_map
-    from rag_hpc.data.panel import Panel
+        raise VcfError(f"{vcf} holds no records: nothing to phase")
+    return str(first.CHROM)
 
+
+def phased_path(config: RagConfig, targets_vcf: str | os.PathLike[str]) -> Path:
+    """Where ``phase_targets`` puts the phased ``targets_vcf``: a function of the targets' bytes, the panel,
+    its split and the map alone, so a launch knows it before any job has phased them."""
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.data.vcf import check_container
+
+    targets = Path(targets_vcf).absolute()
+    check_container(targets)
+    genetic_map = config.data.genetic_map
     with Panel(config.panel_h5) as panel:
         panel_id = f"{panel.info.source_sha256}-{panel.split_digest()}"
     key = hashlib.sha256(
         repr((_FORMAT, _sha256(targets), panel_id, _sha256(genetic_map) if genetic_map else None)).encode()
     ).hexdigest()[:24]
-    out = config.paths.cache / "phased" / key / "targets.phased.vcf.gz"
-    if out.is_file() and Path(f"{out}.tbi").is_file():
+    return config.paths.cache / "phased" / key / "targets.phased.vcf.gz"
+
+
+def is_done(phased: Path) -> bool:
+    return phased.is_file() and Path(f"{phased}.tbi").is_file()
+
+
+def phase_targets(config: RagConfig, targets_vcf: str | os.PathLike[str], threads: int | None = None) -> Path:
+    """Beagle-phased ``targets_vcf`` against the run's reference (see the module doc): its path under
+    ``<cache>/phased/`` (``phased_path``), computed there unless already done for the same inputs."""
+    targets = Path(targets_vcf).absolute()
+    out = phased_path(config, targets)
+    if is_done(out):
         log.info("phased targets: %s (done before for the same targets, panel and map)", out)
         return out
+    contig, genetic_map, key = _contig(targets), config.data.genetic_map, out.parent.name
     cmd = beagle_command()
     ref = reference_vcf(config, contig)
     out.parent.parent.mkdir(parents=True, exist_ok=True)

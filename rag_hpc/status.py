@@ -76,14 +76,19 @@ def _report_r2(path: Path) -> dict[str, str] | None:
 def run_status(record: dict[str, Any]) -> dict[str, Any]:
     """One launch record -> its current status (what ``render`` prints)."""
     array_ids, impute_ids = record.get("array_ids", []), record.get("impute_ids", [])
-    train_id, merge_id = record.get("train_id"), record.get("merge_id")
-    states = job_states([*array_ids, *([train_id] if train_id else []), *impute_ids, *([merge_id] if merge_id else [])])
+    train_id, merge_id, phase_ids = record.get("train_id"), record.get("merge_id"), record.get("phase_ids", [])
+    states = job_states(
+        [*phase_ids, *array_ids, *([train_id] if train_id else []), *impute_ids, *([merge_id] if merge_id else [])]
+    )
+    phase_tasks = {j: s for j, s in states.items() if j.split("_")[0] in phase_ids and "_" in j}
     tasks = {j: s for j, s in states.items() if j.split("_")[0] in array_ids and "_" in j}
     impute_tasks = {j: s for j, s in states.items() if j.split("_")[0] in impute_ids and "_" in j}
     failed = sorted(j for j, s in tasks.items() if s.split()[0] in FAILED)
     status: dict[str, Any] = {
         "launched": record.get("time"),
         "cluster": record.get("cluster"),
+        "phase": {a: states.get(a) for a in phase_ids},
+        "phase_tasks": phase_tasks,
         "array": {a: states.get(a) for a in array_ids},
         "array_tasks": tasks,
         "train": {train_id: states.get(train_id, "unknown")} if train_id else {},
@@ -131,6 +136,8 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
         )
     elif "DependencyNeverSatisfied" in train_state:
         status["problems"].append(f"training job {train_id} can never start: an index task failed")
+    for jid in sorted(j for j, s in phase_tasks.items() if s.split()[0] in FAILED):
+        status["problems"].append(f"phase task {jid} {phase_tasks[jid]}: see {folder / f'{jid}_0_log.err'}")
     for jid in sorted(j for j, s in impute_tasks.items() if s.split()[0] in FAILED):
         status["problems"].append(
             f"imputation task {jid} {impute_tasks[jid]}: see {folder / f'{jid}_0_log.err'}; a relaunch redoes only its range"
@@ -163,6 +170,8 @@ def render(status: dict[str, Any]) -> str:
     lines = [f"launch {status['launched']}{' (local, in one process)' if local else ''}: run dir {status['run_dir']}"]
     for jid, state in status["train"].items():
         lines.append(f"  training job {jid}: {state}")
+    for aid in status.get("phase", {}):
+        lines.append(f"  phase job {aid} (Beagle): {_task_counts(status['phase_tasks'], aid)}")
     for aid in status["array"]:
         lines.append(f"  index array {aid}: {_task_counts(status['array_tasks'], aid)}")
     if not status["array"] and not local:

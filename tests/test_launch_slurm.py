@@ -174,6 +174,31 @@ def test_a_genome_launch_is_one_job_graph_and_writes_each_chromosomes_vcf_as_a_l
     print(text)
 
 
+def test_unphased_targets_are_phased_by_a_job_the_index_array_waits_for(cluster, tiny_simulation, tmp_path):
+    from tests.test_phase import unphased
+
+    work = tmp_path / "work"
+    raw = unphased(tiny_simulation / "targets.array.vcf.gz", tmp_path / "array.unphased.vcf.gz")
+    flags = [*as_flags(tiny_sets(tiny_simulation, work, None, 1, f"data.targets_vcf={raw}")), "--time", "10"]
+    first = launcher(*flags, "--wait")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = launch_records(work)[-1]
+    (phase_id,), (array_id,) = record["phase_ids"], record["array_ids"]
+    assert final_state(record["merge_id"], 60) == "COMPLETED"
+    (phase,) = [r for r in sacct(phase_id, "JobID,JobName,State,Start,End") if r[0] == f"{phase_id}_0"]
+    assert phase[1:3] == ["rag_hpc-phase", "COMPLETED"], phase
+    index = sacct(array_id, "JobID,State,Start")
+    assert index and min(r[2] for r in index) >= phase[4], "the index array started before the targets were phased"
+    (phased,) = (work / "cache" / "phased").glob("*/targets.phased.vcf.gz")
+    assert (run_dir(work) / "report" / "imputed.vcf.gz").is_file()
+    rc, text = _status(work)
+    assert rc == 0 and f"phase job {phase_id} (Beagle): 1 COMPLETED" in text, text
+    # Relaunched: the phased targets are found, so no phase job.
+    again = launcher(*flags, "--wait")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert launch_records(work)[-1]["phase_ids"] == [] and phased.is_file()
+
+
 def test_a_failing_index_task_cancels_training_and_status_says_why(cluster, tiny_simulation, tmp_path):
     from rag_hpc.config import load_config
     from rag_hpc.index.build import WindowCache

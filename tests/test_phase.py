@@ -86,3 +86,20 @@ def test_a_launch_phases_unphased_targets_first_and_a_map_may_spell_the_chromoso
     assert (phased.parent / "map-21.map").read_text().startswith("21\t")
     assert "map=" in (phased.parent / "beagle.log").read_text()
     assert (work / "runs" / "default" / "report" / "report.md").is_file()
+
+
+def test_the_job_graph_phases_unphased_targets_in_a_phase_job_before_the_index_array(
+    tiny_simulation: Path, tmp_path: Path
+) -> None:
+    import json
+
+    raw = unphased(tiny_simulation / "targets.array.vcf.gz", tmp_path / "array.unphased.vcf.gz")
+    work = tmp_path / "work"
+    out = launcher("--cluster", "debug", *as_flags(tiny_sets(tiny_simulation, work, None, 1, f"data.targets_vcf={raw}")))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = json.loads((work / "launch.json").read_text())
+    assert len(record["phase_ids"]) == 1 and "phase job:" in out.stdout
+    # The launch planned (guard, windows to build) with a stand-in of the same sites; the jobs read the phased file.
+    (phased,) = (work / "cache" / "phased").glob("*/targets.phased.vcf.gz")
+    assert record["config"]["data"]["targets_vcf"] == str(phased) and is_phased(phased)
+    assert (work / "runs" / "default" / "report" / "imputed.vcf.gz").is_file()

@@ -30,6 +30,7 @@ from rag_hpc.errors import ClusterError, InputError
 from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, genome_plan, plan_for, render
 
 RUN_RECORD = "launch.json"
+PHASE_MEM_MB = 4096  # the phase job's --mem
 DEMO_SEED = 1
 
 
@@ -56,8 +57,9 @@ class LaunchOptions:
 # data
 
 
-def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
-    """Fill in the demo panel when none is given, and prepare each chromosome's panel HDF5 when missing."""
+def ensure_data(config: RagConfig, log: Any = print, in_jobs: bool = False) -> RagConfig:
+    """Fill in the demo panel when none is given, prepare each chromosome's panel HDF5 when missing, and
+    phase unphased targets (here, or with ``in_jobs`` by the launch's phase job)."""
     from rag_hpc.data.prepare import prepare_panel
     from rag_hpc.data.simulate import GENOME_PRESETS, simulate_panel
 
@@ -99,15 +101,17 @@ def ensure_data(config: RagConfig, log: Any = print) -> RagConfig:
             one.data.skip_non_snps,
         )
         log(f"prepared {one.panel_h5}{f' (chromosome {chrom})' if chrom else ''} in {time.perf_counter() - t0:.1f} s")
-    _phase_targets(config, log)
+    _phase_targets(config, log, in_jobs)
     return config
 
 
-def _phase_targets(config: RagConfig, log: Any) -> None:
+def _phase_targets(config: RagConfig, log: Any, in_jobs: bool) -> None:
     """Unphased targets are phased with Beagle (``rag_hpc.phase``) before anything reads them, and the run
     reads the phased files from then on: for one chromosome the content-addressed file itself, for a genome
-    <workdir>/phased/<chromosome>.vcf.gz, a link to each chromosome's (one path template for all)."""
-    from rag_hpc.phase import is_phased, phase_targets
+    <workdir>/phased/<chromosome>.vcf.gz, a link to each chromosome's (one path template for all). With
+    ``in_jobs`` (a queued launch) nothing is phased here: the phased files are where the launch's phase job
+    will write them (``phased_path``), and ``PLANNING`` stand-ins beside them let the launch plan first."""
+    from rag_hpc.phase import is_done, is_phased, phase_targets, phased_path
 
     genome = config.genome()
     unphased = {c for c, one in genome if one.data.targets_vcf is not None and not is_phased(one.data.targets_vcf)}
@@ -116,25 +120,99 @@ def _phase_targets(config: RagConfig, log: Any) -> None:
     phased: dict[str | None, Path] = {}
     for chrom, one in genome:
         assert one.data.targets_vcf is not None
-        if chrom in unphased:
+        if chrom not in unphased:
+            phased[chrom] = one.data.targets_vcf.absolute()
+        elif in_jobs:
+            phased[chrom] = phased_path(one, one.data.targets_vcf)
+            if not is_done(phased[chrom]):
+                _planning_stand_in(one.data.targets_vcf, phased[chrom])
+                log(f"{one.data.targets_vcf} is unphased: a phase job (Beagle) writes {phased[chrom]} first")
+        else:
             t0 = time.perf_counter()
             phased[chrom] = phase_targets(one, one.data.targets_vcf)
             log(f"phased {one.data.targets_vcf} with Beagle in {time.perf_counter() - t0:.1f} s: {phased[chrom]}")
-        else:
-            phased[chrom] = one.data.targets_vcf.absolute()
+    config.data.targets_vcf = _one_template(config, phased, "phased")
+
+
+def _one_template(config: RagConfig, files: dict[str | None, Path], name: str) -> Path:
+    """The path data.targets_vcf takes for ``files`` (chromosome -> targets): the file itself for one
+    chromosome, for a genome <workdir>/<name>/{chrom}.vcf.gz with a link per chromosome."""
     if config.data.chromosomes is None:
-        config.data.targets_vcf = phased[None]
-        return
-    links = config.paths.workdir / "phased"
+        return files[None]
+    links = config.paths.workdir / name
     links.mkdir(parents=True, exist_ok=True)
-    for chrom, path in phased.items():
+    for chrom, path in files.items():
         for suffix in ("", ".tbi"):
             link = links / f"{chrom}.vcf.gz{suffix}"
             tmp = link.with_name(f".{link.name}.tmp")
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(f"{path}{suffix}")
             os.replace(tmp, link)
-    config.data.targets_vcf = links / f"{CHROM}.vcf.gz"
+    return links / f"{CHROM}.vcf.gz"
+
+
+PLANNING = ".planning.vcf.gz"  # beside <key>/: the unphased targets read as if phased, for planning only
+_REQUEST = ".request.json"  # beside <key>/: what the phase job phases
+
+
+def _planning_stand_in(unphased: Path, phased: Path) -> None:
+    """The unphased targets with every genotype read as phased: the same sites, samples and genotypes, so
+    the guard, the panel-overlap check and the list of windows to build can be made before the phase job
+    has run. Nothing a job reads: the jobs wait for the phased file."""
+    import gzip
+
+    import pysam
+
+    stand_in = phased.parent.with_name(phased.parent.name + PLANNING)
+    stand_in.parent.mkdir(parents=True, exist_ok=True)
+    text = stand_in.with_suffix(".tmp")
+    with gzip.open(unphased, "rt") if unphased.suffix == ".gz" else open(unphased) as fin, open(text, "w") as fout:
+        for line in fin:
+            if not line.startswith("#"):
+                f = line.rstrip("\n").split("\t")
+                line = "\t".join([*f[:9], *(g.replace("/", "|") for g in f[9:])]) + "\n"
+            fout.write(line)
+    pysam.tabix_compress(str(text), str(stand_in), force=True)
+    text.unlink()
+    pysam.tabix_index(str(stand_in), preset="vcf", force=True)
+    stand_in.with_name(phased.parent.name + _REQUEST).write_text(json.dumps({"targets": str(unphased.absolute())}))
+
+
+def phase_requests(config: RagConfig) -> list[tuple[str | None, RagConfig, Path]]:
+    """(chromosome, its config, the unphased targets) for each chromosome whose phased targets a job must
+    still write (``_phase_targets`` with ``in_jobs``)."""
+    out = []
+    for chrom, one in config.genome():
+        phased = one.data.targets_vcf
+        if phased is None or phased.exists():
+            continue
+        request = phased.resolve().parent.with_name(phased.resolve().parent.name + _REQUEST)
+        if request.is_file():
+            out.append((chrom, one, Path(json.loads(request.read_text())["targets"])))
+    return out
+
+
+def planning_config(config: RagConfig) -> RagConfig:
+    """``config`` with the planning stand-in for each targets file a phase job has yet to write: what the
+    launch plans with (guard, windows to build) before submitting; ``config`` itself when none waits."""
+    waiting = {chrom for chrom, _, _ in phase_requests(config)}
+    if not waiting:
+        return config
+    plan = config.model_copy(deep=True)
+    files = {}
+    for chrom, one in config.genome():
+        assert one.data.targets_vcf is not None
+        phased = one.data.targets_vcf.resolve()
+        files[chrom] = phased.parent.with_name(phased.parent.name + PLANNING) if chrom in waiting else phased
+    plan.data.targets_vcf = _one_template(plan, files, "phased-planning")
+    return plan
+
+
+def phase_job(config: RagConfig, unphased: str) -> str:
+    """The phase job: one chromosome's targets phased by Beagle to where the launch's jobs read them."""
+    from rag_hpc.phase import phase_targets
+
+    return str(phase_targets(config, unphased, threads=len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True)
@@ -487,9 +565,11 @@ def submit(
     c = config.cluster
     opts.partition, mem = backend.target(config, opts)
     tasks_per_node = max(1, c.gpus_per_node)
+    # Planned with the stand-ins of targets a phase job has yet to phase (same sites and genotypes).
+    plan = planning_config(config)
     genome = chromosomes(config)
-    todo, n_windows = uncached_windows(config)
-    guard = run_guard(config, todo, mem, opts.gpu_mem, tasks_per_node, opts.cpus_per_task)
+    todo, n_windows = uncached_windows(plan)
+    guard = run_guard(plan, todo, mem, opts.gpu_mem, tasks_per_node, opts.cpus_per_task)
     log(guard.table)
     if not guard.ok:
         raise LaunchError("memory guard: over budget (OVER rows above); nothing was submitted")
@@ -515,6 +595,7 @@ def submit(
             "merge_id": None,
             "index_mem_mb": guard.index_mem_mb,
             "train_mem_mb": guard.train_mem_mb,
+            "phase_ids": [],
         }
     )
     if opts.dry_run:
@@ -524,11 +605,16 @@ def submit(
         )
         return record, []
 
+    requests, phase_jobs = phase_requests(config), []
+    if requests:
+        # Beagle's heap defaults to a quarter of the memory it sees; phasing array-scale targets took ~1 GB.
+        ex = backend.executor(config, opts, folder, JobSpec("rag_hpc-phase", PHASE_MEM_MB))
+        phase_jobs = ex.map_array(phase_job, [one for _, one, _ in requests], [str(t) for _, _, t in requests])
+        record["phase_ids"].append(phase_jobs[0].job_id.split("_")[0])
     arrays = []
     if groups:
-        ex = backend.executor(
-            config, opts, folder, JobSpec("rag_hpc-index", guard.index_mem_mb, array_parallelism=c.array_parallelism)
-        )
+        index = JobSpec("rag_hpc-index", guard.index_mem_mb, record["phase_ids"], array_parallelism=c.array_parallelism)
+        ex = backend.executor(config, opts, folder, index)
         for chunk in _chunks(groups, backend.max_array_size()):
             jobs = ex.map_array(build_window_range, [ch.config for ch, _ in chunk], [ids for _, ids in chunk])
             arrays.append(jobs)
@@ -537,7 +623,7 @@ def submit(
             record["array_windows"][array_id] = {str(ch.offset + w): todo[ch.offset + w] for ch, ids in chunk for w in ids}
             _note_tasks(record, genome, chunk, jobs, "index_tasks")
         record["array_tasks"] = len(groups)
-    after = [*record["array_ids"], *record["depends_on"]]
+    after = [*record["phase_ids"], *record["array_ids"], *record["depends_on"]]
     train = JobSpec(
         "rag_hpc-train", guard.train_mem_mb, after, gpus=c.gpus_per_node, nodes=c.nodes, tasks_per_node=tasks_per_node
     )
@@ -555,6 +641,8 @@ def submit(
             f"  {len(shared)} more window(s) are being built by queued array(s) {', '.join(record['depends_on'])} "
             "of an earlier launch: training waits for them instead"
         )
+    if record["phase_ids"]:
+        log(f"phase job: {record['phase_ids'][0]} ({len(requests)} task(s): Beagle phases the targets first)")
     log(f"training job: {train_job.job_id} ({c.nodes} node(s) x {tasks_per_node} task(s), --mem {guard.train_mem_mb}M)")
     log(f"logs: {folder}/%A_%a_0_log.out (array), {folder}/%j_0_log.out (training)")
     if merge_job is not None:
@@ -565,7 +653,7 @@ def submit(
         )
     log(f"cache: {config.paths.cache}")
     log(f"watch: python -m rag_hpc.status --workdir {shlex.quote(str(workdir))}")
-    return record, [arrays, train_job, impute_arrays, merge_job]
+    return record, [phase_jobs, arrays, train_job, impute_arrays, merge_job]
 
 
 def _submit_imputation(
@@ -605,8 +693,9 @@ def wait(record: dict[str, Any], submitted: list[Any], opts: LaunchOptions, log:
     merge failed, naming the failed tasks' logs."""
     if not opts.wait or not submitted:
         return record
-    arrays, train_job, impute_arrays, merge_job = submitted
-    failed = _failed(arrays, "index task")
+    phase_jobs, arrays, train_job, impute_arrays, merge_job = submitted
+    # In graph order (the debug backend runs each job when its result is asked for).
+    failed = _failed([phase_jobs], "phase task") + _failed(arrays, "index task")
     try:
         record["checkpoint"] = train_job.results()[0]
     except Exception as exc:  # noqa: BLE001 - any failure of the job is reported with its log

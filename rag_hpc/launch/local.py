@@ -34,7 +34,7 @@ class DebugBackend(Backend):
 
 def launch_debug(config: RagConfig, opts: LaunchOptions, log: Any = print) -> dict[str, Any]:
     """The job graph through the debug executor; waits for it (the jobs run while waiting)."""
-    record, submitted = submit(ensure_data(config, log), opts, DebugBackend(), log, [])
+    record, submitted = submit(ensure_data(config, log, in_jobs=True), opts, DebugBackend(), log, [])
     return wait(record, submitted, opts, log)
 
 

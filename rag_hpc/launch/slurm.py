@@ -237,6 +237,7 @@ def _jobs_of_run(records: list[dict[str, Any]], run_dir: Path) -> dict[str, str]
     jobs: dict[str, str] = {}
     for r in records:
         if Path(r.get("run_dir", "")) == run_dir:
+            jobs.update(dict.fromkeys(r.get("phase_ids", []), "phase job"))
             jobs.update(dict.fromkeys(r.get("array_ids", []), "index array"))
             if r.get("train_id"):
                 jobs[r["train_id"]] = "training job"
@@ -301,7 +302,7 @@ def launch_slurm(config: RagConfig, opts: LaunchOptions, log: Any = print) -> di
             if queued:
                 return _attach(jobs, queued, workdir, log)
             # Under the lock: a second launch pressed at once must not prepare the same panel beside it.
-            record, submitted = submit(ensure_data(config, log), opts, SlurmBackend(), log, records)
+            record, submitted = submit(ensure_data(config, log, in_jobs=True), opts, SlurmBackend(), log, records)
     except LockBusy as exc:
         raise LaunchError(
             f"another launch in {workdir} has been submitting for {LAUNCH_LOCK_WAIT_S:.0f} s ({describe(exc.holder)}): "
