@@ -95,6 +95,18 @@ use_cluster() {
 }
 
 # The pid file of node $1's slurmd (slurm.conf's SlurmdPidFile, %n = the node name).
+# Stops the chosen cluster's slurmd(s) and slurmctld together: each takes a second or two. Named pids:
+# a bare `wait` would also wait for a mariadbd the caller started, forever.
+stop_cluster_daemons() {
+    local node pids=()
+    for node in $C_NODES; do
+        stop_pidfile "$(slurmd_pidfile "$node")" slurmd 15 &
+        pids+=("$!")
+    done
+    stop_pidfile "$CTLD_PID" slurmctld 30 &
+    wait "$!" "${pids[@]}"
+}
+
 slurmd_pidfile() {
     if ((C_NNODES == 1)); then echo "$SLURMD_PID"; else echo "$C_RUN/slurmd-$1.pid"; fi
 }

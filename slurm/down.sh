@@ -59,14 +59,7 @@ two_nodes_down() {
     if pid_of "$CTLD_PID" slurmctld >/dev/null; then
         scontrol update nodename="${C_NODES// /,}" state=down reason="slurm/down.sh --nodes 2" >/dev/null 2>&1 || true
     fi
-    # Together: each takes a second or two (a killed slurmd until it is reaped).
-    pids=()
-    for node in $C_NODES; do
-        stop_pidfile "$(slurmd_pidfile "$node")" slurmd 15 &
-        pids+=("$!")
-    done
-    stop_pidfile "$CTLD_PID" slurmctld 30 &
-    wait "$!" "${pids[@]}"
+    stop_cluster_daemons
     for node in $C_NODES; do
         ip netns del "$node" 2>/dev/null || true
         # Gone with the namespace, unless its other end was somewhere else.

@@ -457,14 +457,7 @@ if ((NODES == 2)); then ensure_network; fi
 # ---------------------------------------------------------------- slurmctld, slurmd
 if ((CONF_CHANGED)); then
     # `scontrol reconfigure` does not apply node, GRES or port changes: restart them all.
-    pids=()
-    for node in $C_NODES; do
-        stop_pidfile "$(slurmd_pidfile "$node")" slurmd 15 &
-        pids+=("$!")
-    done
-    stop_pidfile "$CTLD_PID" slurmctld 30 &
-    # Named pids: a bare `wait` would also wait for the mariadbd started above, forever.
-    wait "$!" "${pids[@]}"
+    stop_cluster_daemons
 fi
 mkdir -p "$C_STATE/slurmctld" "$C_STATE/slurmd"
 ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }

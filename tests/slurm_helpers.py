@@ -286,6 +286,35 @@ START = re.compile(r"fresh start: |resumed from .+: next step (\d+)")
 STOPPED = re.compile(r"stopping at step (\d+) on (\w+);")
 
 
+def kill_node(procs: list[Any], node: str, log: TrainLog, checkpoints: Any, reason: str) -> tuple[int, int, float]:
+    """A node's death as the tests make it: every one of ``procs`` (the node's processes) frozen (SIGSTOP) so
+    the newest committed checkpoint and the last logged step can be read as they are at the moment of death,
+    then SIGKILLed, waited for, and ``node`` set DOWN, which is what slurmctld does when a node stops
+    answering. Returns (checkpoint step, last logged step, time.time() at the kill)."""
+    import signal
+
+    import psutil
+
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)
+    newest = checkpoints.latest_valid()
+    committed, last_step = newest.step if newest is not None else 0, log.progress(0)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    t_kill = time.time()
+
+    def gone(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(lambda: all(gone(p) for p in procs), 30, f"the processes of {node} to be gone")
+    down = run(["scontrol", "update", f"nodename={node}", "state=down", f"reason={reason}"])
+    assert down.returncode == 0, down.stderr
+    return committed, last_step, t_kill
+
+
 class TrainLog:
     """A run's train.log, re-read on every question: the job appends to it across requeues."""
 

@@ -15,7 +15,6 @@ import itertools
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from tests.slurm_helpers import (
     final_model,
     final_state,
     healthy,
+    kill_node,
     launch_records,
     launcher,
     log_time,
@@ -223,13 +223,6 @@ def _job_processes(job_id: str) -> list[psutil.Process]:
     return found
 
 
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @contextlib.contextmanager
 def _node_comes_back(node: str) -> Iterator[None]:
     """Puts ``node`` back in service afterwards, however the test ends. With ReturnToService=2 SLURM
@@ -272,17 +265,8 @@ def test_a_training_node_that_dies_without_a_signal_is_requeued_and_resumes_from
     with _node_comes_back(node):
         procs = _job_processes(train_id)
         assert any("submitit" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
-        for proc in procs:
-            proc.send_signal(signal.SIGSTOP)
-        newest = checkpoints.latest_valid()
-        committed = newest.step if newest is not None else 0
-        last_step = log.progress(0)
-        for proc in procs:
-            proc.send_signal(signal.SIGKILL)
-        t_kill = time.time() - t_submit
-        wait_for(lambda: all(_gone(p) for p in procs), 30, "the killed job processes to be gone")
-        down = run(["scontrol", "update", f"nodename={node}", "state=down", "reason=rag_hpc fault test: node died"])
-        assert down.returncode == 0, down.stderr
+        committed, last_step, t_kill = kill_node(procs, node, log, checkpoints, "rag_hpc fault test: node died")
+        t_kill -= t_submit
         wait_for(
             lambda: any(r[0] == "NODE_FAIL" for r in sacct(train_id, "State", all_runs=True)),
             60,

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import re
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from tests.slurm_helpers import (
     cli,
     final_model,
     final_state,
+    kill_node,
     launch_records,
     launcher,
     log_time,
@@ -168,13 +168,6 @@ def _netns_processes(node: str) -> list[psutil.Process]:
     return procs
 
 
-def _gone(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _usable() -> bool:
     states = two_node_states()
     return set(states) == set(TWO_NODES) and set(states.values()) <= USABLE
@@ -224,17 +217,8 @@ def test_a_node_that_dies_mid_run_is_requeued_and_the_job_resumes_from_its_last_
             procs = _netns_processes(node)
             names = [" ".join(p.cmdline()) for p in procs]
             assert any(n.startswith("slurmd ") for n in names) and any("submitit" in n for n in names), names
-            for proc in procs:
-                proc.send_signal(signal.SIGSTOP)
-            newest = checkpoints.latest_valid()
-            committed = newest.step if newest is not None else 0
-            last_step = log.progress(0)
-            for proc in procs:
-                proc.send_signal(signal.SIGKILL)
-            t_kill = time.time() - t_submit
-            wait_for(lambda: all(_gone(p) for p in procs), 30, f"the processes of {node} to be gone")
-            down = run(["scontrol", "update", f"nodename={node}", "state=down", "reason=rag_hpc test: node died"])
-            assert down.returncode == 0, down.stderr
+            committed, last_step, t_kill = kill_node(procs, node, log, checkpoints, "rag_hpc test: node died")
+            t_kill -= t_submit
             wait_for(
                 lambda: any(r[0] == "NODE_FAIL" for r in sacct(train_id, "State", all_runs=True)),
                 60,
