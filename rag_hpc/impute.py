@@ -629,11 +629,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
     if args.checkpoint is None and args.baseline is None:
         raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline copy|nearest")
-    from rag_hpc.phase import is_phased, phase_targets
-
-    if args.phase or not is_phased(targets):
-        targets = phase_targets(config, targets)
     with Panel(config.panel_h5) as panel:
+        from rag_hpc.phase import is_phased, phase_targets
+
+        if args.phase or not is_phased(targets):
+            targets = phase_targets(config, targets)
         if args.checkpoint is not None:
             predictor: HaplotypePredictor = load_model_predictor(args.checkpoint, config)
         elif args.baseline == "copy":

@@ -52,6 +52,9 @@ def is_phased(vcf: str | os.PathLike[str], records: int = 2000) -> bool:
     """Whether the first ``records`` records of ``vcf`` are phased (every genotype '|' or homozygous)."""
     from cyvcf2 import VCF
 
+    from rag_hpc.data.vcf import check_container
+
+    check_container(vcf)  # a missing or broken file: one clear error, not cyvcf2's
     reader = VCF(str(vcf), lazy=True, threads=1)
     try:
         for i, rec in enumerate(reader):
