@@ -138,6 +138,10 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
         status["problems"].append(f"training job {train_id} can never start: an index task failed")
     for jid in sorted(j for j, s in phase_tasks.items() if s.split()[0] in FAILED):
         status["problems"].append(f"phase task {jid} {phase_tasks[jid]}: see {folder / f'{jid}_0_log.err'}")
+    for aid in phase_ids:  # one chromosome: a plain job
+        own = states.get(aid, "")
+        if own.split()[:1] and own.split()[0] in FAILED and not any(j.startswith(f"{aid}_") for j in phase_tasks):
+            status["problems"].append(f"phase job {aid} {own}: see {folder / f'{aid}_0_log.err'}")
     for jid in sorted(j for j, s in impute_tasks.items() if s.split()[0] in FAILED):
         status["problems"].append(
             f"imputation task {jid} {impute_tasks[jid]}: see {folder / f'{jid}_0_log.err'}; a relaunch redoes only its range"
@@ -160,9 +164,13 @@ def _counts(states: Iterable[str]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no task seen yet"
 
 
-def _task_counts(tasks: dict[str, str], array_id: str) -> str:
-    """'3 COMPLETED, 1 RUNNING' over the tasks of one array."""
-    return _counts(state for jid, state in tasks.items() if jid.startswith(f"{array_id}_"))
+def _task_counts(tasks: dict[str, str], array_id: str, own: str | None) -> str:
+    """'3 COMPLETED, 1 RUNNING' over the tasks of one array; an array of one item is a plain job (submitit
+    submits it so): then its own state (``own``)."""
+    counts = _counts(state for jid, state in tasks.items() if jid.startswith(f"{array_id}_"))
+    if counts != "no task seen yet" or own is None:
+        return counts
+    return f"1 {own.split()[0]}"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -171,13 +179,13 @@ def render(status: dict[str, Any]) -> str:
     for jid, state in status["train"].items():
         lines.append(f"  training job {jid}: {state}")
     for aid in status.get("phase", {}):
-        lines.append(f"  phase job {aid} (Beagle): {_task_counts(status['phase_tasks'], aid)}")
+        lines.append(f"  phase job {aid} (Beagle): {_task_counts(status['phase_tasks'], aid, status['phase'][aid])}")
     for aid in status["array"]:
-        lines.append(f"  index array {aid}: {_task_counts(status['array_tasks'], aid)}")
+        lines.append(f"  index array {aid}: {_task_counts(status['array_tasks'], aid, status['array'][aid])}")
     if not status["array"] and not local:
         lines.append("  index array: none (all windows were cached)")
     for aid in status.get("impute_array", {}):
-        lines.append(f"  imputation array {aid}: {_task_counts(status['impute_tasks'], aid)}")
+        lines.append(f"  imputation array {aid}: {_task_counts(status['impute_tasks'], aid, status['impute_array'][aid])}")
     for jid, state in status.get("merge", {}).items():
         lines.append(f"  merge job {jid}: {state}")
     if "windows_cached" in status:
