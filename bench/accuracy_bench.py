@@ -49,8 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -220,33 +218,16 @@ def prepared_panel(work: Path, data: Dataset, config: RagConfig) -> Path:
     return out
 
 
-def train_split_vcf(panel_h5: Path, work: Path) -> Path:
-    """The panel's train-split samples as a phased VCF (what Beagle gets as ref=), written from panel.h5."""
-    import h5py
+def train_split_vcf(config: RagConfig, panel_h5: Path, work: Path) -> Path:
+    """The panel's train-split samples as a phased VCF (what Beagle and Minimac4 get as reference), written
+    from panel.h5 by the package's own writer of it (``rag_hpc.phase.reference_vcf``), under ``work``."""
+    from rag_hpc.data.panel import Panel
+    from rag_hpc.phase import reference_vcf
 
-    from rag_hpc.data.panel import SPLIT_TRAIN, Panel
-    from rag_hpc.data.vcf import VcfWriter
-
+    cfg = config.model_copy(deep=True)
+    cfg.data.panel_h5, cfg.paths.cache_dir = panel_h5, work
     with Panel(panel_h5) as panel:
-        out = work / f"ref-train-{panel.info.source_sha256[:12]}-{panel.split_digest()}.vcf.gz"
-        if out.is_file() and Path(f"{out}.tbi").is_file():
-            return out
-        log(f"writing the train-split reference {out.name}")
-        train = np.flatnonzero(panel.split == SPLIT_TRAIN)
-        with (
-            h5py.File(panel_h5, "r") as h5,
-            VcfWriter(
-                out, contig=panel.info.contig, samples=panel.samples[train].tolist(), source="rag_hpc bench: panel train split"
-            ) as writer,
-        ):
-            gt = h5["calldata/GT"]
-            step = 4096
-            for start in range(0, panel.n_sites, step):
-                stop = min(start + step, panel.n_sites)
-                writer.write_phased(
-                    panel.positions[start:stop], panel.ref[start:stop], panel.alt[start:stop], gt[start:stop][:, train, :]
-                )
-    return out
+        return reference_vcf(cfg, panel.info.contig)
 
 
 class PeakRss:
@@ -564,7 +545,7 @@ def main() -> int:
     t0 = time.perf_counter()
     panel_h5 = prepared_panel(work, data, config)
     data = without_panel_samples(data, panel_h5, work, config)
-    ref_vcf = train_split_vcf(panel_h5, work) if {"beagle", "minimac4", "minimac4-phased"} & set(methods) else None
+    ref_vcf = train_split_vcf(config, panel_h5, work) if {"beagle", "minimac4", "minimac4-phased"} & set(methods) else None
     setup_s = time.perf_counter() - t0
 
     from rag_hpc.data.panel import SPLIT_TRAIN, Panel

@@ -68,12 +68,6 @@ def is_phased(vcf: str | os.PathLike[str], records: int = 2000) -> bool:
         reader.close()
 
 
-def _sha256(path: Path) -> str:
-    from rag_hpc.data.prepare import file_sha256
-
-    return file_sha256(path)
-
-
 def reference_vcf(config: RagConfig, contig: str) -> Path:
     """The panel's train split as a phased VCF with ``contig`` as its chromosome name (Beagle wants the
     targets' naming), written once per panel, split and name under ``<cache>/phased/``."""
@@ -130,6 +124,7 @@ def phased_path(config: RagConfig, targets_vcf: str | os.PathLike[str]) -> Path:
     """Where ``phase_targets`` puts the phased ``targets_vcf``: a function of the targets' bytes, the panel,
     its split and the map alone, so a launch knows it before any job has phased them."""
     from rag_hpc.data.panel import Panel
+    from rag_hpc.data.prepare import file_sha256
     from rag_hpc.data.vcf import check_container
 
     targets = Path(targets_vcf).absolute()
@@ -138,7 +133,7 @@ def phased_path(config: RagConfig, targets_vcf: str | os.PathLike[str]) -> Path:
     with Panel(config.panel_h5) as panel:
         panel_id = f"{panel.info.source_sha256}-{panel.split_digest()}"
     key = hashlib.sha256(
-        repr((_FORMAT, _sha256(targets), panel_id, _sha256(genetic_map) if genetic_map else None)).encode()
+        repr((_FORMAT, file_sha256(targets), panel_id, file_sha256(genetic_map) if genetic_map else None)).encode()
     ).hexdigest()[:24]
     return config.paths.cache / "phased" / key / "targets.phased.vcf.gz"
 
