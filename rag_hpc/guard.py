@@ -67,6 +67,9 @@ SITE_BYTES = 96
 # fan-out directory (one per 256 keys at most), with a lock file: a filesystem block (4 KiB) each for
 # the two directories and the manifest, and on average half a block of the data file's tail.
 ARTIFACT_OVERHEAD_BYTES = 14 * KiB
+# A stored donor table per (gap, query, donor) (rag_hpc/index/donor_format.py): 0.172 and 0.186 measured
+# on the kgp-like bench's target and training tables (k = 64, 4,508 references); planned 13 % above.
+DONOR_STORED_BYTES = 0.21
 # A checkpoint is torch.save of the fp32 weights and both AdamW moments (12 bytes per parameter), plus
 # per parameter tensor its three zip records and the optimizer's step counter (~1.1 KiB, measured),
 # plus the RNG states and the config (~24 KiB); each has a sha256 sidecar (one block).
@@ -260,10 +263,35 @@ def checkpoint_bytes(plan: Plan) -> int:
     return 12 * params + CHECKPOINT_BYTES_PER_TENSOR * tensors + CHECKPOINT_FIXED_BYTES
 
 
+def _donor_itemsize(plan: Plan) -> int:
+    return 2 if plan.reference <= 65536 else 4  # uint16 donors up to 65,536 references, else int32
+
+
 def donor_table_bytes(plan: Plan, queries: int) -> int:
-    """One donor table (``rag_hpc.index.donors``): a donor (uint16 up to 65,536 references, else int32) and
-    a float16 weight per query, gap and donor."""
-    return (plan.typed + 1) * queries * plan.k * (4 if plan.reference <= 65536 else 6)
+    """One donor table in memory (``rag_hpc.index.donor_format``): a donor and a uint8 weight code per
+    query, gap and donor."""
+    return (plan.typed + 1) * queries * plan.k * (_donor_itemsize(plan) + 1)
+
+
+def donor_table_disk(plan: Plan, queries: int, parts: int = 1) -> int:
+    """A donor table as stored in ``parts`` parts (the empty ones are not stored): ``DONOR_STORED_BYTES``
+    per entry, its query labels (int64), and per part the npz's fixed part and the artifact's own files."""
+    stored = min(parts, queries * max(1, len(plan.chromosome_sites)))
+    entries = (plan.typed + 1) * queries * plan.k
+    return math.ceil(entries * DONOR_STORED_BYTES) + 8 * queries + stored * (2 * KiB + ARTIFACT_OVERHEAD_BYTES)
+
+
+def donor_encode_bytes(plan: Plan, queries: int) -> int:
+    """Peak of storing a computed table beyond its in-memory form: the HMM's donors and float16 weights,
+    the codes, and the pack's query-major copies and differences of donors and codes."""
+    return (plan.typed + 1) * queries * plan.k * (3 * _donor_itemsize(plan) + 5)
+
+
+def donor_decode_bytes(plan: Plan, queries: int) -> int:
+    """Peak of reading a stored table (or part) beyond the result: its npz bytes and the decompressed,
+    accumulated and transposed copies of donors and codes."""
+    entries = (plan.typed + 1) * queries * plan.k
+    return math.ceil(entries * DONOR_STORED_BYTES) + 2 * entries * (_donor_itemsize(plan) + 1)
 
 
 def donor_build_bytes(plan: Plan, queries: int) -> int:
@@ -327,7 +355,7 @@ def _record_bytes(plan: Plan) -> int:
 
 def _impute_task_bytes(plan: Plan, params: int) -> int:
     """One imputation task: imports (torch for the model), the panel arrays and the targets (reader and
-    alleles), the targets' donor table read whole (the prebuild computed it) plus one part's npz bytes,
+    alleles), the targets' donor table read whole (the prebuild computed it), one part decoded at a time,
     per window its shard, the reference rows as float32 and the model's forward over a batch of 256 target
     haplotypes, and the range's record text (28 bytes per sample and site) with its compressed copy."""
     L, H, R, T = plan.window_size, plan.haplotypes, plan.reference, plan.target_haplotypes
@@ -343,7 +371,7 @@ def _impute_task_bytes(plan: Plan, params: int) -> int:
         + _chunk_cache_bytes(plan)
         + T * plan.typed * 2
         + table
-        + math.ceil(table / plan.donor_parts)
+        + donor_decode_bytes(plan, math.ceil(T / plan.donor_parts))
         + 16 * params
         + window
         + _step_bytes(plan, min(256, T), False, False)
@@ -363,11 +391,11 @@ def estimate(plan: Plan) -> Estimate:
         + RUN_LOG_ROW_BYTES * (plan.steps // max(1, plan.log_every) + 1)
     )
     amp = plan.bf16
-    # The two donor tables are cache artifacts too (npz of the arrays, a manifest each).
+    # The donor tables are cache artifacts too, one per part and table.
     donor_disk = (
         0
         if plan.index == "flat-lxd"
-        else sum(donor_table_bytes(plan, q) + 8 * (plan.typed + q) + ARTIFACT_OVERHEAD_BYTES for q in plan.tables)
+        else sum(donor_table_disk(plan, q, plan.donor_parts) for q in plan.tables)
     )
     if plan.index == "flat-lxd":
         emb = lxd_window_bytes(plan)
@@ -392,11 +420,11 @@ def estimate(plan: Plan) -> Estimate:
             JOB_IMPORT_BYTES
             + _panel_bytes(plan)
             + _chunk_cache_bytes(plan)
-            + max(window_ram, donor_table_bytes(plan, part) + donor_build_bytes(plan, part))
+            + max(window_ram, donor_table_bytes(plan, part) + max(donor_build_bytes(plan, part), donor_encode_bytes(plan, part)))
         )
         # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, the donor tables of
         # the training and validation queries (held whole; the prebuild computed them: the larger is
-        # read as its parts, one part's npz bytes at a time, and joined), and at a checkpoint
+        # read as its parts, one part decoded at a time, and joined), and at a checkpoint
         # torch.save's BytesIO plus the bytes copied out of it.
         tables = [donor_table_bytes(plan, q) for q in plan.queries]
         train_ram = (
@@ -407,7 +435,7 @@ def estimate(plan: Plan) -> Estimate:
             + _panel_bytes(plan)
             + (TENSORBOARD_BYTES if plan.tensorboard else 0)
             + sum(tables)
-            + max(max(tables) + math.ceil(max(tables) / plan.donor_parts), 2 * ckpt)
+            + max(max(tables) + donor_decode_bytes(plan, math.ceil(max(plan.queries) / plan.donor_parts)), 2 * ckpt)
         )
         # A window's tensors: alleles (uint8) of every haplotype, the reference rows again (float32, what
         # the donor sums multiply); mix_windows of them stay loaded (_WindowLoader).
@@ -438,7 +466,7 @@ def estimate(plan: Plan) -> Estimate:
         task_donor_disk=int(
             0
             if plan.index == "flat-lxd"
-            else sum(donor_table_bytes(plan, math.ceil(q / plan.donor_parts)) + ARTIFACT_OVERHEAD_BYTES for q in plan.tables)
+            else sum(donor_table_disk(plan, math.ceil(q / plan.donor_parts)) for q in plan.tables)
         ),
         impute_task_ram=int(_impute_task_bytes(plan, params)) if plan.target_haplotypes else 0,
         impute_task_disk=int(min(plan.impute_windows_per_task, plan.windows) * L * _record_bytes(plan) + ARTIFACT_OVERHEAD_BYTES)

@@ -10,7 +10,7 @@ import pytest
 
 from rag_hpc.config import ModelConfig
 from rag_hpc.errors import ConfigError
-from rag_hpc.guard import Budget, Plan, check, donor_table_bytes, estimate, model_shape, parse_bytes
+from rag_hpc.guard import Budget, Plan, check, donor_table_bytes, donor_table_disk, estimate, model_shape, parse_bytes
 from rag_hpc.model.rag import DonorImputer
 
 PREDECESSOR = Plan(haplotypes=2008, sites=331 * 1030, window_size=1030, dims=192, index="flat-lxd")
@@ -56,11 +56,17 @@ def test_the_donor_tables_are_counted_and_a_genome_in_one_table_is_refused():
     est = estimate(KGP_CHR21)
     train_q, val_q = KGP_CHR21.queries
     tables = donor_table_bytes(KGP_CHR21, train_q) + donor_table_bytes(KGP_CHR21, val_q)
-    assert (KGP_CHR21.typed + 1) * (train_q + val_q) * KGP_CHR21.k * 4 == tables  # uint16 donor, float16 weight
-    assert est.train_host_ram > tables and est.disk_to_build > tables
+    entries = (KGP_CHR21.typed + 1) * (train_q + val_q) * KGP_CHR21.k
+    assert entries * 3 == tables  # in memory: a uint16 donor and a uint8 weight code
+    stored = donor_table_disk(KGP_CHR21, train_q, KGP_CHR21.donor_parts) + donor_table_disk(KGP_CHR21, val_q, KGP_CHR21.donor_parts)
+    assert entries * 0.2 < stored < entries * 0.25  # on disk (rag_hpc/index/donor_format.py)
+    assert est.train_host_ram > tables and est.disk_to_build > stored
     genome = Plan(haplotypes=5008, sites=80_000_000)
-    rows = check(genome, estimate(genome), Budget(mem=parse_bytes("256G")))
+    est = estimate(genome)
+    rows = check(genome, est, Budget(mem=parse_bytes("256G")))
     assert [r.figure for r in rows if not r.ok] == ["RAM for training (host)"]
+    # A genome's cache in at most twice its raw bits (1 bit per haplotype and site): ~93 GiB.
+    assert est.disk_to_build <= 2 * genome.haplotypes * genome.sites / 8
 
 
 def test_with_targets_their_donor_table_and_the_imputation_tasks_are_sized():
@@ -68,7 +74,7 @@ def test_with_targets_their_donor_table_and_the_imputation_tasks_are_sized():
 
     with_targets = replace(KGP_CHR21, targets=True, target_haplotypes=2_000)
     plain, est = estimate(KGP_CHR21), estimate(with_targets)
-    assert est.disk_to_build - plain.disk_to_build >= donor_table_bytes(with_targets, 2_000)
+    assert est.disk_to_build - plain.disk_to_build >= donor_table_disk(with_targets, 2_000)
     assert plain.impute_task_ram == 0 and est.impute_task_ram > donor_table_bytes(with_targets, 2_000)
     rows = {r.figure: r for r in check(with_targets, est, Budget(mem=est.impute_task_ram - 1))}
     assert not rows["RAM per imputation task"].ok and "impute.windows_per_task" in rows["RAM per imputation task"].advice

@@ -88,7 +88,7 @@ def test_excluded_panel_samples_are_no_donors_and_their_tables_have_their_own_ke
 
         def own_weight(table: object, targets_: object) -> float:
             """Mean copying weight the targets put on excluded reference haplotypes."""
-            return float((table.weights.astype(np.float32) * np.isin(table.donors, found.exclude)).sum(axis=2).mean())
+            return float((table.weights() * np.isin(table.donors, found.exclude)).sum(axis=2).mean())
 
         inflated = read_donors(cache, target_queries(plain))
         fair = read_donors(cache, target_queries(found))

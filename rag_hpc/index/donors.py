@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import zstandard
 
 from rag_hpc.config import DonorConfig
 from rag_hpc.data.masks import sites_digest
 from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
 from rag_hpc.data.windows import Window
+from rag_hpc.index import donor_format
 from rag_hpc.index.build import WindowCache
 from rag_hpc.index.cache import Artifact
 from rag_hpc.index.matching import li_stephens_donors, switch_probabilities
@@ -47,29 +49,42 @@ if TYPE_CHECKING:
 log = logging.getLogger("rag_hpc.index")
 
 DONORS = "donors"
-DONOR_FORMAT = 2  # 2: donors heaviest first
 
 
 @dataclass(frozen=True)
 class DonorTable:
-    """k donors per query and gap. ``typed`` int64 [M]: panel sites, increasing; ``donors`` [M + 1, Q, k]:
-    rows of the reference (``Panel.reference_haplotypes()`` order), heaviest first per query and gap, uint16 when the reference has fewer
-    than 65,536 haplotypes, else int32; ``weights`` float16 [M + 1, Q, k], summing to 1 per query and gap
-    (to float16's 1e-3: the tables are the run's largest artifact, and a weight needs no more).
-    Row ``g + 1`` is the gap after typed site ``g``."""
+    """k donors per query and gap, in ``rag_hpc.index.donor_format``'s layout. ``typed`` int64 [M]: panel
+    sites, increasing; ``donors`` [M + 1, Q, k]: rows of the reference (``Panel.reference_haplotypes()``
+    order), uint16 when the reference has fewer than 65,536 haplotypes, else int32, each donor in its slot
+    from gap to gap (a slot under the weight floor holds its last donor); ``codes`` uint8 [M + 1, Q, k]:
+    their weights as log codes. Row ``g + 1`` is the gap
+    after typed site ``g``."""
 
     typed: np.ndarray
     donors: np.ndarray
-    weights: np.ndarray
+    codes: np.ndarray
+
+    @classmethod
+    def of(cls, typed: np.ndarray, donors: np.ndarray, weights: np.ndarray) -> DonorTable:
+        """The table of the HMM's heaviest-first donors and weights [M + 1, Q, k], weights quantized."""
+        slots, codes = donor_format.slot_order(donors, donor_format.weight_codes(weights))
+        return cls(typed, donor_format.hold_below_floor(slots, codes), codes)
+
+    def weights(self) -> np.ndarray:
+        """float32 [M + 1, Q, k]: each donor's weight, summing to 1 per query and gap (slot order)."""
+        return donor_format.code_weights(self.codes)
 
     def window(self, window: Window, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What the model reads for the queries ``rows`` in ``window``: donors and weights [B, G, k] of the
         gaps the window's sites fall in and the gap on each side of them (where the chromosome has one:
-        the model reads a site's neighbouring gaps too), and each site's gap among them (int64 [L])."""
+        the model reads a site's neighbouring gaps too), heaviest first, and each site's gap among them
+        (int64 [L])."""
         gap_rows = np.searchsorted(self.typed, np.arange(window.start, window.stop), side="right")
         first, last = max(int(gap_rows[0]) - 1, 0), min(int(gap_rows[-1]) + 2, self.donors.shape[0])
-        donors = self.donors[first:last][:, rows].transpose(1, 0, 2).astype(np.int64)  # [B, G, k]
-        weights = self.weights[first:last][:, rows].transpose(1, 0, 2).astype(np.float32)
+        codes = self.codes[first:last][:, rows].transpose(1, 0, 2)  # [B, G, k]
+        order = donor_format.heaviest_first(codes)
+        donors = np.take_along_axis(self.donors[first:last][:, rows].transpose(1, 0, 2), order, 2).astype(np.int64)
+        weights = donor_format.code_weights(np.take_along_axis(codes, order, 2))
         return donors, weights, gap_rows - first
 
     def along(self, window: Window) -> np.ndarray:
@@ -123,7 +138,7 @@ def compute_donors(
     found = li_stephens_donors(
         query_t, reference_t, switch, cfg.error, k, cfg.batch, exclude=exclude, threads=cfg.sweep_threads(), dtypes=dtypes
     )
-    return DonorTable(typed, found.donors, found.weights)
+    return DonorTable.of(typed, found.donors, found.weights)
 
 
 def donor_dtype(n_reference: int) -> type[np.integer]:
@@ -233,7 +248,7 @@ def _parts(
             else {"targets_sha256": queries.targets, "rows": [rows.start, rows.stop]}
         )
         key = {
-            "format": DONOR_FORMAT,
+            "format": donor_format.FORMAT,
             "panel_sha256": panel.info.source_sha256,
             "split": panel.split_digest(),
             "typed_sha256": sites_digest(queries.typed),
@@ -317,7 +332,7 @@ def read_donors(cache: WindowCache, queries: Queries, cfg: DonorConfig | None = 
     return DonorTable(
         queries.typed,
         np.concatenate([t.donors for t in ordered], axis=1),
-        np.concatenate([t.weights for t in ordered], axis=1),
+        np.concatenate([t.codes for t in ordered], axis=1),
     )
 
 
@@ -356,7 +371,7 @@ def _compute_parts(
     out, start = [], 0
     for part in parts:
         n = part.rows.stop - part.rows.start
-        table = DonorTable(typed, whole.donors[:, start : start + n], whole.weights[:, start : start + n])
+        table = DonorTable(typed, whole.donors[:, start : start + n], whole.codes[:, start : start + n])
         cache.store.commit(part.artifact, {"donors.npz": _table_bytes(table, queries.labels[part.rows])})
         out.append(table)
         start += n
@@ -374,7 +389,9 @@ def _compute_parts(
 
 def _table_bytes(table: DonorTable, queries: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, typed=table.typed, queries=queries, donors=table.donors, weights=table.weights)
+    # The typed sites by digest: the key has them too, and at genome scale the sites themselves (int64)
+    # would be a fifth of the stored tables.
+    np.savez(buf, typed_sha256=np.array(sites_digest(table.typed)), queries=queries, **donor_format.pack(table.donors, table.codes))
     return buf.getvalue()
 
 
@@ -383,9 +400,9 @@ def _table_from_bytes(data: bytes, typed: np.ndarray, queries: np.ndarray, where
 
     try:
         with np.load(io.BytesIO(data)) as npz:
-            table = DonorTable(npz["typed"], npz["donors"], npz["weights"])
-            same = np.array_equal(table.typed, typed) and np.array_equal(npz["queries"], queries)
-    except (ValueError, KeyError, zipfile.BadZipFile) as exc:
+            table = DonorTable(typed, *donor_format.unpack(npz))
+            same = str(npz["typed_sha256"]) == sites_digest(typed) and np.array_equal(npz["queries"], queries)
+    except (ValueError, KeyError, zipfile.BadZipFile, zstandard.ZstdError) as exc:
         raise CacheError(f"donor table {where} is unreadable ({exc}): delete it and rerun") from None
     if not same:
         raise CacheError(f"donor table {where} holds other typed sites or queries than its key says: delete it and rerun")
