@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     observed[typed] = True
     data = window_data(0, panel, af, all_ids, observed, device)  # the whole synthetic panel is the reference
     window = Window(0, 0, args.seq)
-    # A donor table for every haplotype as a query: random donors, softmax weights (float16, as stored).
+    # A donor table for every haplotype as a query: random donors, Dirichlet weights (quantized as stored).
     n_gaps = typed.size + 1
     donors = rng.integers(0, args.panel_haps, (n_gaps, args.panel_haps, args.k)).astype(np.uint16)
     weights = rng.dirichlet(np.ones(args.k), (n_gaps, args.panel_haps)).astype(np.float16)
-    table = DonorTable(typed, donors, weights)
+    table = DonorTable.of(typed, donors, weights)
 
     model_cfg = ModelConfig(dims=args.dims, layers=args.layers, kernel=args.kernel, k=args.k)
     train_cfg = TrainConfig()
