@@ -392,11 +392,7 @@ def estimate(plan: Plan) -> Estimate:
     )
     amp = plan.bf16
     # The donor tables are cache artifacts too, one per part and table.
-    donor_disk = (
-        0
-        if plan.index == "flat-lxd"
-        else sum(donor_table_disk(plan, q, plan.donor_parts) for q in plan.tables)
-    )
+    donor_disk = 0 if plan.index == "flat-lxd" else sum(donor_table_disk(plan, q, plan.donor_parts) for q in plan.tables)
     if plan.index == "flat-lxd":
         emb = lxd_window_bytes(plan)
         # Predecessor, per window: complete + masked embeddings + the FAISS copy, and int64 tokens
@@ -464,9 +460,7 @@ def estimate(plan: Plan) -> Estimate:
         params=params,
         train_disk=int(train_disk),
         task_donor_disk=int(
-            0
-            if plan.index == "flat-lxd"
-            else sum(donor_table_disk(plan, math.ceil(q / plan.donor_parts)) for q in plan.tables)
+            0 if plan.index == "flat-lxd" else sum(donor_table_disk(plan, math.ceil(q / plan.donor_parts)) for q in plan.tables)
         ),
         impute_task_ram=int(_impute_task_bytes(plan, params)) if plan.target_haplotypes else 0,
         impute_task_disk=int(min(plan.impute_windows_per_task, plan.windows) * L * _record_bytes(plan) + ARTIFACT_OVERHEAD_BYTES)

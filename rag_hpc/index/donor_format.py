@@ -75,7 +75,9 @@ def slot_order(donors: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.
         slots = np.zeros(q_n * (k + 1), donors.dtype)
         slot_w = np.zeros(q_n * (k + 1), weights.dtype)
         slots.reshape(q_n, k + 1)[:, :k] = np.where(kept, prev, 0)
-        slot_w.reshape(q_n, k + 1)[:, :k] = np.where(kept, cur_w.ravel()[(np.arange(q_n)[:, None] * k + np.maximum(at, 0)).ravel()].reshape(q_n, k), 0)
+        slot_w.reshape(q_n, k + 1)[:, :k] = np.where(
+            kept, cur_w.ravel()[(np.arange(q_n)[:, None] * k + np.maximum(at, 0)).ravel()].reshape(q_n, k), 0
+        )
         slots[to] = cur.ravel()
         slot_w[to] = cur_w.ravel()
         out_d[g], out_w[g] = slots.reshape(q_n, k + 1)[:, :k], slot_w.reshape(q_n, k + 1)[:, :k]

@@ -391,7 +391,9 @@ def _table_bytes(table: DonorTable, queries: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # The typed sites by digest: the key has them too, and at genome scale the sites themselves (int64)
     # would be a fifth of the stored tables.
-    np.savez(buf, typed_sha256=np.array(sites_digest(table.typed)), queries=queries, **donor_format.pack(table.donors, table.codes))
+    np.savez(
+        buf, typed_sha256=np.array(sites_digest(table.typed)), queries=queries, **donor_format.pack(table.donors, table.codes)
+    )
     return buf.getvalue()
 
 
