@@ -25,7 +25,7 @@ def _contigs(vcf: Path) -> set[str]:
 def test_a_genome_launch_trains_one_model_over_every_chromosome_and_reports_each_through_either_backend(
     tiny_genome: Path, tmp_path: Path
 ) -> None:
-    from rag_hpc.launch.core import chromosomes
+    from rag_hpc.runs import chromosomes
 
     local, debug = tmp_path / "local", tmp_path / "debug"
     out = launcher("--cluster", "local", *as_flags(tiny_genome_sets(tiny_genome, local)), timeout=400)

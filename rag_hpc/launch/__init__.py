@@ -29,24 +29,18 @@ from rag_hpc.cli import add_config_args, config_from_args
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.guard import parse_bytes
 from rag_hpc.launch.core import (
-    RUN_RECORD,
     ImputeRangeJob,
     LaunchError,
     LaunchOptions,
     TrainJob,
     build_window_range,
-    chromosomes,
     ensure_data,
     merge_imputation,
-    read_records,
-    record_launch,
-    run_dir_of,
     run_guard,
-    run_record,
-    uncached_windows,
 )
 from rag_hpc.launch.local import launch_debug, run_local
 from rag_hpc.launch.slurm import APPTAINER_ENV, SlurmBackend, container_python, launch_slurm, queued_jobs, slurm_target
+from rag_hpc.runs import RUN_RECORD, chromosomes, read_records, record_launch, run_dir_of, run_record, uncached_windows
 
 __all__ = [
     "APPTAINER_ENV",

@@ -12,7 +12,8 @@ from typing import Any
 import submitit
 
 from rag_hpc.config import RagConfig
-from rag_hpc.launch.core import Backend, JobSpec, LaunchOptions, ensure_data, imputed_vcf, report, run_dir_of, submit, wait
+from rag_hpc.launch.core import Backend, JobSpec, LaunchOptions, ensure_data, report, submit, wait
+from rag_hpc.runs import imputed_vcf, run_dir_of
 
 
 class DebugBackend(Backend):

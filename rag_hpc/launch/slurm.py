@@ -32,11 +32,11 @@ from rag_hpc.launch.core import (
     LaunchOptions,
     _timeout_min,
     ensure_data,
-    read_records,
     submit,
     wait,
 )
 from rag_hpc.locks import LockBusy, describe, hold
+from rag_hpc.runs import read_records
 from rag_hpc.slurm_env import REQUEUE_ENV
 
 LAUNCH_LOCK = "launch.lock"  # held while one launch checks the queue and submits
