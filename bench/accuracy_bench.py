@@ -56,7 +56,8 @@ from common import machine_line
 
 from rag_hpc.cli import add_config_args
 from rag_hpc.config import RagConfig, load_config
-from rag_hpc.evaluate import MAF_BINS, Evaluation, bin_label, evaluate, plot_r2_by_maf, write_report
+from rag_hpc.evaluate import Evaluation, evaluate, plot_r2_by_maf, write_report
+from rag_hpc.maf import MAF_BINS, bin_label
 
 # *-phased: the method on the targets unphased, then phased by Beagle through ``rag_hpc.phase`` (as real
 # array data arrive); model-phased imputes with the model the 'model' run trained.

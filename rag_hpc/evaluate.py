@@ -34,22 +34,10 @@ from rag_hpc.cli import add_config_args, config_from_args, run_main
 from rag_hpc.data.vcf import VcfError, check_container, match_sites, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import atomic_write, save_figure
-
-# [lo, hi) except the last, which is closed: MAF is at most 0.5.
-MAF_BINS: tuple[tuple[float, float], ...] = ((0.0, 0.005), (0.005, 0.01), (0.01, 0.05), (0.05, 0.5))
+from rag_hpc.maf import MAF_BINS, bin_label, maf_bin
 
 # cyvcf2 gt_types: 0 HOM_REF, 1 HET, 2 UNKNOWN, 3 HOM_ALT -> ALT allele count (NaN = missing).
 _GT_TYPE_COUNT = np.array([0.0, 1.0, np.nan, 2.0], np.float32)
-
-
-def bin_label(lo: float, hi: float) -> str:
-    return f"[{lo:g}, {hi:g}{']' if hi >= 0.5 else ')'}"
-
-
-def maf_bin(maf: np.ndarray) -> np.ndarray:
-    """Bin index per MAF value (0..len(MAF_BINS) - 1)."""
-    edges = np.array([hi for _, hi in MAF_BINS[:-1]])
-    return np.searchsorted(edges, np.asarray(maf), side="right")
 
 
 # ------------------------------------------------------------------------------------------------

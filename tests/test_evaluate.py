@@ -13,7 +13,8 @@ from rag_hpc.data.panel import Panel
 from rag_hpc.data.prepare import prepare_panel
 from rag_hpc.data.vcf import VcfWriter
 from rag_hpc.errors import InputError
-from rag_hpc.evaluate import MAF_BINS, Evaluation, _calibration, build_parser, dosage_r2, evaluate, maf_bin, main
+from rag_hpc.evaluate import Evaluation, _calibration, build_parser, dosage_r2, evaluate, main
+from rag_hpc.maf import MAF_BINS, maf_bin
 
 N_PANEL = 1000  # samples: 2,000 haplotypes, 1,800 in the train split (val_fraction 0.1)
 

@@ -15,7 +15,6 @@ windows) combine with a single all_reduce.
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import math
 import os
@@ -26,17 +25,17 @@ import torch
 from torch import Tensor
 
 from rag_hpc.fsutil import save_figure
+from rag_hpc.maf import MAF_BINS, MAF_EDGES, bin_key
 
 log = logging.getLogger("rag_hpc.train")
 
-MAF_EDGES = (0.0, 0.005, 0.01, 0.05, 0.5)
-MAF_BINS = tuple(f"{lo:.3f}-{hi:.3f}" for lo, hi in itertools.pairwise(MAF_EDGES))
+MAF_KEYS = tuple(bin_key(lo, hi) for lo, hi in MAF_BINS)  # the metric names' bins (rag_hpc.maf)
 
 # Layout of the accumulator vector.
 _LOSS, _N, _CORRECT, _TP, _FP, _FN = range(6)
 _HEAD = 6
 _PER_BIN = 2  # sites with an r², sum of their r²
-SIZE = _HEAD + _PER_BIN * len(MAF_BINS)
+SIZE = _HEAD + _PER_BIN * len(MAF_KEYS)
 
 
 def maf_bin(af: Tensor) -> Tensor:
@@ -80,7 +79,7 @@ class ValAccumulator:
         r2 = torch.where(sxx > 1e-12, sxy * sxy / (sxx * syy).clamp(min=1e-300), torch.zeros_like(sxy)).clamp(max=1.0)
         has = (syy > 1e-12) & (dose.shape[0] >= 2)  # monomorphic in the truth: no r²
         bins = maf_bin(af[masked])
-        for b in range(len(MAF_BINS)):
+        for b in range(len(MAF_KEYS)):
             cols = has & (bins == b)
             o = _HEAD + _PER_BIN * b
             s[o] += cols.sum()
@@ -95,7 +94,7 @@ class ValAccumulator:
         }
         tp, fp, fn = s[_TP], s[_FP], s[_FN]
         out["val_f1_alt"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else math.nan
-        for b, name in enumerate(MAF_BINS):
+        for b, name in enumerate(MAF_KEYS):
             o = _HEAD + _PER_BIN * b
             out[f"val_r2_maf_{name}"] = s[o + 1] / s[o] if s[o] else math.nan
             out[f"val_n_maf_{name}"] = s[o]
@@ -113,8 +112,8 @@ EPOCH_COLUMNS = (
     "val_loss",
     "val_acc",
     "val_f1_alt",
-    *(f"val_r2_maf_{b}" for b in MAF_BINS),
-    *(f"val_n_maf_{b}" for b in MAF_BINS),
+    *(f"val_r2_maf_{b}" for b in MAF_KEYS),
+    *(f"val_n_maf_{b}" for b in MAF_KEYS),
     "epoch_seconds",
 )
 # One row per log window (train.log_every steps): the loss curve.
