@@ -14,7 +14,7 @@ the kgp-like bench's target and training tables), because along a query's gaps t
   gap's is mostly zero. Under 1e-5 a weight is noise to every reader: the model clamps log weights at 1e-6,
   and the mass under 1e-5 is ~4e-5 per gap, less than float16's rounding of the weights' sum. Half the
   slots are under it, so they keep their last donor rather than store the HMM's churn among references it
-  gives no weight (``hold_below_floor``: a third of the stored bytes).
+  gives no weight (a third of the stored bytes).
 - **zstd** (level 9) over both streams, query-major (a query's gaps in a row). Before the floor's holding,
   on the target table: zstd 0.285 bytes per entry, compressed at 56 MB/s of table and read at ~0.8 GB/s;
   bz2 0.266 and 20x slower to read; zlib 0.34; lzma 0.26 and 40x slower to write.
@@ -42,13 +42,17 @@ STEP = math.log(1.0 / FLOOR) / STEPS
 BELOW = np.uint8(255)
 
 
-def slot_order(donors: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Donors [G, Q, k] (and their weights or codes, alike) with each donor kept in its slot from one gap
-    to the next: a donor also among the previous gap's stays where it was there, a new one takes the
-    first slot freed (heaviest new donor, first freed slot)."""
+def slot_order(donors: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Donors and their weight codes [G, Q, k] with each donor kept in its slot from one gap to the next:
+    a donor also among the previous gap's stays where it was there, a new one takes the first slot freed
+    (heaviest new donor, first freed slot). A slot under the floor (``BELOW``) then holds the donor it held
+    at the gap before: which reference fills a weightless slot is noise that would otherwise be stored
+    (half the slots, a third of the stored bytes), and no reader can tell (weight 0). Slots are matched
+    on the HMM's donors, never on held ones, so a gap's weighted donors stay distinct."""
     g_n, q_n, k = donors.shape
-    out_d, out_w = np.empty_like(donors), np.empty_like(weights)
-    out_d[0], out_w[0] = donors[0], weights[0]
+    out_d, out_w = np.empty_like(donors), np.empty_like(codes)
+    out_d[0], out_w[0] = donors[0], codes[0]
+    real_prev = donors[0]
     # Flat indices throughout: numpy's 2-D fancy indexing costs ~3x more, and this loop runs per gap.
     # place[q * n + donor]: 1 + the donor's column in the current gap, 0 if absent (O(Q k) per gap).
     n = int(donors.max()) + 1
@@ -58,7 +62,7 @@ def slot_order(donors: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.
     columns = np.broadcast_to(np.arange(1, k + 1, dtype=np.int16), (q_n, k)).ravel()
     slot_ids = np.broadcast_to(np.arange(k), (q_n, k))
     for g in range(1, g_n):
-        prev, cur, cur_w = out_d[g - 1], donors[g], weights[g]
+        prev, cur, cur_w = real_prev, donors[g], codes[g]
         cur_at = (query_base + cur).ravel()
         place[cur_at] = columns
         at = place[(query_base + prev).ravel()].reshape(q_n, k).astype(np.int64) - 1  # prev slot -> current column
@@ -73,24 +77,17 @@ def slot_order(donors: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.
         rank = np.where(new, np.cumsum(new, 1) - 1, k)
         to = (row_base + np.where(new, free_of_rank[(row_base + rank).ravel()].reshape(q_n, k), k)).ravel()
         slots = np.zeros(q_n * (k + 1), donors.dtype)
-        slot_w = np.zeros(q_n * (k + 1), weights.dtype)
+        slot_w = np.zeros(q_n * (k + 1), codes.dtype)
         slots.reshape(q_n, k + 1)[:, :k] = np.where(kept, prev, 0)
         slot_w.reshape(q_n, k + 1)[:, :k] = np.where(
             kept, cur_w.ravel()[(np.arange(q_n)[:, None] * k + np.maximum(at, 0)).ravel()].reshape(q_n, k), 0
         )
         slots[to] = cur.ravel()
         slot_w[to] = cur_w.ravel()
-        out_d[g], out_w[g] = slots.reshape(q_n, k + 1)[:, :k], slot_w.reshape(q_n, k + 1)[:, :k]
+        real_prev = slots.reshape(q_n, k + 1)[:, :k]
+        out_w[g] = slot_w.reshape(q_n, k + 1)[:, :k]
+        out_d[g] = np.where(out_w[g] == BELOW, out_d[g - 1], real_prev)
     return out_d, out_w
-
-
-def hold_below_floor(donors: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Donors [G, Q, k] in slot order with each slot whose weight is under the floor holding the donor it
-    held at the last gap it was above it (or at gap 0): which reference fills a weightless slot is noise
-    that would otherwise be stored (half the slots, and a third of the stored bytes), and no reader can
-    tell (weight 0)."""
-    last = np.where(codes == BELOW, 0, np.arange(donors.shape[0])[:, None, None])
-    return np.take_along_axis(donors, np.maximum.accumulate(last, axis=0), 0)
 
 
 def _code_of_float16() -> np.ndarray:

@@ -68,7 +68,7 @@ class DonorTable:
     def of(cls, typed: np.ndarray, donors: np.ndarray, weights: np.ndarray) -> DonorTable:
         """The table of the HMM's heaviest-first donors and weights [M + 1, Q, k], weights quantized."""
         slots, codes = donor_format.slot_order(donors, donor_format.weight_codes(weights))
-        return cls(typed, donor_format.hold_below_floor(slots, codes), codes)
+        return cls(typed, slots, codes)
 
     def weights(self) -> np.ndarray:
         """float32 [M + 1, Q, k]: each donor's weight, summing to 1 per query and gap (slot order)."""
