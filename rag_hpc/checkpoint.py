@@ -48,6 +48,12 @@ class CheckpointFile:
     step: int
     path: Path
 
+    @classmethod
+    def named(cls, path: Path) -> CheckpointFile | None:
+        """The checkpoint a file's name says it is (step_<N>.pt), or None: the one parser of the name."""
+        match = _NAME.match(path.name)
+        return cls(int(match.group(1)), path) if match else None
+
     @property
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + ".sha256")
@@ -118,11 +124,7 @@ class CheckpointManager:
         """Checkpoint data files present, oldest first (not verified)."""
         if not self.directory.is_dir():
             return []
-        found = []
-        for entry in self.directory.iterdir():
-            match = _NAME.match(entry.name)
-            if match:
-                found.append(CheckpointFile(int(match.group(1)), entry))
+        found = [c for c in map(CheckpointFile.named, self.directory.iterdir()) if c is not None]
         return sorted(found, key=lambda c: c.step)
 
     def path_for(self, step: int) -> Path:
@@ -256,7 +258,7 @@ def load_checkpoint(checkpoint: str | os.PathLike[str]) -> dict:
         return found[1]
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist: pass a step_<N>.pt file or a run directory")
-    step = path.stem.removeprefix("step_")
-    if not step.isdigit():
+    ckpt = CheckpointFile.named(path)
+    if ckpt is None:
         raise CheckpointError(f"{path} is not a rag_hpc checkpoint (expected step_<N>.pt from python -m rag_hpc.train)")
-    return CheckpointManager(path.parent).load(CheckpointFile(int(step), path))
+    return CheckpointManager(path.parent).load(ckpt)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from rag_hpc.checkpoint import CheckpointManager, rng_state, set_rng_state
+from rag_hpc.checkpoint import CHECKPOINT_FORMAT, CheckpointError, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.errors import ConfigError
 from rag_hpc.evaluate import dosage_r2
 from rag_hpc.train.metrics import ValAccumulator, maf_bin
 from rag_hpc.train.sampler import WindowBatchSampler
-from rag_hpc.train.trainer import warmup_cosine
+from rag_hpc.train.trainer import TrainState, warmup_cosine
 
 TRAIN_HAPS = np.array([h for h in range(100) if h // 2 % 5 != 0])  # every 5th sample held out: 80 haplotypes
 
@@ -190,3 +190,16 @@ def test_a_constant_prediction_scores_zero_where_the_truth_varies():
     acc.add_window(torch.zeros(4, 2), target, torch.tensor([True, True]), torch.full((2,), 0.3))
     got = acc.result()
     assert got["val_r2_maf_0.050-0.500"] == 0.0 and got["val_n_maf_0.050-0.500"] == 2
+
+
+def test_a_train_state_round_trips_through_a_checkpoint_and_refuses_another_epoch_length(tmp_path):
+    state = TrainState(step=37, epoch_loss_sum=12.5, epoch_loss_steps=5, epoch_seconds=3.25)
+    manager = CheckpointManager(tmp_path, keep=2)
+    path = manager.save({"format": CHECKPOINT_FORMAT, **state.to_checkpoint(steps_per_epoch=10, grad_accum=2)}, state.step)
+    loaded = manager.load(CheckpointFile.named(path))
+    assert TrainState.from_checkpoint(loaded, 10, 2, path) == state
+    assert (loaded["epoch"], loaded["batch_in_epoch"]) == (3, 14)  # step 37 = epoch 3, 7 steps of 2 micro-batches in
+    with pytest.raises(CheckpointError, match="sampler position"):
+        TrainState.from_checkpoint(loaded, 12, 2, path)  # other windows or split: other batches, so refused
+    state.end_epoch()
+    assert state == TrainState(step=37)

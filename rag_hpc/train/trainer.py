@@ -87,7 +87,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, checkpoint: Path, step: int, reason: str):
         super().__init__(f"training interrupted by {reason} at step {step}; checkpoint {checkpoint}")
         self.checkpoint = checkpoint
-        self.step = step
+        self.progress.step = step
         self.reason = reason
 
 
@@ -197,6 +197,47 @@ def forward_batch(
     ``rows`` of their donor table) typed at the window's array sites: ALT logits [B, L]."""
     with autocast(data.maf.device, amp):
         return donor_logits(net, table, window, rows, data.reference, data.alleles[query_ids], data.observed, data.maf)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands between optimizer steps: with the model, optimizer, scheduler and RNG states,
+    what a checkpoint saves and a resume restores. The sampler's position follows from ``step`` (an
+    epoch is ``steps_per_epoch`` steps of ``grad_accum`` micro-batches); the checkpoint records it too,
+    so a resume under other windows or split is refused instead of drawing other batches."""
+
+    step: int = 0
+    epoch_loss_sum: float = 0.0  # this epoch's so far, for its train_loss
+    epoch_loss_steps: int = 0
+    epoch_seconds: float = 0.0
+
+    def to_checkpoint(self, steps_per_epoch: int, grad_accum: int) -> dict[str, Any]:
+        epoch, in_epoch = divmod(self.step, steps_per_epoch)
+        return {
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": in_epoch * grad_accum,  # the sampler position of the next micro-batch
+            "epoch_accum": {"loss_sum": self.epoch_loss_sum, "steps": self.epoch_loss_steps, "seconds": self.epoch_seconds},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], steps_per_epoch: int, grad_accum: int, where: object) -> TrainState:
+        state = cls(
+            int(saved["step"]),
+            float(saved["epoch_accum"]["loss_sum"]),
+            int(saved["epoch_accum"]["steps"]),
+            float(saved["epoch_accum"]["seconds"]),
+        )
+        expected = state.to_checkpoint(steps_per_epoch, grad_accum)
+        if (saved["epoch"], saved["batch_in_epoch"]) != (expected["epoch"], expected["batch_in_epoch"]):
+            raise CheckpointError(
+                f"{where}: sampler position (epoch {saved['epoch']}, micro-batch {saved['batch_in_epoch']}) does not match "
+                f"step {state.step} with {steps_per_epoch} steps per epoch; the panel's windows or split changed"
+            )
+        return state
+
+    def end_epoch(self) -> None:
+        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = 0.0, 0, 0.0
 
 
 @dataclass
@@ -385,10 +426,7 @@ class Trainer:
             self.optimizer, warmup_cosine(self.cfg.warmup_steps, self.total_steps, self.cfg.min_lr_ratio)
         )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.cfg.keep_checkpoints)
-        self.step = 0
-        self.epoch_loss_sum = 0.0
-        self.epoch_loss_steps = 0
-        self.epoch_seconds = 0.0
+        self.progress = TrainState()
         self.last_checkpoint: Path | None = None
         self.resumed_from = self._resume()
         # After the checkpoint checks: a run refused for its checkpoint costs no HMM.
@@ -420,10 +458,12 @@ class Trainer:
         self.steps_csv: MetricsCsv | None = None
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-            self.csv = MetricsCsv(self.run_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.step // self.steps_per_epoch)
-            self.steps_csv = MetricsCsv(self.run_dir / "steps.csv", STEP_COLUMNS, "step", self.step + 1)
+            self.csv = MetricsCsv(
+                self.run_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.progress.step // self.steps_per_epoch
+            )
+            self.steps_csv = MetricsCsv(self.run_dir / "steps.csv", STEP_COLUMNS, "step", self.progress.step + 1)
             if self.cfg.tensorboard:
-                self.tb = open_tensorboard(self.run_dir / "tb", purge_step=self.step if self.resumed_from else None)
+                self.tb = open_tensorboard(self.run_dir / "tb", purge_step=self.progress.step if self.resumed_from else None)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
             "run %s: %d rank(s) on %s%s, bf16 %s; %s parameters; %d windows x %d batches of %d, grad_accum %d: "
@@ -447,9 +487,9 @@ class Trainer:
             log.info(
                 "resumed from %s: next step %d (epoch %d, micro-batch %d)",
                 self.resumed_from,
-                self.step,
-                self.step // self.steps_per_epoch,
-                (self.step % self.steps_per_epoch) * self.cfg.grad_accum,
+                self.progress.step,
+                self.progress.step // self.steps_per_epoch,
+                (self.progress.step % self.steps_per_epoch) * self.cfg.grad_accum,
             )
         else:
             log.info("fresh start: no usable checkpoint in %s", self.checkpoints.directory)
@@ -457,17 +497,13 @@ class Trainer:
     # -- checkpoint state ----------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         return {
             "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "epoch": epoch,
-            "batch_in_epoch": in_epoch * self.cfg.grad_accum,  # the sampler position of the next micro-batch
+            **self.progress.to_checkpoint(self.steps_per_epoch, self.cfg.grad_accum),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
-            "epoch_accum": {"loss_sum": self.epoch_loss_sum, "steps": self.epoch_loss_steps, "seconds": self.epoch_seconds},
             "config": self.config.model_dump(mode="json"),
             "panel": dict(self.panel_id),
             "rng_streams": RNG_NAME,
@@ -487,7 +523,7 @@ class Trainer:
             return None
         path = Path(chosen)
         if state is None:
-            state = self.checkpoints.load(CheckpointFile(int(path.stem.split("_")[1]), path), map_location=self.device)
+            state = self.checkpoints.load(CheckpointFile.named(path), map_location=self.device)  # type: ignore[arg-type]
         if state["panel"] != self.panel_id:
             raise CheckpointError(
                 f"{path} was trained on another panel or split ({state['panel']} vs {self.panel_id}): "
@@ -506,31 +542,20 @@ class Trainer:
                 + "; ".join(conflicts)
                 + ". Use a new train.name (or train.run_dir), or restore those values"
             )
-        epoch, in_epoch = divmod(int(state["step"]), self.steps_per_epoch)
-        if (state["epoch"], state["batch_in_epoch"]) != (epoch, in_epoch * self.cfg.grad_accum):
-            raise CheckpointError(
-                f"{path}: sampler position (epoch {state['epoch']}, micro-batch {state['batch_in_epoch']}) does not match "
-                f"step {state['step']} with {self.steps_per_epoch} steps per epoch; the panel's windows or split changed"
-            )
+        progress = TrainState.from_checkpoint(state, self.steps_per_epoch, self.cfg.grad_accum, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        acc = state["epoch_accum"]
-        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = (
-            float(acc["loss_sum"]),
-            int(acc["steps"]),
-            float(acc["seconds"]),
-        )
+        self.progress = progress
         self.last_checkpoint = path
         return path
 
     def save(self) -> Path:
-        path = self.checkpoints.path_for(self.step)
+        path = self.checkpoints.path_for(self.progress.step)
         if self.env.is_main:
             t0 = time.perf_counter()
-            path = self.checkpoints.save(self.state(), self.step)
+            path = self.checkpoints.save(self.state(), self.progress.step)
             log.info("checkpoint %s written in %.2f s", path, time.perf_counter() - t0)
         barrier(self.env)  # nobody returns (or gets requeued) before the file is complete
         self.last_checkpoint = path
@@ -546,7 +571,7 @@ class Trainer:
         local = mb.local(env.rank, env.world_size)
         ids = torch.from_numpy(local).to(self.device)
         rows = np.searchsorted(self.train_ids, local)  # the train query table is in haplotype-id order
-        seed = uniforms(cfg.seed, Stream.DROPOUT, env.rank, np.array([self.step], np.uint64), micro, 1)[0, 0]
+        seed = uniforms(cfg.seed, Stream.DROPOUT, env.rank, np.array([self.progress.step], np.uint64), micro, 1)[0, 0]
         torch.manual_seed(int(seed * 2**53))
         chrom, window = self.where[mb.window]
         ch = self.chromosomes[chrom]
@@ -559,9 +584,9 @@ class Trainer:
         return bce_sum.detach().double() * scale
 
     def train_step(self) -> tuple[Tensor, float]:
-        """One optimizer step at ``self.step``: (this rank's loss share, grad norm)."""
+        """One optimizer step at ``self.progress.step``: (this rank's loss share, grad norm)."""
         cfg = self.cfg
-        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        epoch, in_epoch = divmod(self.progress.step, self.steps_per_epoch)
         share = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(cfg.grad_accum):
             mb = self.sampler.batch(epoch, in_epoch * cfg.grad_accum + micro)
@@ -576,7 +601,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.progress.step += 1
         return share, grad_norm
 
     # -- validation ----------------------------------------------------------------------------
@@ -630,7 +655,7 @@ class Trainer:
         enabled = self.env.is_main and self.cfg.progress
         return tqdm(
             total=self.stop_step,
-            initial=self.step,
+            initial=self.progress.step,
             unit="step",
             dynamic_ncols=True,
             disable=not enabled,
@@ -640,17 +665,17 @@ class Trainer:
 
     def run(self) -> Path:
         cfg = self.cfg
-        if self.step >= self.stop_step:
-            log.info("nothing to do: step %d already reaches the stop step %d", self.step, self.stop_step)
+        if self.progress.step >= self.stop_step:
+            log.info("nothing to do: step %d already reaches the stop step %d", self.progress.step, self.stop_step)
             return self.last_checkpoint if self.last_checkpoint is not None else self.save()
         self.model.train()
         window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
         bar = self._progress()
         try:
-            while self.step < self.stop_step:
+            while self.progress.step < self.stop_step:
                 t0 = time.perf_counter()
-                epoch = self.step // self.steps_per_epoch
-                if self.step % self.steps_per_epoch == 0:
+                epoch = self.progress.step // self.steps_per_epoch
+                if self.progress.step % self.steps_per_epoch == 0:
                     log.info(
                         "epoch %d: %d steps of %d queries", epoch, self.steps_per_epoch, self.cfg.batch_size * self.cfg.grad_accum
                     )
@@ -659,31 +684,31 @@ class Trainer:
                     # Tests and benchmarks only: a sleep, so the numbers are those of a run without it.
                     time.sleep(max(0.0, cfg.min_step_seconds - (time.perf_counter() - t0)))
                 loss, want_checkpoint, want_stop = self._agree(share)
-                self.epoch_loss_sum += loss
-                self.epoch_loss_steps += 1
+                self.progress.epoch_loss_sum += loss
+                self.progress.epoch_loss_steps += 1
                 window_loss += loss
                 window_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == self.stop_step:
+                if self.progress.step % cfg.log_every == 0 or self.progress.step == self.stop_step:
                     self._log_window(window_loss / window_steps, grad_norm, window_steps, time.perf_counter() - window_t0)
                     window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
-                epoch_end = self.step % self.steps_per_epoch == 0
-                self.epoch_seconds += time.perf_counter() - t0
+                epoch_end = self.progress.step % self.steps_per_epoch == 0
+                self.progress.epoch_seconds += time.perf_counter() - t0
                 if epoch_end:
                     self._end_epoch(epoch)
-                periodic = cfg.checkpoint_every_steps > 0 and self.step % cfg.checkpoint_every_steps == 0
-                if want_checkpoint or periodic or epoch_end or self.step == self.stop_step:
+                periodic = cfg.checkpoint_every_steps > 0 and self.progress.step % cfg.checkpoint_every_steps == 0
+                if want_checkpoint or periodic or epoch_end or self.progress.step == self.stop_step:
                     path = self.save()
-                    if want_stop and self.step < self.stop_step:
+                    if want_stop and self.progress.step < self.stop_step:
                         self._stop(path)
         finally:
             bar.close()
         assert self.last_checkpoint is not None
         log.info(
             "%s at step %d: %s",
-            "finished" if self.step >= self.total_steps else "stopped (max_steps)",
-            self.step,
+            "finished" if self.progress.step >= self.total_steps else "stopped (max_steps)",
+            self.progress.step,
             self.last_checkpoint,
         )
         return self.last_checkpoint
@@ -695,9 +720,9 @@ class Trainer:
         rate = steps / seconds if seconds > 0 else math.nan
         log.info(
             "step %d/%d epoch %d loss %.4f lr %.3g grad_norm %.3g | %.2f step/s, %.0f queries/s",
-            self.step,
+            self.progress.step,
             self.total_steps,
-            (self.step - 1) // self.steps_per_epoch,
+            (self.progress.step - 1) // self.steps_per_epoch,
             loss,
             lr,
             grad_norm,
@@ -707,8 +732,8 @@ class Trainer:
         assert self.steps_csv is not None
         self.steps_csv.append(
             {
-                "step": self.step,
-                "epoch": (self.step - 1) // self.steps_per_epoch,
+                "step": self.progress.step,
+                "epoch": (self.progress.step - 1) // self.steps_per_epoch,
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -722,27 +747,27 @@ class Trainer:
                 ("train/grad_norm", grad_norm),
                 ("train/steps_per_s", rate),
             ):
-                self.tb.add_scalar(name, value, self.step)
+                self.tb.add_scalar(name, value, self.progress.step)
 
     def _end_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
-        due = (epoch + 1) % self.cfg.val_every == 0 or self.step == self.total_steps
+        due = (epoch + 1) % self.cfg.val_every == 0 or self.progress.step == self.total_steps
         val = self.validate() if due and len(self.val_ids) else {}
-        self.epoch_seconds += time.perf_counter() - t0
+        self.progress.epoch_seconds += time.perf_counter() - t0
         row: dict[str, Any] = {
             "epoch": epoch,
-            "step": self.step,
+            "step": self.progress.step,
             "lr": self.scheduler.get_last_lr()[0],
-            "train_loss": self.epoch_loss_sum / max(1, self.epoch_loss_steps),
+            "train_loss": self.progress.epoch_loss_sum / max(1, self.progress.epoch_loss_steps),
             **val,
-            "epoch_seconds": self.epoch_seconds,
+            "epoch_seconds": self.progress.epoch_seconds,
         }
         if self.env.is_main:
             r2 = "  ".join(f"{k.removeprefix('val_r2_maf_')}: {v:.3f}" for k, v in val.items() if k.startswith("val_r2"))
             log.info(
                 "epoch %d done in %.1f s: train loss %.4f%s",
                 epoch,
-                self.epoch_seconds,
+                self.progress.epoch_seconds,
                 row["train_loss"],
                 f" | val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f} F1(ALT) {val['val_f1_alt']:.4f} | r2 by MAF {r2}"
                 if val
@@ -754,15 +779,17 @@ class Trainer:
                 for key, value in row.items():
                     if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
                         self.tb.add_scalar(
-                            f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}", value, self.step
+                            f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}",
+                            value,
+                            self.progress.step,
                         )
                 self.tb.flush()
-        self.epoch_loss_sum, self.epoch_loss_steps, self.epoch_seconds = 0.0, 0, 0.0
+        self.progress.end_epoch()
 
     def _stop(self, path: Path) -> None:
         reason = _Requests.reason or "a request on another rank"
-        log.warning("stopping at step %d on %s; rerun the same command to resume from %s", self.step, reason, path)
-        raise TrainingInterrupted(path, self.step, reason)
+        log.warning("stopping at step %d on %s; rerun the same command to resume from %s", self.progress.step, reason, path)
+        raise TrainingInterrupted(path, self.progress.step, reason)
 
     def close(self) -> None:
         if self.tb is not None:
