@@ -25,6 +25,11 @@ from rag_hpc.errors import BUG_EXIT_CODE, DiskSpaceError, InputError, UserError
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def command_parser(command: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``python -m rag_hpc.<command>`` (also ``rag-hpc <command>``: ``rag_hpc/__main__.py``)."""
+    return argparse.ArgumentParser(prog=f"python -m rag_hpc.{command}", description=description, epilog=epilog)
+
+
 def add_config_args(parser: argparse.ArgumentParser, per_chromosome: bool = False) -> None:
     """--config, --set, --debug; with ``per_chromosome`` (a stage that reads one chromosome's files) also
     --chromosome, which ``config_from_args`` applies."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 from rag_hpc.data.vcf import VcfError, check_container, match_sites, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import atomic_write, save_figure
@@ -456,9 +456,9 @@ def write_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.evaluate",
-        description="Score an imputed VCF against the true genotypes: mean dosage r² per panel-MAF bin, genotype and "
+    parser = command_parser(
+        "evaluate",
+        "Score an imputed VCF against the true genotypes: mean dosage r² per panel-MAF bin, genotype and "
         "non-reference concordance. Writes report.md, metrics.json and r2_by_maf.png into --out.",
     )
     parser.add_argument("--imputed", type=Path, required=True, help="imputed VCF (DS used when present, else GT)")

@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
+from rag_hpc.cli import command_parser
 from rag_hpc.config import MAX_SWEEP_THREADS
 from rag_hpc.errors import ConfigError
 from rag_hpc.fsutil import human_bytes
@@ -67,9 +68,14 @@ SITE_BYTES = 96
 # fan-out directory (one per 256 keys at most), with a lock file: a filesystem block (4 KiB) each for
 # the two directories and the manifest, and on average half a block of the data file's tail.
 ARTIFACT_OVERHEAD_BYTES = 14 * KiB
-# A stored donor table per (gap, query, donor) (rag_hpc/index/donor_format.py): 0.172 and 0.186 measured
-# on the kgp-like bench's target and training tables (k = 64, 4,508 references); planned 13 % above.
-DONOR_STORED_BYTES = 0.21
+# A stored donor table per (gap, query, donor) (rag_hpc/index/donor_format.py) falls as the k donors are a
+# smaller share of the references (fewer of them above the weight floor, fewer changes per gap):
+# DONOR_BYTES_SCALE * (k / references) ** DONOR_BYTES_POWER, at least DONOR_BYTES_MIN. Fitted on the tables
+# of bench/guard_bench.py's index cases (k = 64: 0.67 bytes at 540 references, 0.25 at 2,700, 0.17 at
+# 4,508) and the kgp-like bench's (0.172 and 0.186 at 4,508).
+DONOR_BYTES_SCALE = 2.5
+DONOR_BYTES_POWER = 0.61
+DONOR_BYTES_MIN = 0.17
 # A checkpoint is torch.save of the fp32 weights and both AdamW moments (12 bytes per parameter), plus
 # per parameter tensor its three zip records and the optimizer's step counter (~1.1 KiB, measured),
 # plus the RNG states and the config (~24 KiB); each has a sha256 sidecar (one block).
@@ -273,12 +279,18 @@ def donor_table_bytes(plan: Plan, queries: int) -> int:
     return (plan.typed + 1) * queries * plan.k * (_donor_itemsize(plan) + 1)
 
 
+def donor_stored_bytes(plan: Plan) -> float:
+    """Bytes per (gap, query, donor) of a stored donor table (``DONOR_BYTES_SCALE``)."""
+    share = min(plan.k, plan.reference) / max(1, plan.reference)
+    return max(DONOR_BYTES_MIN, DONOR_BYTES_SCALE * share**DONOR_BYTES_POWER)
+
+
 def donor_table_disk(plan: Plan, queries: int, parts: int = 1) -> int:
-    """A donor table as stored in ``parts`` parts (the empty ones are not stored): ``DONOR_STORED_BYTES``
+    """A donor table as stored in ``parts`` parts (the empty ones are not stored): ``donor_stored_bytes``
     per entry, its query labels (int64), and per part the npz's fixed part and the artifact's own files."""
     stored = min(parts, queries * max(1, len(plan.chromosome_sites)))
     entries = (plan.typed + 1) * queries * plan.k
-    return math.ceil(entries * DONOR_STORED_BYTES) + 8 * queries + stored * (2 * KiB + ARTIFACT_OVERHEAD_BYTES)
+    return math.ceil(entries * donor_stored_bytes(plan)) + 8 * queries + stored * (2 * KiB + ARTIFACT_OVERHEAD_BYTES)
 
 
 def donor_encode_bytes(plan: Plan, queries: int) -> int:
@@ -291,7 +303,7 @@ def donor_decode_bytes(plan: Plan, queries: int) -> int:
     """Peak of reading a stored table (or part) beyond the result: its npz bytes and the decompressed,
     accumulated and transposed copies of donors and codes."""
     entries = (plan.typed + 1) * queries * plan.k
-    return math.ceil(entries * DONOR_STORED_BYTES) + 2 * entries * (_donor_itemsize(plan) + 1)
+    return math.ceil(entries * donor_stored_bytes(plan)) + 2 * entries * (_donor_itemsize(plan) + 1)
 
 
 def donor_build_bytes(plan: Plan, queries: int) -> int:
@@ -578,10 +590,9 @@ def render(plan: Plan, est: Estimate, rows: list[Row]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m rag_hpc.guard",
-        description="Estimate RAM, disk and GPU memory of a plan and check them against budgets; "
-        "exits 1 when a budget is exceeded.",
+    p = command_parser(
+        "guard",
+        "Estimate RAM, disk and GPU memory of a plan and check them against budgets; exits 1 when a budget is exceeded.",
     )
     p.add_argument("--haplotypes", type=int, required=True, help="reference panel haplotypes (2 x samples)")
     p.add_argument("--sites", type=int, required=True, help="biallelic sites on the chromosome")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 from rag_hpc.config import RagConfig
 from rag_hpc.data.targets import TargetSites
 from rag_hpc.data.vcf import VcfWriter
@@ -553,9 +553,9 @@ def merge_ranges(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.impute",
-        description="Impute phased array targets at every panel site and write a bgzipped, tabix-indexed VCF with "
+    parser = command_parser(
+        "impute",
+        "Impute phased array targets at every panel site and write a bgzipped, tabix-indexed VCF with "
         "GT:DS:GP (INFO AF, DR2, TYPED/IMP). Targets are matched to the panel by position and alleles (REF/ALT swaps "
         "and strand flips are fixed, strand-ambiguous A/T and C/G sites are skipped). Bad input stops with one "
         "'error:' line; no partial output is ever left.",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 from rag_hpc.config import RagConfig
 from rag_hpc.data.vcf import VcfError, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
@@ -200,9 +200,9 @@ def _keep_log(text: str, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.phase",
-        description="Phase array targets with Beagle 5.4 (impute=false) against the panel's train split, with "
+    parser = command_parser(
+        "phase",
+        "Phase array targets with Beagle 5.4 (impute=false) against the panel's train split, with "
         "data.genetic_map when set; prints the phased VCF's path (content-addressed under <cache>/phased/).",
     )
     parser.add_argument("--targets", type=Path, help="target VCF (default: data.targets_vcf)")

@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.prepare",
-        description="Convert a phased, biallelic-SNP, single-contig VCF into the HDF5 panel every later stage reads. "
+    parser = command_parser(
+        "prepare",
+        "Convert a phased, biallelic-SNP, single-contig VCF into the HDF5 panel every later stage reads. "
         "Bad input (unphased, missing or non-diploid calls, indels, unsorted or duplicate positions, several "
         "contigs, truncated files) stops with one 'error:' line naming the record and the fix; no output is left.",
         epilog="Flags left out are taken from the config's data section (--config / --set / RAG_HPC_DATA__*).",

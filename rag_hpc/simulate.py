@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rag_hpc.cli import run_main
+from rag_hpc.cli import command_parser, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,9 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
             for name, (base, chroms) in GENOME_PRESETS.items()
         ]
     )
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.simulate",
-        description="Simulate a phased reference panel and held-out targets (YRI/CEU/CHB, stdpopsim HomSap "
+    parser = command_parser(
+        "simulate",
+        "Simulate a phased reference panel and held-out targets (YRI/CEU/CHB, stdpopsim HomSap "
         "OutOfAfrica_3G09, msprime; no download). Writes into DIR: panel.vcf.gz, targets.array.vcf.gz "
         "(targets at one common SNP per ~4 kb), targets.truth.vcf.gz (targets at every panel site), each with a "
         "tabix index, populations.tsv and manifest.json. A complete simulation with the same preset and seed in "

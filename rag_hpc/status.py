@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rag_hpc.cli import run_main
+from rag_hpc.cli import command_parser, run_main
 from rag_hpc.errors import InputError
 from rag_hpc.runs import RUN_RECORD
 
@@ -218,7 +218,7 @@ def render(status: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rag_hpc.status", description=__doc__.split("\n\n")[0])
+    parser = command_parser("status", __doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("rag_hpc_work"), help="paths.workdir of the launches")
     parser.add_argument("--all", action="store_true", help="every launch recorded, not only the newest")
     parser.add_argument("--json", action="store_true")

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 from rag_hpc.errors import ConfigError
 
 
@@ -26,9 +26,9 @@ def parse_window_ids(spec: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.index",
-        description="Build the per-window panel shards, and the donor-table parts of those "
+    parser = command_parser(
+        "index",
+        "Build the per-window panel shards, and the donor-table parts of those "
         "windows' prebuild task (the Li-Stephens donors training and validation read), into the content-addressed "
         "cache. Artifacts already complete and valid are skipped.",
     )

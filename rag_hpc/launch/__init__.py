@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rag_hpc.cli import add_config_args, config_from_args
+from rag_hpc.cli import add_config_args, command_parser, config_from_args
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.guard import parse_bytes
 from rag_hpc.launch.core import (
@@ -85,7 +85,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rag_hpc.launch", description=__doc__.split("\n\n")[0])
+    p = command_parser("launch", __doc__.split("\n\n")[0])
     add_config_args(p)
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="default: slurm when sbatch is on PATH, else local")
     p.add_argument("--partition", help="SLURM partition (default: cluster.partition, else the cluster's default)")

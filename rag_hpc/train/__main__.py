@@ -6,16 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rag_hpc.cli import add_config_args, config_from_args, run_main
+from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 
 # EX_TEMPFAIL: stopped on request with a checkpoint written; rerunning the command continues the run.
 EXIT_INTERRUPTED = 75
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rag_hpc.train",
-        description="Train the donor imputer on the prepared panel (data.panel_h5). Rerunning with the "
+    parser = command_parser(
+        "train",
+        "Train the donor imputer on the prepared panel (data.panel_h5). Rerunning with the "
         "same config resumes from the newest valid checkpoint in the run directory (<workdir>/runs/<train.name>) "
         "at the exact next batch. Under torchrun or a submitit multi-task job (RANK/WORLD_SIZE/MASTER_ADDR/"
         "MASTER_PORT set) each process is one DDP rank. SIGUSR2 or SIGTERM: checkpoint at the next step, "
