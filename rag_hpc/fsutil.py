@@ -69,9 +69,20 @@ def write_durable(path: Path, data: bytes) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` via a temporary file in the same directory and a rename."""
+    with atomic_file(path) as tmp:
+        write_durable(tmp, data)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """For a writer that streams (HDF5, CSV): a temporary path beside ``path`` to write; when the block
+    ends it is fsynced and renamed over ``path`` (and the directory fsynced), so readers see the old file
+    or the whole new one; when the block raises it is removed and ``path`` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write_durable(tmp, data)
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

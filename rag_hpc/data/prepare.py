@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from rag_hpc.data.panel import PANEL_FORMAT_VERSION, SPLIT_LABELS, SPLIT_TRAIN, SPLIT_VAL
 from rag_hpc.data.vcf import VcfReader
 from rag_hpc.errors import ConfigError, InputError
-from rag_hpc.fsutil import current_umask
+from rag_hpc.fsutil import atomic_file
 
 # GT chunks of at most ~8 MB: a chunk is the unit h5py decompresses, and windows read a few hundred sites.
 GT_CHUNK_BYTES = 8 * 2**20
@@ -159,38 +158,25 @@ def prepare_panel(
         weights = np.repeat(np.stack(columns, axis=1).astype(np.float32), 2, axis=0)
         n_haps = weights.sum(axis=0)
 
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            with h5py.File(tmp, "w") as h5:
-                n_sites = _write_panel(h5, reader, weights, n_haps, pop_names, progress)
-                contig = reader.contig or ""
-                h5.create_dataset(
-                    "variants/CHROM", data=np.full(n_sites, contig.encode(), dtype=f"S{max(1, len(contig.encode()))}")
-                )
-                h5.create_dataset("samples", data=np.array([s.encode() for s in samples], dtype="S"))
-                h5.create_dataset("sample_population", data=np.array([p.encode() for p in pops], dtype="S"))
-                h5.create_dataset("split", data=split).attrs["labels"] = list(SPLIT_LABELS)
-                h5.attrs.update(
-                    {
-                        "format_version": PANEL_FORMAT_VERSION,
-                        "source_sha256": source_sha256,
-                        "source_path": str(vcf.absolute()),
-                        "contig": contig,
-                        "val_fraction": float(val_fraction),
-                        "split_seed": int(split_seed),
-                        "n_skipped_non_snps": int(reader.n_skipped_non_snps),
-                        "populations": np.array(pop_names, dtype=h5py.string_dtype()),
-                    }
-                )
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make the panel private
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(out) as tmp, h5py.File(tmp, "w") as h5:
+            n_sites = _write_panel(h5, reader, weights, n_haps, pop_names, progress)
+            contig = reader.contig or ""
+            h5.create_dataset("variants/CHROM", data=np.full(n_sites, contig.encode(), dtype=f"S{max(1, len(contig.encode()))}"))
+            h5.create_dataset("samples", data=np.array([s.encode() for s in samples], dtype="S"))
+            h5.create_dataset("sample_population", data=np.array([p.encode() for p in pops], dtype="S"))
+            h5.create_dataset("split", data=split).attrs["labels"] = list(SPLIT_LABELS)
+            h5.attrs.update(
+                {
+                    "format_version": PANEL_FORMAT_VERSION,
+                    "source_sha256": source_sha256,
+                    "source_path": str(vcf.absolute()),
+                    "contig": contig,
+                    "val_fraction": float(val_fraction),
+                    "split_seed": int(split_seed),
+                    "n_skipped_non_snps": int(reader.n_skipped_non_snps),
+                    "populations": np.array(pop_names, dtype=h5py.string_dtype()),
+                }
+            )
     return out
 
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rag_hpc.fsutil import save_figure
+from rag_hpc.fsutil import atomic_file, save_figure
 from rag_hpc.maf import MAF_BINS, MAF_EDGES, bin_key
 
 log = logging.getLogger("rag_hpc.train")
@@ -135,12 +134,10 @@ class MetricsCsv:
         self._write_all(rows)
 
     def _write_all(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_file(self.path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as fh:
