@@ -49,11 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line
-
+from bench.common import machine_line
 from rag_hpc.cli import add_config_args
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.evaluate import Evaluation, evaluate, plot_r2_by_maf, write_report

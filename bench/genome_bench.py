@@ -27,11 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line
-
+from bench.common import machine_line
 from rag_hpc.config import CHROM
 from rag_hpc.data.simulate import GENOME_PRESETS
 from rag_hpc.launch import DEMO_OVERRIDES

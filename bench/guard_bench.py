@@ -45,10 +45,11 @@ from typing import Any
 
 import psutil
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line
+from bench.common import machine_line
 
 LOW, HIGH = 0.9, 1.25  # predicted / measured: never under by more than 10 %, never over by more than 25 %
 POLL_S = 0.01
@@ -193,8 +194,7 @@ CASES = [
 
 def make_panel(work: Path, spec: PanelSpec, seed: int) -> dict[str, str]:
     """A prepared panel of spec.sites sites and the simulation dir (with targets.array.vcf.gz)."""
-    from prebuild_bench import tile_panel
-
+    from bench.prebuild_bench import tile_panel
     from rag_hpc.data.prepare import prepare_panel
     from rag_hpc.data.simulate import SimPreset, simulate_panel
 

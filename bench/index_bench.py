@@ -37,11 +37,12 @@ import faiss
 import numpy as np
 import torch
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_model
-
+from bench.common import cpu_model
+from bench.mosaic import mosaic_haplotypes
 from bench.yardstick.embedding import SiteEmbedding
 from bench.yardstick.fixed_mask import FixedMaskIndex
 from bench.yardstick.lxd import (
@@ -56,22 +57,10 @@ from bench.yardstick.lxd import (
 from rag_hpc.index.retrieval import masked_topk
 
 
-def ld_haplotypes(
-    rng: np.random.Generator, n: int, sites: int, founders: int = 16, switch: float = 0.002, mutation: float = 0.001
-) -> np.ndarray:
-    """Mosaics of a few founder haplotypes (recombination) with rare allele flips (mutation).
-
-    Same model as tests/test_retrieval.py; rates per site scaled so a 511-site window sees about
-    one switch and half a flip per haplotype.
-    """
-    founder_alleles = (rng.random((founders, sites)) < rng.uniform(0.05, 0.5, sites)).astype(np.uint8)
-    starts = rng.random((n, sites)) < switch
-    starts[:, 0] = True
-    pick = rng.integers(founders, size=(n, sites))
-    last_start = np.maximum.accumulate(np.where(starts, np.arange(sites), 0), axis=1)
-    source = np.take_along_axis(pick, last_start, axis=1)
-    alleles = founder_alleles[source, np.arange(sites)]
-    return alleles ^ (rng.random((n, sites)) < mutation).astype(np.uint8)
+def ld_haplotypes(rng: np.random.Generator, n: int, sites: int) -> np.ndarray:
+    """The bench's panel: rates per site scaled so a 511-site window sees about one switch and half a flip
+    per haplotype."""
+    return mosaic_haplotypes(rng, n, sites, founders=16, switch=0.002, mutation=0.001)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_bench import prepared_panel, simulated_dataset, without_panel_samples
-from common import machine_line
-
+from bench.accuracy_bench import prepared_panel, simulated_dataset, without_panel_samples
+from bench.common import machine_line
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.index import build, donors
 

@@ -31,11 +31,11 @@ import h5py
 import numpy as np
 import psutil
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line
-
+from bench.common import machine_line
 from rag_hpc.config import load_config
 from rag_hpc.data.panel import Panel
 

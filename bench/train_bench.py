@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
+# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
+# without installing the benchmarks as a package beside rag_hpc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line
-from index_bench import ld_haplotypes
-
+from bench.common import machine_line
+from bench.index_bench import ld_haplotypes
 from rag_hpc.config import ModelConfig, TrainConfig
 from rag_hpc.data.windows import Window
 from rag_hpc.index.donors import DonorTable

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.mosaic import mosaic_haplotypes
 from bench.yardstick.embedding import SiteEmbedding
 from bench.yardstick.fixed_mask import FixedMaskIndex
 from bench.yardstick.lxd import (
@@ -41,22 +42,10 @@ FROM_PANEL = np.array([0, 1, 57, 120, 201, 319])  # query haplotypes drawn from 
 N_FRESH = 6  # and haplotypes the panel does not contain
 
 
-def ld_haplotypes(
-    rng: np.random.Generator, n: int, sites: int, founders: int = 8, switch: float = 0.006, mutation: float = 0.003
-) -> np.ndarray:
-    """Mosaics of a few founder haplotypes (recombination) with rare allele flips (mutation).
-
-    At these rates ~2/3 of the haplotypes are unique and nearly every query has a tie at its k-th
-    neighbour, which also makes FixedMaskIndex widen its candidate search.
-    """
-    founder_alleles = (rng.random((founders, sites)) < rng.uniform(0.05, 0.5, sites)).astype(np.uint8)
-    starts = rng.random((n, sites)) < switch
-    starts[:, 0] = True
-    pick = rng.integers(founders, size=(n, sites))
-    last_start = np.maximum.accumulate(np.where(starts, np.arange(sites), 0), axis=1)
-    source = np.take_along_axis(pick, last_start, axis=1)
-    alleles = founder_alleles[source, np.arange(sites)]
-    return alleles ^ (rng.random((n, sites)) < mutation).astype(np.uint8)
+def ld_haplotypes(rng: np.random.Generator, n: int, sites: int) -> np.ndarray:
+    """At these rates ~2/3 of the haplotypes are unique and nearly every query has a tie at its k-th
+    neighbour, which also makes FixedMaskIndex widen its candidate search."""
+    return mosaic_haplotypes(rng, n, sites, founders=8, switch=0.006, mutation=0.003)
 
 
 def random_haplotypes(rng: np.random.Generator, n: int, sites: int) -> np.ndarray:
