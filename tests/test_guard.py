@@ -61,7 +61,7 @@ def test_the_donor_tables_are_counted_and_a_genome_in_one_table_is_refused():
     stored = donor_table_disk(KGP_CHR21, train_q, KGP_CHR21.donor_parts) + donor_table_disk(
         KGP_CHR21, val_q, KGP_CHR21.donor_parts
     )
-    assert entries * 0.2 < stored < entries * 0.25  # on disk (rag_hpc/index/donor_format.py)
+    assert entries * 0.15 < stored < entries * 0.25  # on disk (rag_hpc/index/donor_format.py)
     assert est.train_host_ram > tables and est.disk_to_build > stored
     genome = Plan(haplotypes=5008, sites=80_000_000)
     est = estimate(genome)
