@@ -31,103 +31,10 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
-from rag_hpc.data.vcf import VcfError, check_container, match_sites, same_chromosome
+from rag_hpc.data.vcf import VcfError, match_sites, read_calls, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import atomic_write, save_figure
 from rag_hpc.maf import MAF_BINS, bin_label, maf_bin
-
-# cyvcf2 gt_types: 0 HOM_REF, 1 HET, 2 UNKNOWN, 3 HOM_ALT -> ALT allele count (NaN = missing).
-_GT_TYPE_COUNT = np.array([0.0, 1.0, np.nan, 2.0], np.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# reading
-
-
-@dataclass(frozen=True)
-class Calls:
-    """Biallelic SNP records of one VCF: sorted positions, alleles, per-sample dosage and hard allele count."""
-
-    path: Path
-    contig: str
-    samples: list[str]
-    pos: np.ndarray  # int64 [n]
-    ref: np.ndarray  # S1 [n]
-    alt: np.ndarray  # S1 [n]
-    dosage: np.ndarray  # float32 [n, S]: DS, else the GT allele count; NaN = missing
-    count: np.ndarray  # float32 [n, S]: GT allele count 0/1/2; NaN = missing
-    n_skipped: int  # multi-allelic / non-SNP records
-
-
-def read_calls(path: str | os.PathLike[str], *, dosage_field: str | None = "DS") -> Calls:
-    """Read GT (phased or not) and, when the header declares it, ``dosage_field`` from every biallelic SNP
-    record. Raises VcfError on unreadable files, several contigs, or duplicate positions."""
-    import cyvcf2
-
-    p = Path(path)
-    check_container(p)
-    try:
-        vcf = cyvcf2.VCF(str(p), lazy=True, threads=1)
-    except OSError:
-        raise VcfError(f"{p} is not a VCF (htslib cannot parse its header)") from None
-    try:
-        samples = list(vcf.samples)
-        if not samples:
-            raise VcfError(f"{p} has no samples (no columns after FORMAT)")
-        use_ds = dosage_field is not None and vcf.contains(dosage_field)
-        pos: list[int] = []
-        ref: list[str] = []
-        alt: list[str] = []
-        dosage: list[np.ndarray] = []
-        count: list[np.ndarray] = []
-        contig: str | None = None
-        skipped = 0
-        for rec in vcf:
-            if contig is None:
-                contig = rec.CHROM
-            elif contig != rec.CHROM:
-                raise VcfError(
-                    f"{p}: {rec.CHROM}:{rec.POS} is on a second contig after {contig}; evaluate one chromosome at a time"
-                )
-            alts = rec.ALT
-            if len(alts) != 1 or len(rec.REF) != 1 or len(alts[0]) != 1:
-                skipped += 1
-                continue
-            c = _GT_TYPE_COUNT[rec.gt_types]
-            d = rec.format(dosage_field) if use_ds else None
-            pos.append(rec.POS)
-            ref.append(rec.REF)
-            alt.append(alts[0])
-            count.append(c)
-            dosage.append(c if d is None else d[:, 0].astype(np.float32))
-    except VcfError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - cyvcf2 raises bare Exception on corrupt records
-        raise VcfError(f"{p}: cannot read it ({exc}); the file is corrupt or truncated") from None
-    finally:
-        vcf.close()
-    if not pos:
-        raise VcfError(f"{p} holds no biallelic SNP record")
-    positions = np.asarray(pos, np.int64)
-    order = np.argsort(positions, kind="stable")
-    positions = positions[order]
-    if positions.size > 1 and (np.diff(positions) == 0).any():
-        dup = int(positions[np.flatnonzero(np.diff(positions) == 0)[0]])
-        raise VcfError(f"{p}: {contig}:{dup} has two biallelic SNP records; keep one per position (`bcftools norm -d all`)")
-    dos = np.stack(dosage)[order]
-    dos[dos < -1e30] = np.nan  # htslib's missing float reads as a huge negative in some cyvcf2 versions
-    return Calls(
-        path=p,
-        contig=contig or "",
-        samples=samples,
-        pos=positions,
-        ref=np.char.upper(np.asarray(ref, "S1")[order]),
-        alt=np.char.upper(np.asarray(alt, "S1")[order]),
-        dosage=dos,
-        count=np.stack(count)[order],
-        n_skipped=skipped,
-    )
-
 
 # ------------------------------------------------------------------------------------------------
 # metrics

@@ -34,7 +34,7 @@ import numpy as np
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 from rag_hpc.config import RagConfig
 from rag_hpc.data.targets import TargetSites
-from rag_hpc.data.vcf import VcfWriter
+from rag_hpc.data.vcf import ImputedVcfWriter, imputed_records
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.index.cache import Artifact, ArtifactStore
 
@@ -44,11 +44,6 @@ if TYPE_CHECKING:
     from rag_hpc.data.windows import Window
     from rag_hpc.index.build import WindowCache
     from rag_hpc.index.donors import DonorTable
-
-# Milli-units: DS and GP are written with three decimals, fixed width, so a block of genotypes is one numpy array.
-_SCALE = 1000
-_SAMPLE_FIELD = b"\t0|0:0.000:0.000,0.000,0.000"
-_FIELD_WIDTH = len(_SAMPLE_FIELD)  # 28
 
 
 @runtime_checkable
@@ -190,101 +185,6 @@ def load_model_predictor(checkpoint: str | os.PathLike[str], config: RagConfig) 
     from rag_hpc.model.predict import model_predictor
 
     return model_predictor(checkpoint, config)
-
-
-# ------------------------------------------------------------------------------------------------
-# targets
-
-
-# ------------------------------------------------------------------------------------------------
-# writing
-
-
-def _put_milli(buf: np.ndarray, col: int, milli: np.ndarray) -> None:
-    """Write integer milli-units (0..9999) as 'd.ddd' into buf[..., col:col + 5]."""
-    buf[..., col] = milli // 1000 + 48
-    buf[..., col + 1] = ord(".")
-    buf[..., col + 2] = (milli // 100) % 10 + 48
-    buf[..., col + 3] = (milli // 10) % 10 + 48
-    buf[..., col + 4] = milli % 10 + 48
-
-
-class ImputedVcfWriter(VcfWriter):
-    """``VcfWriter`` (temporary name, bgzip, tabix, atomic rename on close, nothing left on abort) with
-    imputation records: INFO AF/DR2/TYPED/IMP and FORMAT GT:DS:GP, formatted per block with numpy."""
-
-    HEADER = (
-        '##INFO=<ID=AF,Number=A,Type=Float,Description="Estimated ALT allele frequency: mean DS / 2 over the target samples">',
-        '##INFO=<ID=DR2,Number=A,Type=Float,Description="Estimated squared correlation between imputed and true dosage: '
-        'variance of DS over 2*AF*(1-AF), 0 where AF is 0 or 1 (as Beagle DR2 / Minimac R2)">',
-        '##INFO=<ID=TYPED,Number=0,Type=Flag,Description="Typed in the targets: GT is the input genotype">',
-        '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed: not typed in the targets">',
-        '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose: P(ALT on haplotype 1) + P(ALT on haplotype 2)">',
-        "##FORMAT=<ID=GP,Number=G,Type=Float,Description=\"Genotype probabilities of 0/0, 0/1, 1/1 from the two haplotypes' "
-        'ALT probabilities">',
-    )
-
-    def __init__(
-        self, path: str | os.PathLike[str], *, contig: str, samples: Sequence[str], source: str, extra_header: Sequence[str] = ()
-    ):
-        super().__init__(path, contig=contig, samples=samples, source=source, extra_header=[*self.HEADER, *extra_header])
-
-    def write_imputed(self, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> None:
-        """Append sites: prob float [2 * n_samples, n] = P(ALT) per haplotype (haplotype 2*s, 2*s + 1 are
-        sample s's first and second), typed bool [n]."""
-        if len(pos):
-            self.write_records(imputed_records(self.contig, pos, ref, alt, prob, typed), int(pos[0]), int(pos[-1]), len(pos))
-
-
-def imputed_records(contig: str, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> bytes:
-    """The record lines of sites ``pos`` (increasing) for ``ImputedVcfWriter``: a function of the sites
-    alone, so a range imputed by one job and merged by another gives the bytes one job writes."""
-    pos = np.asarray(pos, np.int64)
-    n = pos.shape[0]
-    n_samples = prob.shape[0] // 2
-    if prob.shape != (2 * n_samples, n):
-        raise ValueError(f"prob shape {prob.shape} != (2 * samples, {n})")
-    if n > 1 and not (np.diff(pos) > 0).all():
-        raise ValueError("ImputedVcfWriter: positions must be strictly increasing")
-    p = np.asarray(prob, np.float64)
-    p1 = p[0::2].T  # [n, S]
-    p2 = p[1::2].T
-    ds = p1 + p2
-    gp0 = (1.0 - p1) * (1.0 - p2)
-    gp2 = p1 * p2
-    # Round GP0 and GP2, derive GP1 so the three printed values sum to exactly 1.000.
-    m0 = np.rint(gp0 * _SCALE).astype(np.int64)
-    m2 = np.minimum(np.rint(gp2 * _SCALE).astype(np.int64), _SCALE - m0)
-    m1 = _SCALE - m0 - m2
-    mds = np.clip(np.rint(ds * _SCALE).astype(np.int64), 0, 2 * _SCALE)
-
-    buf = np.empty((n, n_samples, _FIELD_WIDTH), np.uint8)
-    buf[:] = np.frombuffer(_SAMPLE_FIELD, np.uint8)
-    buf[..., 1] = (p1 > 0.5) + 48
-    buf[..., 3] = (p2 > 0.5) + 48
-    _put_milli(buf, 5, mds)
-    _put_milli(buf, 11, m0)
-    _put_milli(buf, 17, m1)
-    _put_milli(buf, 23, m2)
-    body = np.empty((n, n_samples * _FIELD_WIDTH + 1), np.uint8)
-    body[:, :-1] = buf.reshape(n, -1)
-    body[:, -1] = ord("\n")
-
-    af = ds.mean(axis=1) / 2.0
-    hwe = 2.0 * af * (1.0 - af)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dr2 = np.where(hwe > 1e-12, ds.var(axis=1) / hwe, 0.0)
-    refs = np.asarray(ref).astype("S1")
-    alts = np.asarray(alt).astype("S1")
-    name = contig.encode()
-    parts = []
-    for i in range(n):
-        flag = b"TYPED" if typed[i] else b"IMP"
-        parts.append(
-            b"%s\t%d\t.\t%s\t%s\t.\tPASS\tAF=%.5f;DR2=%.3f;%s\tGT:DS:GP" % (name, pos[i], refs[i], alts[i], af[i], dr2[i], flag)
-        )
-        parts.append(body[i].data)
-    return b"".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,7 +530,8 @@ def main(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.baseline is None:
         raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline copy|nearest")
     with Panel(config.panel_h5) as panel:
-        from rag_hpc.phase import is_phased, phase_targets
+        from rag_hpc.data.vcf import is_phased
+        from rag_hpc.phase import phase_targets
 
         if args.phase or not is_phased(targets):
             targets = phase_targets(config, targets)

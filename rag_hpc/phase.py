@@ -28,7 +28,7 @@ import numpy as np
 
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 from rag_hpc.config import RagConfig
-from rag_hpc.data.vcf import VcfError, same_chromosome
+from rag_hpc.data.vcf import VcfWriter, check_container, first_contig, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
 
 log = logging.getLogger("rag_hpc.phase")
@@ -48,31 +48,10 @@ def beagle_command() -> list[str]:
     raise ConfigError(f"phasing the targets needs Beagle 5.4, which is not installed: {BEAGLE_INSTALL} (Debian package beagle)")
 
 
-def is_phased(vcf: str | os.PathLike[str], records: int = 2000) -> bool:
-    """Whether the first ``records`` records of ``vcf`` are phased (every genotype '|' or homozygous)."""
-    from cyvcf2 import VCF
-
-    from rag_hpc.data.vcf import check_container
-
-    check_container(vcf)  # a missing or broken file: one clear error, not cyvcf2's
-    reader = VCF(str(vcf), lazy=True, threads=1)
-    try:
-        for i, rec in enumerate(reader):
-            if i >= records:
-                break
-            het = rec.gt_types == 1
-            if het.any() and not np.asarray(rec.gt_phases)[het].all():
-                return False
-        return True
-    finally:
-        reader.close()
-
-
 def reference_vcf(config: RagConfig, contig: str) -> Path:
     """The panel's train split as a phased VCF with ``contig`` as its chromosome name (Beagle wants the
     targets' naming), written once per panel, split and name under ``<cache>/phased/``."""
     from rag_hpc.data.panel import SPLIT_TRAIN, Panel
-    from rag_hpc.data.vcf import VcfWriter
 
     with Panel(config.panel_h5) as panel:
         out = config.paths.cache / "phased" / f"ref-{panel.info.source_sha256[:16]}-{panel.split_digest()}-{contig}.vcf.gz"
@@ -107,25 +86,11 @@ def _map_for(genetic_map: Path, contig: str, where: Path) -> Path:
     return renamed
 
 
-def _contig(vcf: Path) -> str:
-    from cyvcf2 import VCF
-
-    reader = VCF(str(vcf), lazy=True)
-    try:
-        first = next(iter(reader), None)
-    finally:
-        reader.close()
-    if first is None:
-        raise VcfError(f"{vcf} holds no records: nothing to phase")
-    return str(first.CHROM)
-
-
 def phased_path(config: RagConfig, targets_vcf: str | os.PathLike[str]) -> Path:
     """Where ``phase_targets`` puts the phased ``targets_vcf``: a function of the targets' bytes, the panel,
     its split and the map alone, so a launch knows it before any job has phased them."""
     from rag_hpc.data.panel import Panel
     from rag_hpc.data.prepare import file_sha256
-    from rag_hpc.data.vcf import check_container
 
     targets = Path(targets_vcf).absolute()
     check_container(targets)
@@ -150,7 +115,7 @@ def phase_targets(config: RagConfig, targets_vcf: str | os.PathLike[str], thread
     if is_done(out):
         log.info("phased targets: %s (done before for the same targets, panel and map)", out)
         return out
-    contig, genetic_map, key = _contig(targets), config.data.genetic_map, out.parent.name
+    contig, genetic_map, key = first_contig(targets), config.data.genetic_map, out.parent.name
     cmd = beagle_command()
     ref = reference_vcf(config, contig)
     out.parent.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import pytest
 
 from rag_hpc.config import load_config
 from rag_hpc.data.vcf import read_phased_vcf
-from rag_hpc.phase import is_phased, phase_targets
+from rag_hpc.data.vcf import is_phased
+from rag_hpc.phase import phase_targets
 from tests.slurm_helpers import IN_CI, as_flags, cli, launcher, tiny_sets, train_tiny
 
 if shutil.which("beagle") is None and not IN_CI:

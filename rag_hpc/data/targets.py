@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from rag_hpc.data.vcf import VcfError, match_sites, read_phased_vcf, same_chromosome
+from rag_hpc.data.vcf import MissingGenotype, UnphasedGenotype, VcfError, match_sites, read_phased_vcf, same_chromosome
 from rag_hpc.errors import InputError
 
 log = logging.getLogger("rag_hpc.data")
@@ -183,19 +183,14 @@ def checked_against_panel(
 def _read_targets(targets_vcf: Path, skip_non_snps: bool) -> PhasedVcf:
     try:
         return read_phased_vcf(targets_vcf, skip_non_snps=skip_non_snps)
-    except VcfError as exc:
-        message = str(exc)
-        # The reader's fixes are worded for a panel; for targets the step that fixes both unphased and missing
-        # calls is phasing against the panel. (Matched on the message: vcf.py has no subclass per problem.)
-        if "unphased genotype" in message:
-            head = message.split("; the VCF must be phased")[0]
-            raise VcfError(f"{targets_vcf}: targets must be phased ({head}); {FIX_PHASE_TARGETS}") from None
-        if "missing genotype" in message:
-            head = message.split("; the panel must")[0]
-            raise VcfError(
-                f"{targets_vcf}: targets must have no missing calls ({head}); phasing fills them: {FIX_PHASE_TARGETS}"
-            ) from None
-        raise
+    # The reader's fixes are worded for a panel; for targets the step that fixes both unphased and missing
+    # calls is phasing against the panel.
+    except UnphasedGenotype as exc:
+        raise VcfError(f"{targets_vcf}: targets must be phased ({exc.where}); {FIX_PHASE_TARGETS}") from None
+    except MissingGenotype as exc:
+        raise VcfError(
+            f"{targets_vcf}: targets must have no missing calls ({exc.where}); phasing fills them: {FIX_PHASE_TARGETS}"
+        ) from None
 
 
 def match_targets(

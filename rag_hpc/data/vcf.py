@@ -1,10 +1,14 @@
-"""VCF reading and writing shared by every stage: strict phased-biallelic-SNP reading, fast bgzip + tabix writing,
-and matching a target's sites to the panel's.
+"""Every VCF the project reads or writes goes through here (the one module that imports cyvcf2): strict
+phased-biallelic-SNP reading (panels, targets), calls to score (``read_calls``: GT phased or not, and DS),
+whether a file is phased and its chromosome, matching a target's sites to the panel's, and bgzip + tabix
+writing (``VcfWriter``; ``ImputedVcfWriter`` formats GT:DS:GP records a block of sites at a time with numpy,
+fixed-width fields, since an imputed VCF has every panel site for every sample).
 
 Reading goes through cyvcf2 and refuses anything the model cannot use (unphased, missing, non-diploid calls,
 indels, multi-allelic records, unsorted or duplicate positions, several contigs) with one ``VcfError`` line that
 names the record and the fix: a panel that is silently "cleaned" here would change which sites exist and so the
-meaning of every window, cache key and imputed VCF downstream.
+meaning of every window, cache key and imputed VCF downstream. Genotype problems a caller words its own fix for
+are their own classes (``MissingGenotype``, ``UnphasedGenotype``: targets are phased, not re-exported).
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ _BASES = frozenset("ACGT")
 
 class VcfError(InputError):
     """A VCF this project cannot use; the message names the record (CHROM:POS, sample) and the fix."""
+
+
+class GenotypeCallError(VcfError):
+    """A genotype call a phased panel cannot have: ``where`` names it (CHROM:POS sample and the call), the
+    message adds the fix for a panel. Readers of other files (targets) word their own fix from ``where``."""
+
+    def __init__(self, where: str, fix: str):
+        super().__init__(f"{where}; {fix}")
+        self.where = where
+
+
+class MissingGenotype(GenotypeCallError):
+    pass
+
+
+class UnphasedGenotype(GenotypeCallError):
+    pass
 
 
 _ALIASES_SEEN: set[frozenset[str]] = set()
@@ -313,17 +334,18 @@ class VcfReader:
             alleles = arr[:, :-1]
             missing = np.flatnonzero((alleles == -1).any(axis=1))
             if missing.size:
-                raise VcfError(self._missing_message(chrom, p, int(missing[0])))
+                raise self._missing(chrom, p, int(missing[0]))
             if arr.shape[1] == 2:
                 raise self._ploidy_error(chrom, p, 0, "haploid")
             s = int(np.flatnonzero((alleles[:, 2:] >= 0).any(axis=1))[0])
             raise self._ploidy_error(chrom, p, s, f"{arr.shape[1] - 1}-ploid")
         return arr
 
-    def _missing_message(self, chrom: str, p: int, s: int) -> str:
-        return (
-            f"{chrom}:{p} sample {self.samples[s]}: missing genotype ('.'); the panel must have no missing calls: "
-            "impute them first (e.g. with beagle) or drop such sites with `bcftools view -g ^miss`"
+    def _missing(self, chrom: str, p: int, s: int) -> MissingGenotype:
+        return MissingGenotype(
+            f"{chrom}:{p} sample {self.samples[s]}: missing genotype ('.')",
+            "the panel must have no missing calls: impute them first (e.g. with beagle) or drop such sites with "
+            "`bcftools view -g ^miss`",
         )
 
     def _ploidy_error(self, chrom: str, p: int, s: int, what: str) -> VcfError:
@@ -352,7 +374,7 @@ class VcfReader:
         r, s = np.unravel_index(int(np.flatnonzero(bad.ravel())[0]), bad.shape)
         chrom, p = self.contig, int(pos[r])
         if missing[r, s]:
-            raise VcfError(self._missing_message(chrom, p, s))
+            raise self._missing(chrom, p, s)
         if haploid[r, s]:
             raise self._ploidy_error(chrom, p, s, "haploid")
         g = alleles[r, s]
@@ -361,8 +383,8 @@ class VcfReader:
                 f"{chrom}:{p} sample {self.samples[s]}: allele index {int(g.max())} in GT but the record has one ALT; "
                 "the file is malformed: re-export it"
             )
-        raise VcfError(
-            f"{chrom}:{p} sample {self.samples[s]}: unphased genotype {g[0]}/{g[1]}; the VCF must be phased: {FIX_PHASE}"
+        raise UnphasedGenotype(
+            f"{chrom}:{p} sample {self.samples[s]}: unphased genotype {g[0]}/{g[1]}", f"the VCF must be phased: {FIX_PHASE}"
         )
 
     def _block(self, n: int, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, raw: np.ndarray | None) -> SiteBlock:
@@ -407,6 +429,129 @@ def read_vcf_sites(
 _COMPLEMENT = np.zeros(256, np.uint8)
 for _a, _b in (("A", "T"), ("T", "A"), ("C", "G"), ("G", "C")):
     _COMPLEMENT[ord(_a)] = ord(_b)
+
+
+def is_phased(vcf: str | os.PathLike[str], records: int = 2000) -> bool:
+    """Whether the first ``records`` records of ``vcf`` are phased (every genotype '|' or homozygous)."""
+    from cyvcf2 import VCF
+
+    check_container(vcf)  # a missing or broken file: one clear error, not cyvcf2's
+    reader = VCF(str(vcf), lazy=True, threads=1)
+    try:
+        for i, rec in enumerate(reader):
+            if i >= records:
+                break
+            het = rec.gt_types == 1
+            if het.any() and not np.asarray(rec.gt_phases)[het].all():
+                return False
+        return True
+    finally:
+        reader.close()
+
+
+def first_contig(vcf: Path) -> str:
+    """The chromosome of the first record (what Beagle and a map must name)."""
+    from cyvcf2 import VCF
+
+    reader = VCF(str(vcf), lazy=True)
+    try:
+        first = next(iter(reader), None)
+    finally:
+        reader.close()
+    if first is None:
+        raise VcfError(f"{vcf} holds no records")
+    return str(first.CHROM)
+
+
+# -- calls to score: GT (phased or not) and dosages, what ``rag_hpc.evaluate`` reads
+
+# cyvcf2 gt_types: 0 HOM_REF, 1 HET, 2 UNKNOWN, 3 HOM_ALT -> ALT allele count (NaN = missing).
+_GT_TYPE_COUNT = np.array([0.0, 1.0, np.nan, 2.0], np.float32)
+
+
+@dataclass(frozen=True)
+class Calls:
+    """Biallelic SNP records of one VCF: sorted positions, alleles, per-sample dosage and hard allele count."""
+
+    path: Path
+    contig: str
+    samples: list[str]
+    pos: np.ndarray  # int64 [n]
+    ref: np.ndarray  # S1 [n]
+    alt: np.ndarray  # S1 [n]
+    dosage: np.ndarray  # float32 [n, S]: DS, else the GT allele count; NaN = missing
+    count: np.ndarray  # float32 [n, S]: GT allele count 0/1/2; NaN = missing
+    n_skipped: int  # multi-allelic / non-SNP records
+
+
+def read_calls(path: str | os.PathLike[str], *, dosage_field: str | None = "DS") -> Calls:
+    """Read GT (phased or not) and, when the header declares it, ``dosage_field`` from every biallelic SNP
+    record. Raises VcfError on unreadable files, several contigs, or duplicate positions."""
+    import cyvcf2
+
+    p = Path(path)
+    check_container(p)
+    try:
+        vcf = cyvcf2.VCF(str(p), lazy=True, threads=1)
+    except OSError:
+        raise VcfError(f"{p} is not a VCF (htslib cannot parse its header)") from None
+    try:
+        samples = list(vcf.samples)
+        if not samples:
+            raise VcfError(f"{p} has no samples (no columns after FORMAT)")
+        use_ds = dosage_field is not None and vcf.contains(dosage_field)
+        pos: list[int] = []
+        ref: list[str] = []
+        alt: list[str] = []
+        dosage: list[np.ndarray] = []
+        count: list[np.ndarray] = []
+        contig: str | None = None
+        skipped = 0
+        for rec in vcf:
+            if contig is None:
+                contig = rec.CHROM
+            elif contig != rec.CHROM:
+                raise VcfError(
+                    f"{p}: {rec.CHROM}:{rec.POS} is on a second contig after {contig}; evaluate one chromosome at a time"
+                )
+            alts = rec.ALT
+            if len(alts) != 1 or len(rec.REF) != 1 or len(alts[0]) != 1:
+                skipped += 1
+                continue
+            c = _GT_TYPE_COUNT[rec.gt_types]
+            d = rec.format(dosage_field) if use_ds else None
+            pos.append(rec.POS)
+            ref.append(rec.REF)
+            alt.append(alts[0])
+            count.append(c)
+            dosage.append(c if d is None else d[:, 0].astype(np.float32))
+    except VcfError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - cyvcf2 raises bare Exception on corrupt records
+        raise VcfError(f"{p}: cannot read it ({exc}); the file is corrupt or truncated") from None
+    finally:
+        vcf.close()
+    if not pos:
+        raise VcfError(f"{p} holds no biallelic SNP record")
+    positions = np.asarray(pos, np.int64)
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    if positions.size > 1 and (np.diff(positions) == 0).any():
+        dup = int(positions[np.flatnonzero(np.diff(positions) == 0)[0]])
+        raise VcfError(f"{p}: {contig}:{dup} has two biallelic SNP records; keep one per position (`bcftools norm -d all`)")
+    dos = np.stack(dosage)[order]
+    dos[dos < -1e30] = np.nan  # htslib's missing float reads as a huge negative in some cyvcf2 versions
+    return Calls(
+        path=p,
+        contig=contig or "",
+        samples=samples,
+        pos=positions,
+        ref=np.char.upper(np.asarray(ref, "S1")[order]),
+        alt=np.char.upper(np.asarray(alt, "S1")[order]),
+        dosage=dos,
+        count=np.stack(count)[order],
+        n_skipped=skipped,
+    )
 
 
 class SiteMatch(NamedTuple):
@@ -600,3 +745,98 @@ class VcfWriter:
             self.close()
         else:
             self.abort()
+
+
+# -- imputed records: GT:DS:GP per sample, formatted per block with numpy
+
+# Milli-units: DS and GP are written with three decimals, fixed width, so a block of genotypes is one numpy array.
+_SCALE = 1000
+_SAMPLE_FIELD = b"\t0|0:0.000:0.000,0.000,0.000"
+_FIELD_WIDTH = len(_SAMPLE_FIELD)  # 28
+
+
+def _put_milli(buf: np.ndarray, col: int, milli: np.ndarray) -> None:
+    """Write integer milli-units (0..9999) as 'd.ddd' into buf[..., col:col + 5]."""
+    buf[..., col] = milli // 1000 + 48
+    buf[..., col + 1] = ord(".")
+    buf[..., col + 2] = (milli // 100) % 10 + 48
+    buf[..., col + 3] = (milli // 10) % 10 + 48
+    buf[..., col + 4] = milli % 10 + 48
+
+
+class ImputedVcfWriter(VcfWriter):
+    """``VcfWriter`` (temporary name, bgzip, tabix, atomic rename on close, nothing left on abort) with
+    imputation records: INFO AF/DR2/TYPED/IMP and FORMAT GT:DS:GP, formatted per block with numpy."""
+
+    HEADER = (
+        '##INFO=<ID=AF,Number=A,Type=Float,Description="Estimated ALT allele frequency: mean DS / 2 over the target samples">',
+        '##INFO=<ID=DR2,Number=A,Type=Float,Description="Estimated squared correlation between imputed and true dosage: '
+        'variance of DS over 2*AF*(1-AF), 0 where AF is 0 or 1 (as Beagle DR2 / Minimac R2)">',
+        '##INFO=<ID=TYPED,Number=0,Type=Flag,Description="Typed in the targets: GT is the input genotype">',
+        '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed: not typed in the targets">',
+        '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose: P(ALT on haplotype 1) + P(ALT on haplotype 2)">',
+        "##FORMAT=<ID=GP,Number=G,Type=Float,Description=\"Genotype probabilities of 0/0, 0/1, 1/1 from the two haplotypes' "
+        'ALT probabilities">',
+    )
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, contig: str, samples: Sequence[str], source: str, extra_header: Sequence[str] = ()
+    ):
+        super().__init__(path, contig=contig, samples=samples, source=source, extra_header=[*self.HEADER, *extra_header])
+
+    def write_imputed(self, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> None:
+        """Append sites: prob float [2 * n_samples, n] = P(ALT) per haplotype (haplotype 2*s, 2*s + 1 are
+        sample s's first and second), typed bool [n]."""
+        if len(pos):
+            self.write_records(imputed_records(self.contig, pos, ref, alt, prob, typed), int(pos[0]), int(pos[-1]), len(pos))
+
+
+def imputed_records(contig: str, pos: np.ndarray, ref: np.ndarray, alt: np.ndarray, prob: np.ndarray, typed: np.ndarray) -> bytes:
+    """The record lines of sites ``pos`` (increasing) for ``ImputedVcfWriter``: a function of the sites
+    alone, so a range imputed by one job and merged by another gives the bytes one job writes."""
+    pos = np.asarray(pos, np.int64)
+    n = pos.shape[0]
+    n_samples = prob.shape[0] // 2
+    if prob.shape != (2 * n_samples, n):
+        raise ValueError(f"prob shape {prob.shape} != (2 * samples, {n})")
+    if n > 1 and not (np.diff(pos) > 0).all():
+        raise ValueError("ImputedVcfWriter: positions must be strictly increasing")
+    p = np.asarray(prob, np.float64)
+    p1 = p[0::2].T  # [n, S]
+    p2 = p[1::2].T
+    ds = p1 + p2
+    gp0 = (1.0 - p1) * (1.0 - p2)
+    gp2 = p1 * p2
+    # Round GP0 and GP2, derive GP1 so the three printed values sum to exactly 1.000.
+    m0 = np.rint(gp0 * _SCALE).astype(np.int64)
+    m2 = np.minimum(np.rint(gp2 * _SCALE).astype(np.int64), _SCALE - m0)
+    m1 = _SCALE - m0 - m2
+    mds = np.clip(np.rint(ds * _SCALE).astype(np.int64), 0, 2 * _SCALE)
+
+    buf = np.empty((n, n_samples, _FIELD_WIDTH), np.uint8)
+    buf[:] = np.frombuffer(_SAMPLE_FIELD, np.uint8)
+    buf[..., 1] = (p1 > 0.5) + 48
+    buf[..., 3] = (p2 > 0.5) + 48
+    _put_milli(buf, 5, mds)
+    _put_milli(buf, 11, m0)
+    _put_milli(buf, 17, m1)
+    _put_milli(buf, 23, m2)
+    body = np.empty((n, n_samples * _FIELD_WIDTH + 1), np.uint8)
+    body[:, :-1] = buf.reshape(n, -1)
+    body[:, -1] = ord("\n")
+
+    af = ds.mean(axis=1) / 2.0
+    hwe = 2.0 * af * (1.0 - af)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dr2 = np.where(hwe > 1e-12, ds.var(axis=1) / hwe, 0.0)
+    refs = np.asarray(ref).astype("S1")
+    alts = np.asarray(alt).astype("S1")
+    name = contig.encode()
+    parts = []
+    for i in range(n):
+        flag = b"TYPED" if typed[i] else b"IMP"
+        parts.append(
+            b"%s\t%d\t.\t%s\t%s\t.\tPASS\tAF=%.5f;DR2=%.3f;%s\tGT:DS:GP" % (name, pos[i], refs[i], alts[i], af[i], dr2[i], flag)
+        )
+        parts.append(body[i].data)
+    return b"".join(parts)

@@ -118,7 +118,8 @@ def _phase_targets(config: RagConfig, log: Any, in_jobs: bool) -> None:
     <workdir>/phased/<chromosome>.vcf.gz, a link to each chromosome's (one path template for all). With
     ``in_jobs`` (a queued launch) nothing is phased here: the phased files are where the launch's phase job
     will write them (``phased_path``), and ``PLANNING`` stand-ins beside them let the launch plan first."""
-    from rag_hpc.phase import is_done, is_phased, phase_targets, phased_path
+    from rag_hpc.data.vcf import is_phased
+    from rag_hpc.phase import is_done, phase_targets, phased_path
 
     genome = config.genome()
     unphased = {c for c, one in genome if one.data.targets_vcf is not None and not is_phased(one.data.targets_vcf)}
