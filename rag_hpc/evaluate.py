@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
-from rag_hpc.data.vcf import VcfError, match_sites, read_calls, same_chromosome
+from rag_hpc.data.vcf import VcfError, match_sites, read_calls, read_vcf_sites, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.fsutil import atomic_write, save_figure
 from rag_hpc.maf import MAF_BINS, bin_label, maf_bin
@@ -208,8 +208,6 @@ def evaluate(
     keep = m.matched.copy()
     n_typed_excluded = 0
     if exclude_sites_vcf is not None:
-        from rag_hpc.data.vcf import read_vcf_sites
-
         _, xpos, _, _ = read_vcf_sites(exclude_sites_vcf, skip_non_snps=True)
         typed = np.isin(imp.pos, xpos) & keep
         n_typed_excluded = int(typed.sum())

@@ -21,13 +21,12 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-from rag_hpc.cli import command_parser
-from rag_hpc.config import MAX_SWEEP_THREADS
+from rag_hpc.cli import command_parser, run_main
+from rag_hpc.config import MAX_SWEEP_THREADS, ModelConfig, RagConfig
 from rag_hpc.errors import ConfigError
 from rag_hpc.fsutil import human_bytes
 
 if TYPE_CHECKING:
-    from rag_hpc.config import RagConfig
     from rag_hpc.data.panel import Panel
 
 GiB = 2**30
@@ -255,7 +254,6 @@ def model_shape(plan: Plan) -> tuple[int, int]:
     built on the meta device (no memory), so a change to the model cannot leave the guard behind."""
     import torch
 
-    from rag_hpc.config import ModelConfig
     from rag_hpc.model.rag import DonorImputer
 
     with torch.device("meta"):
@@ -617,7 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rag_hpc.cli import run_main
 
     return run_main(_main, build_parser(), argv)
 

@@ -32,14 +32,13 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
-from rag_hpc.config import RagConfig
+from rag_hpc.config import DonorConfig, RagConfig
 from rag_hpc.data.targets import TargetSites
-from rag_hpc.data.vcf import ImputedVcfWriter, imputed_records
+from rag_hpc.data.vcf import ImputedVcfWriter, imputed_records, is_phased
 from rag_hpc.errors import ConfigError, InputError
 from rag_hpc.index.cache import Artifact, ArtifactStore
 
 if TYPE_CHECKING:
-    from rag_hpc.config import DonorConfig
     from rag_hpc.data.panel import Panel
     from rag_hpc.data.windows import Window
     from rag_hpc.index.build import WindowCache
@@ -146,7 +145,6 @@ class CopyPredictor:
         error: float | None = None,
         k: int | None = None,
     ) -> CopyPredictor:
-        from rag_hpc.config import DonorConfig
         from rag_hpc.index.build import WindowCache
 
         given = {name: value for name, value in (("ne", ne), ("error", error)) if value is not None}
@@ -530,7 +528,6 @@ def main(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.baseline is None:
         raise ConfigError("nothing to impute with: pass --checkpoint CKPT (a trained model) or --baseline copy|nearest")
     with Panel(config.panel_h5) as panel:
-        from rag_hpc.data.vcf import is_phased
         from rag_hpc.phase import phase_targets
 
         if args.phase or not is_phased(targets):

@@ -19,7 +19,7 @@ from typing import Any
 
 from rag_hpc.cli import command_parser, run_main
 from rag_hpc.errors import InputError
-from rag_hpc.runs import RUN_RECORD
+from rag_hpc.runs import RUN_RECORD, uncached_windows
 
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
@@ -118,7 +118,6 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("config"):
         try:
             from rag_hpc.config import RagConfig
-            from rag_hpc.runs import uncached_windows
 
             todo, total = uncached_windows(RagConfig(**record["config"]))
             status["windows_cached"] = total - len(todo)

@@ -39,7 +39,7 @@ from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
 from rag_hpc.data.windows import Window
 from rag_hpc.index import donor_format
 from rag_hpc.index.build import WindowCache
-from rag_hpc.index.cache import Artifact
+from rag_hpc.index.cache import Artifact, CacheError
 from rag_hpc.index.matching import li_stephens_donors, switch_probabilities
 from rag_hpc.rng import Stream, uniforms
 
@@ -398,7 +398,6 @@ def _table_bytes(table: DonorTable, queries: np.ndarray) -> bytes:
 
 
 def _table_from_bytes(data: bytes, typed: np.ndarray, queries: np.ndarray, where: object) -> DonorTable:
-    from rag_hpc.index.cache import CacheError
 
     try:
         with np.load(io.BytesIO(data)) as npz:
