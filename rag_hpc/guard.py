@@ -614,12 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-
-    return run_main(_main, build_parser(), argv)
-
-
-def _main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     for name in ("haplotypes", "sites", "window_size", "dims", "kernel", "k", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -642,4 +637,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, build_parser()))

@@ -225,11 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main(_main, build_parser(), argv)
-
-
-def _main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     path = args.workdir / RUN_RECORD
     if not path.exists():
         raise InputError(
@@ -245,4 +241,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, build_parser()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
 
@@ -51,9 +50,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    return run_main(main, build_parser(), argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_main(main, build_parser()))
