@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from rag_hpc.config import load_config
-from rag_hpc.data.vcf import read_phased_vcf
-from rag_hpc.data.vcf import is_phased
+from rag_hpc.data.vcf import is_phased, read_phased_vcf
 from rag_hpc.phase import phase_targets
 from tests.slurm_helpers import IN_CI, as_flags, cli, launcher, tiny_sets, train_tiny
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import random
@@ -13,7 +14,7 @@ import torch
 from rag_hpc.checkpoint import CHECKPOINT_FORMAT, CheckpointError, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.errors import ConfigError
 from rag_hpc.evaluate import dosage_r2
-from rag_hpc.train.metrics import ValAccumulator, maf_bin
+from rag_hpc.train.metrics import MetricsSink, ValAccumulator, maf_bin
 from rag_hpc.train.sampler import WindowBatchSampler
 from rag_hpc.train.trainer import TrainState, warmup_cosine
 
@@ -203,3 +204,21 @@ def test_a_train_state_round_trips_through_a_checkpoint_and_refuses_another_epoc
         TrainState.from_checkpoint(loaded, 12, 2, path)  # other windows or split: other batches, so refused
     state.end_epoch()
     assert state == TrainState(step=37)
+
+
+def test_a_metrics_sink_reopened_at_a_resume_drops_what_a_killed_run_logged_past_it(tmp_path):
+    def run(start: int, stop: int) -> None:
+        sink = MetricsSink(tmp_path, start, steps_per_epoch=2, tensorboard=False, resumed=start > 0)
+        for step in range(start + 1, stop + 1):
+            sink.step(
+                {"step": step, "epoch": (step - 1) // 2, "loss": 1.0 / step, "lr": 1e-3, "grad_norm": 1.0, "steps_per_s": 9.0}
+            )
+            if step % 2 == 0:
+                sink.epoch({"epoch": step // 2 - 1, "step": step, "lr": 1e-3, "train_loss": 0.5, "epoch_seconds": 1.0})
+        sink.close()
+
+    run(0, 5)  # killed after step 5; its last checkpoint was at step 2
+    run(2, 4)  # the resume: steps 3 and 4 again
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").open())]
+    epochs = [int(r["epoch"]) for r in csv.DictReader((tmp_path / "metrics.csv").open())]
+    assert steps == [1, 2, 3, 4] and epochs == [0, 1]

@@ -189,3 +189,37 @@ def open_tensorboard(log_dir: Path, purge_step: int | None) -> Any:
         return None
     # purge_step drops events a killed run logged past the checkpoint this run resumes from.
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+class MetricsSink:
+    """Where rank 0's numbers go: steps.csv (a row per logged step), metrics.csv (a row per epoch) and,
+    when asked and installed, TensorBoard scalars. Opened at the step a run starts from, so a resumed run's
+    files hold each step and epoch once (rows and events past it, from a killed run, are dropped)."""
+
+    def __init__(self, run_dir: Path, step: int, steps_per_epoch: int, tensorboard: bool, resumed: bool):
+        self.epochs = MetricsCsv(run_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", step // steps_per_epoch)
+        self.steps = MetricsCsv(run_dir / "steps.csv", STEP_COLUMNS, "step", step + 1)
+        self.tb = open_tensorboard(run_dir / "tb", purge_step=step if resumed else None) if tensorboard else None
+
+    def step(self, row: dict[str, Any]) -> None:
+        """A logged step: ``STEP_COLUMNS``."""
+        self.steps.append(row)
+        if self.tb is not None:
+            for name in ("loss", "lr", "grad_norm", "steps_per_s"):
+                self.tb.add_scalar(f"train/{name}", row[name], row["step"])
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        """An epoch's end: ``EPOCH_COLUMNS`` (validation's only when it ran)."""
+        self.epochs.append(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
+                    self.tb.add_scalar(
+                        f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}", value, row["step"]
+                    )
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

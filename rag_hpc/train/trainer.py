@@ -47,7 +47,7 @@ from rag_hpc.model.predict import donor_logits
 from rag_hpc.model.rag import DonorImputer, imputation_loss
 from rag_hpc.rng import RNG_NAME, Stream, uniforms
 from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
-from rag_hpc.train.metrics import EPOCH_COLUMNS, STEP_COLUMNS, MetricsCsv, ValAccumulator, open_tensorboard
+from rag_hpc.train.metrics import MetricsSink, ValAccumulator
 from rag_hpc.train.sampler import MicroBatch, WindowBatchSampler
 
 log = logging.getLogger("rag_hpc.train")
@@ -87,7 +87,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, checkpoint: Path, step: int, reason: str):
         super().__init__(f"training interrupted by {reason} at step {step}; checkpoint {checkpoint}")
         self.checkpoint = checkpoint
-        self.progress.step = step
+        self.step = step
         self.reason = reason
 
 
@@ -366,7 +366,7 @@ class Trainer:
             self._writer.close()
             raise RunInUseError(refused)
         self._logs = _LogSetup(self.run_dir, env)
-        self.tb: Any = None
+        self.metrics: MetricsSink | None = None  # rank 0's
         self.chromosomes: list[_Chromosome] = []
         try:
             self._setup(config, env)
@@ -454,16 +454,11 @@ class Trainer:
         self.loader = _WindowLoader(self.chromosomes, self.where, reference, self.device, capacity=self.sampler.mix_windows)
         self.net = wrap_model(self.model, env)
 
-        self.csv: MetricsCsv | None = None
-        self.steps_csv: MetricsCsv | None = None
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-            self.csv = MetricsCsv(
-                self.run_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.progress.step // self.steps_per_epoch
+            self.metrics = MetricsSink(
+                self.run_dir, self.progress.step, self.steps_per_epoch, self.cfg.tensorboard, self.resumed_from is not None
             )
-            self.steps_csv = MetricsCsv(self.run_dir / "steps.csv", STEP_COLUMNS, "step", self.progress.step + 1)
-            if self.cfg.tensorboard:
-                self.tb = open_tensorboard(self.run_dir / "tb", purge_step=self.progress.step if self.resumed_from else None)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
             "run %s: %d rank(s) on %s%s, bf16 %s; %s parameters; %d windows x %d batches of %d, grad_accum %d: "
@@ -729,8 +724,8 @@ class Trainer:
             rate,
             rate * self.cfg.batch_size * self.cfg.grad_accum,
         )
-        assert self.steps_csv is not None
-        self.steps_csv.append(
+        assert self.metrics is not None
+        self.metrics.step(
             {
                 "step": self.progress.step,
                 "epoch": (self.progress.step - 1) // self.steps_per_epoch,
@@ -740,14 +735,6 @@ class Trainer:
                 "steps_per_s": rate,
             }
         )
-        if self.tb is not None:
-            for name, value in (
-                ("train/loss", loss),
-                ("train/lr", lr),
-                ("train/grad_norm", grad_norm),
-                ("train/steps_per_s", rate),
-            ):
-                self.tb.add_scalar(name, value, self.progress.step)
 
     def _end_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
@@ -773,17 +760,8 @@ class Trainer:
                 if val
                 else " (no validation this epoch)",
             )
-            assert self.csv is not None
-            self.csv.append(row)
-            if self.tb is not None:
-                for key, value in row.items():
-                    if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
-                        self.tb.add_scalar(
-                            f"{'val' if key.startswith('val_') else 'epoch'}/{key.removeprefix('val_')}",
-                            value,
-                            self.progress.step,
-                        )
-                self.tb.flush()
+            assert self.metrics is not None
+            self.metrics.epoch(row)
         self.progress.end_epoch()
 
     def _stop(self, path: Path) -> None:
@@ -792,9 +770,9 @@ class Trainer:
         raise TrainingInterrupted(path, self.progress.step, reason)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for ch in self.chromosomes:
             ch.cache.panel.close()
         self.chromosomes = []
