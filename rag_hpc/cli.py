@@ -73,6 +73,11 @@ def run_main(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `rag-hpc status | head`: the reader left, which is no bug. Point stdout at /dev/null so the
+        # interpreter's own flush at exit does not raise again, and exit as a shell does on SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         if getattr(args, "debug", False):
             raise

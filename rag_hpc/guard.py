@@ -19,10 +19,23 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
 
 from rag_hpc.cli import command_parser, run_main
-from rag_hpc.config import MAX_SWEEP_THREADS, ModelConfig, RagConfig
+from rag_hpc.config import (
+    MAX_SWEEP_THREADS,
+    DataConfig,
+    DonorConfig,
+    ImputeConfig,
+    IndexConfig,
+    MaskConfig,
+    ModelConfig,
+    RagConfig,
+    TrainConfig,
+    WindowConfig,
+)
 from rag_hpc.errors import ConfigError
 from rag_hpc.fsutil import human_bytes
 
@@ -95,36 +108,43 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** "_KMGTP".index(unit)) if unit else int(value)
 
 
+def _default(section: type[BaseModel], name: str) -> Any:
+    """A config field's default: a plan's defaults are the config's, stated once there."""
+    return section.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class Plan:
     haplotypes: int
     sites: int
-    window_size: int = 511
-    dims: int = 8
-    layers: int = 1
-    kernel: int = 5
-    k: int = 64
-    batch_size: int = 32  # per training rank
+    window_size: int = _default(WindowConfig, "window_size")
+    dims: int = _default(ModelConfig, "dims")
+    layers: int = _default(ModelConfig, "layers")
+    kernel: int = _default(ModelConfig, "kernel")
+    k: int = _default(ModelConfig, "k")
+    batch_size: int = _default(TrainConfig, "batch_size")  # per training rank
     index: Literal["compact", "flat-lxd"] = "compact"
-    val_fraction: float = 0.1
-    array_density: float = 0.025  # typed share of sites (the target array's, or the simulated one's)
+    val_fraction: float = _default(DataConfig, "val_fraction")
+    array_density: float = _default(
+        MaskConfig, "array_density"
+    )  # typed share of sites (the target array's, or the simulated one's)
     targets: bool = False  # a target VCF is configured (its reader and sites are held)
     target_haplotypes: int = 0  # with targets: their haplotypes (a donor table, the imputation jobs)
-    impute_windows_per_task: int = 64
-    train_samples: int = 384  # training queries (their donor tables are held in RAM)
-    donor_batch: int = 32  # queries per HMM sweep
+    impute_windows_per_task: int = _default(ImputeConfig, "windows_per_task")
+    train_samples: int = _default(DonorConfig, "train_samples")  # training queries (their donor tables are held in RAM)
+    donor_batch: int = _default(DonorConfig, "batch")  # queries per HMM sweep
     donor_threads: int = 1  # HMM sweeps at once (donors.threads; unset: the job's CPUs, at most MAX_SWEEP_THREADS)
-    windows_per_task: int = 16
+    windows_per_task: int = _default(IndexConfig, "windows_per_task")
     cached_windows: int = 0
     bf16: bool = True
     activation_checkpointing: bool = False
     train_on_gpu: bool = True
-    mix_windows: int = 4
-    val_batch_size: int = 64
-    keep_checkpoints: int = 3
+    mix_windows: int = _default(TrainConfig, "mix_windows")
+    val_batch_size: int = _default(TrainConfig, "val_batch_size")
+    keep_checkpoints: int = _default(TrainConfig, "keep_checkpoints")
     steps: int = 100_000  # optimizer steps of the run (its logs grow with them)
-    log_every: int = 50
-    tensorboard: bool = True
+    log_every: int = _default(TrainConfig, "log_every")
+    tensorboard: bool = _default(TrainConfig, "tensorboard")
     # A genome launch: the sites of each chromosome (``sites`` is their sum). Each chromosome has its own
     # windows, HMM and donor-table parts; the jobs of one task hold one chromosome at a time.
     chromosome_sites: tuple[int, ...] = ()
@@ -594,12 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--haplotypes", type=int, required=True, help="reference panel haplotypes (2 x samples)")
     p.add_argument("--sites", type=int, required=True, help="biallelic sites on the chromosome")
-    p.add_argument("--window-size", type=int, default=511)
+    p.add_argument("--window-size", type=int, default=Plan.window_size)
     p.add_argument("--dims", type=int, default=Plan.dims)
     p.add_argument("--layers", type=int, default=Plan.layers)
     p.add_argument("--kernel", type=int, default=Plan.kernel)
     p.add_argument("--k", type=int, default=Plan.k, help="donors per query and gap")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=Plan.batch_size)
     p.add_argument(
         "--index",
         choices=["compact", "flat-lxd"],

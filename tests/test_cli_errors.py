@@ -157,3 +157,24 @@ def test_a_user_error_in_process_returns_its_code(capsys: pytest.CaptureFixture[
 
     assert run_main(main, argparse.ArgumentParser(), []) == ClusterError.exit_code
     assert capsys.readouterr().err == "error: partition 'x' does not exist: pass one with --partition\n"
+
+
+def test_a_reader_that_leaves_early_is_no_bug(tmp_path):
+    # `python -m rag_hpc.guard ... | head -1`, made certain: the pipe's reading end is closed before the
+    # command writes anything, so its first write fails with EPIPE.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "100", "--sites", "10000"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+    assert not list(tmp_path.rglob("crash-*.log"))
