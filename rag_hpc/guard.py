@@ -88,6 +88,7 @@ ARTIFACT_OVERHEAD_BYTES = 14 * KiB
 DONOR_BYTES_SCALE = 2.5
 DONOR_BYTES_POWER = 0.61
 DONOR_BYTES_MIN = 0.17
+ZSTD_COMPRESS_BYTES = 16 * MiB  # a level-9 compression context (measured: ~10 MiB)
 # A checkpoint is torch.save of the fp32 weights and both AdamW moments (12 bytes per parameter), plus
 # per parameter tensor its three zip records and the optimizer's step counter (~1.1 KiB, measured),
 # plus the RNG states and the config (~24 KiB); each has a sha256 sidecar (one block).
@@ -311,10 +312,18 @@ def donor_table_disk(plan: Plan, queries: int, parts: int = 1) -> int:
     return math.ceil(entries * donor_stored_bytes(plan)) + 8 * queries + stored * (2 * KiB + ARTIFACT_OVERHEAD_BYTES)
 
 
-def donor_encode_bytes(plan: Plan, queries: int) -> int:
-    """Peak of storing a computed table beyond its in-memory form: the HMM's donors and float16 weights,
-    the codes, and the pack's query-major copies and differences of donors and codes."""
-    return (plan.typed + 1) * queries * plan.k * (3 * _donor_itemsize(plan) + 5)
+def donor_part_bytes(plan: Plan, queries: int) -> int:
+    """Peak of computing and storing one donor-table part of ``queries`` haplotypes: the largest of the
+    HMM's run (its output, a donor and a float16 weight per entry, beside its working set), turning that
+    output into the table's layout (output, codes and the slot-ordered table), and packing the table (its
+    query-major copies and differences, and zstd's compression context)."""
+    entries = (plan.typed + 1) * queries * plan.k
+    d = _donor_itemsize(plan)
+    return max(
+        entries * (d + 2) + donor_build_bytes(plan, queries),
+        entries * ((d + 2) + 1 + (d + 1)),
+        entries * 4 * (d + 1) + ZSTD_COMPRESS_BYTES,
+    )
 
 
 def donor_decode_bytes(plan: Plan, queries: int) -> int:
@@ -446,7 +455,7 @@ def estimate(plan: Plan) -> Estimate:
             JOB_IMPORT_BYTES
             + _panel_bytes(plan)
             + _chunk_cache_bytes(plan)
-            + max(window_ram, donor_table_bytes(plan, part) + max(donor_build_bytes(plan, part), donor_encode_bytes(plan, part)))
+            + max(window_ram, donor_part_bytes(plan, part))
         )
         # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, the donor tables of
         # the training and validation queries (held whole; the prebuild computed them: the larger is

@@ -14,6 +14,8 @@ numpy on alleles at typed sites (uint8, one row per typed site); nothing here de
 
 from __future__ import annotations
 
+import math
+import mmap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +34,15 @@ class GapDonors:
 
     donors: np.ndarray
     weights: np.ndarray
+
+
+def _unmapped_on_release(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array in its own anonymous mapping, unmapped as soon as the array and its views are gone.
+    The forward messages are the HMM's working set: kept as thousands of batch x references copies, or
+    in one malloc'd block, glibc's heap arenas held on to a varying share after each sweep (one prebuild
+    task peaked at 224 or 251 MB from run to run), which the guard cannot size."""
+    n = math.prod(shape)
+    return np.frombuffer(mmap.mmap(-1, max(1, 4 * n)), np.float32, count=n).reshape(shape)
 
 
 def li_stephens_donors(
@@ -115,24 +126,27 @@ def li_stephens_donors(
     def sweep(q0: int) -> None:
         query = query_t[:, q0 : q0 + batch]
         alpha = np.full((query.shape[1], n_ref), 1.0 / n_ref, np.float32)
-        # lefts[b0][i] = alpha_{b0 + i - 1} (the prior for b0 + i = 0); without keep_all only [0] is kept
-        lefts: dict[int, list[np.ndarray]] = {}
+        # The forward messages a sweep keeps (alpha_{j-1}, the prior of typed site j): every one with
+        # keep_all, else one per block start plus the block being swept back.
+        kept = _unmapped_on_release((n_typed if keep_all else len(starts), *alpha.shape))
         for j in range(n_typed):
-            if j % block == 0:
-                lefts[j] = []
             if keep_all or j % block == 0:
-                lefts[j - j % block].append(alpha.copy())
+                kept[j if keep_all else j // block] = alpha
             forward_step(alpha, query, j, q0)
         keep(n_typed - 1, q0, alpha)  # after the last typed site: the forward message alone
         beta_e = np.ones_like(alpha)  # e_j * beta_j, rescaled to mean 1 (beta after the last site: 1)
+        swept = None if keep_all else _unmapped_on_release((block, *alpha.shape))
         for b0 in reversed(starts):
             b1 = min(b0 + block, n_typed)
-            block_lefts = lefts.pop(b0)
-            if not keep_all:  # recompute this block's forward messages from the one kept
-                alpha = block_lefts[0].copy()
+            if keep_all:
+                block_lefts = kept[b0:b1]
+            else:  # recompute this block's forward messages from the one kept
+                block_lefts = swept
+                block_lefts[0] = kept[b0 // block]
+                alpha = kept[b0 // block].copy()
                 for j in range(b0, b1 - 1):
                     forward_step(alpha, query, j, q0)
-                    block_lefts.append(alpha.copy())
+                    block_lefts[j - b0 + 1] = alpha
             for j in range(b1 - 1, b0 - 1, -1):
                 if j < n_typed - 1:  # beta_j from e_{j+1} beta_{j+1}, up to a factor (1 - switch)
                     s_next = switch[j + 1]
