@@ -327,10 +327,10 @@ def donor_part_bytes(plan: Plan, queries: int) -> int:
 
 
 def donor_decode_bytes(plan: Plan, queries: int) -> int:
-    """Peak of reading a stored table (or part) beyond the result: its npz bytes and the decompressed,
-    accumulated and transposed copies of donors and codes."""
+    """Peak of reading a stored table (or part) beyond the result: its npz bytes and, of donors and codes
+    alike, the decompressed bytes, their running XOR / sum, and its transposed copy."""
     entries = (plan.typed + 1) * queries * plan.k
-    return math.ceil(entries * donor_stored_bytes(plan)) + 2 * entries * (_donor_itemsize(plan) + 1)
+    return math.ceil(entries * donor_stored_bytes(plan)) + 3 * entries * (_donor_itemsize(plan) + 1)
 
 
 def donor_build_bytes(plan: Plan, queries: int) -> int:
