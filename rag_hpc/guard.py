@@ -452,10 +452,7 @@ def estimate(plan: Plan) -> Estimate:
         # After its windows, a task computes its part of each donor table (one part per task).
         part = math.ceil(max(plan.tables) / plan.donor_parts)
         index_ram = (
-            JOB_IMPORT_BYTES
-            + _panel_bytes(plan)
-            + _chunk_cache_bytes(plan)
-            + max(window_ram, donor_part_bytes(plan, part))
+            JOB_IMPORT_BYTES + _panel_bytes(plan) + _chunk_cache_bytes(plan) + max(window_ram, donor_part_bytes(plan, part))
         )
         # Training: imports (torch.optim pulls in torch._dynamo), the panel arrays, the donor tables of
         # the training and validation queries (held whole; the prebuild computed them: the larger is
