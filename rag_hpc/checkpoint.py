@@ -17,6 +17,7 @@ tensors are (de)serialized: listing and verifying checkpoints (``status``) runs 
 
 from __future__ import annotations
 
+# torch is imported only to (de)serialize: listing and verifying checkpoints (status) need none.
 import hashlib
 import io
 import logging

@@ -17,8 +17,10 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
+from rag_hpc.checkpoint import load_checkpoint
 from rag_hpc.config import RagConfig, load_config
 from rag_hpc.errors import BUG_EXIT_CODE, DiskSpaceError, InputError, UserError
 
@@ -54,8 +56,6 @@ def config_from_args(args: argparse.Namespace, checkpoint: Path | None = None) -
     directory), what shaped that model and where its run's data are come from it (``RagConfig.for_checkpoint``)."""
     config = load_config(args.config, args.overrides)
     if checkpoint is not None:
-        from rag_hpc.checkpoint import load_checkpoint
-
         if not checkpoint.exists():
             raise InputError(f"--checkpoint {checkpoint} does not exist: pass a step_<N>.pt file or a run directory")
         config = config.for_checkpoint(load_checkpoint(checkpoint)["config"])
@@ -132,8 +132,6 @@ def _crash_dirs(args: argparse.Namespace) -> list[Path]:
 
 def _crash_report(exc: BaseException, args: argparse.Namespace, argv: Sequence[str] | None) -> str:
     try:
-        from importlib.metadata import version
-
         ours = version("rag_hpc")
     except Exception:  # noqa: BLE001 - not installed (run from a checkout)
         ours = "unknown (not installed)"

@@ -19,6 +19,7 @@ Outputs in --out: report.md (a markdown table), metrics.json, r2_by_maf.png (mat
 
 from __future__ import annotations
 
+# matplotlib and panel.h5's reader are imported where used: scoring without a plot needs neither.
 import argparse
 import json
 import math

@@ -13,6 +13,8 @@ suite); bench/guard_bench.py compares predictions with measured peaks.
 
 from __future__ import annotations
 
+# torch and the model are imported only to count the parameters (on the meta device), the panel and cache
+# only to plan a config: `python -m rag_hpc.guard --help` and its argument errors load neither.
 import argparse
 import json
 import math

@@ -19,6 +19,8 @@ untouched): the predecessor exited 0 without a file after swallowing a writer er
 
 from __future__ import annotations
 
+# torch, the model, the index and the phasing stage are imported by what uses them: the nearest and copy
+# predictors, the CLI's input errors and the merge job run without torch.
 import argparse
 import contextlib
 import os

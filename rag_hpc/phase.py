@@ -12,6 +12,8 @@ split and map give the same path, found there by every later job or rerun, and a
 
 from __future__ import annotations
 
+# panel.h5's reader and pysam are imported where used: a launch asks for phased paths before any panel
+# is prepared.
 import argparse
 import hashlib
 import logging

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# h5py and the stage's library are imported in main(): --help and argument errors stay instant.
 import argparse
 import sys
 import time

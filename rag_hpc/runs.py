@@ -7,6 +7,7 @@ blink: nothing here imports torch or submitit (``tests/test_status.py`` checks).
 
 from __future__ import annotations
 
+# panel.h5's reader and the window cache are imported by the functions that open them.
 import hashlib
 import json
 import math

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# The simulation library (msprime, stdpopsim) is imported where used: --help stays instant.
 import argparse
 import sys
 from pathlib import Path

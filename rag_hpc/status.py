@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rag_hpc.checkpoint import CheckpointManager
 from rag_hpc.cli import command_parser, run_main
+from rag_hpc.config import RagConfig
 from rag_hpc.errors import InputError
 from rag_hpc.runs import RUN_RECORD, uncached_windows
 
@@ -50,8 +52,6 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
     """Step of the run's newest checkpoint whose bytes verify (what a resume or an imputation would use)."""
-    from rag_hpc.checkpoint import CheckpointManager
-
     found = CheckpointManager(run_dir / "checkpoints").latest_valid()
     return found.step if found is not None else None
 
@@ -117,8 +117,6 @@ def run_status(record: dict[str, Any]) -> dict[str, Any]:
     }
     if record.get("config"):
         try:
-            from rag_hpc.config import RagConfig
-
             todo, total = uncached_windows(RagConfig(**record["config"]))
             status["windows_cached"] = total - len(todo)
             for ch in status["chromosomes"]:

@@ -22,6 +22,7 @@ AF is computed over the train split only, so validation scores see no informatio
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,7 @@ import h5py
 import numpy as np
 
 from rag_hpc.errors import InputError
+from rag_hpc.rng import Stream, uniforms
 
 PANEL_FORMAT_VERSION = 1
 SPLIT_TRAIN = 0
@@ -133,8 +135,6 @@ class Panel:
     def split_digest(self) -> str:
         """A short content hash of the split, for cache keys: artifacts that depend on which
         haplotypes are reference must not survive a change of split."""
-        import hashlib
-
         return hashlib.sha256(self.split.tobytes()).hexdigest()[:16]
 
     def haplotype_split(self) -> np.ndarray:
@@ -149,8 +149,6 @@ class Panel:
         tie would go to the first population (seen: 89 % of CEU/CHB targets copying YRI haplotypes).
         A fixed pseudo-random order, the same in every process, spreads tied picks over the panel.
         """
-        from rag_hpc.rng import Stream, uniforms
-
         ids = np.flatnonzero(self.haplotype_split() == SPLIT_TRAIN)
         keys = uniforms(seed, Stream.REFERENCE_ORDER, 0, ids.astype(np.uint64), 0, 1)[:, 0]
         return ids[np.argsort(keys, kind="stable")].astype(np.int64)

@@ -12,6 +12,7 @@ A genome preset writes one such DIR per chromosome, DIR/<chromosome>/, of the sa
 
 from __future__ import annotations
 
+# msprime, stdpopsim and tskit (seconds and ~200 MB to import) are imported only when simulating.
 import json
 import os
 import shutil

@@ -13,6 +13,8 @@ are their own classes (``MissingGenotype``, ``UnphasedGenotype``: targets are ph
 
 from __future__ import annotations
 
+# cyvcf2 and pysam (htslib) are imported where a file is read or written: modules that import this one for
+# its errors, site matching or chromosome names do not load htslib.
 import contextlib
 import gzip
 import logging

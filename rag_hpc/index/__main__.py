@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# The builder is imported in main(): --help and argument errors stay light.
 import argparse
 import sys
 import time

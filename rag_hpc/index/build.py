@@ -15,6 +15,7 @@ another. A corrupted shard is reported (one warning line naming it) and rebuilt.
 
 from __future__ import annotations
 
+# rag_hpc.index.donors imports this module: prebuild imports it in turn where it runs.
 import io
 import logging
 import os

@@ -17,6 +17,7 @@ debug`` runs the job graph through submitit's debug executor).
 
 from __future__ import annotations
 
+# torch is imported only to check the GPUs a local launch asks for.
 import argparse
 import json
 import os

@@ -11,6 +11,8 @@ requeued or resubmitted job resumes from whatever is newest there, never from pi
 
 from __future__ import annotations
 
+# Each stage (data, index, train, impute, evaluate) is imported inside the job or step that runs it: the
+# launcher on a login node imports none of them, and a job only its own (torch only training and imputing).
 import json
 import math
 import os

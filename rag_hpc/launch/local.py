@@ -5,6 +5,7 @@ through a job in a debugger."""
 
 from __future__ import annotations
 
+# The stages (index, train with torch, impute) are imported when the local pipeline runs them.
 import time
 from pathlib import Path
 from typing import Any

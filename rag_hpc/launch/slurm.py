@@ -12,6 +12,7 @@ One launch at a time per workdir (``launch.lock``) checks the queue and submits.
 
 from __future__ import annotations
 
+# status is imported when a launch prints it (rag_hpc.status imports the launch's record module).
 import os
 import shlex
 import shutil

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+# The trainer (torch) is imported in main(): --help and argument errors stay light.
 import argparse
 import sys
 
 from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_main
+from rag_hpc.errors import ConfigError
 
 # EX_TEMPFAIL: stopped on request with a checkpoint written; rerunning the command continues the run.
 EXIT_INTERRUPTED = 75
@@ -33,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rag_hpc.errors import ConfigError
     from rag_hpc.train.trainer import TrainingInterrupted, train
 
     if args.max_steps is not None:

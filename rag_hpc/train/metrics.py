@@ -14,6 +14,7 @@ windows) combine with a single all_reduce.
 
 from __future__ import annotations
 
+# matplotlib and TensorBoard are imported only to plot or to open a writer.
 import csv
 import logging
 import math

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from rag_hpc.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointManager, rng_state, set_rng_state
 from rag_hpc.config import RagConfig, TrainConfig
@@ -645,8 +646,6 @@ class Trainer:
         return loss, ckpt > 0 or stop > 0, stop > 0
 
     def _progress(self) -> Any:
-        from tqdm import tqdm
-
         enabled = self.env.is_main and self.cfg.progress
         return tqdm(
             total=self.stop_step,
