@@ -57,8 +57,7 @@ class DonorTable:
     sites, increasing; ``donors`` [M + 1, Q, k]: rows of the reference (``Panel.reference_haplotypes()``
     order), uint16 when the reference has fewer than 65,536 haplotypes, else int32, each donor in its slot
     from gap to gap (a slot under the weight floor holds its last donor); ``codes`` uint8 [M + 1, Q, k]:
-    their weights as log codes. Row ``g + 1`` is the gap
-    after typed site ``g``."""
+    their weights as log codes. Row ``g + 1`` is the gap after typed site ``g``."""
 
     typed: np.ndarray
     donors: np.ndarray
@@ -398,7 +397,6 @@ def _table_bytes(table: DonorTable, queries: np.ndarray) -> bytes:
 
 
 def _table_from_bytes(data: bytes, typed: np.ndarray, queries: np.ndarray, where: object) -> DonorTable:
-
     try:
         with np.load(io.BytesIO(data)) as npz:
             table = DonorTable(typed, *donor_format.unpack(npz))
