@@ -128,9 +128,8 @@ class Plan:
     batch_size: int = _default(TrainConfig, "batch_size")  # per training rank
     index: Literal["compact", "flat-lxd"] = "compact"
     val_fraction: float = _default(DataConfig, "val_fraction")
-    array_density: float = _default(
-        MaskConfig, "array_density"
-    )  # typed share of sites (the target array's, or the simulated one's)
+    # typed share of sites (the target array's, or the simulated one's)
+    array_density: float = _default(MaskConfig, "array_density")
     targets: bool = False  # a target VCF is configured (its reader and sites are held)
     target_haplotypes: int = 0  # with targets: their haplotypes (a donor table, the imputation jobs)
     impute_windows_per_task: int = _default(ImputeConfig, "windows_per_task")

@@ -57,7 +57,7 @@ def test_weights_are_kept_to_their_quantization_step_and_read_heaviest_first():
     donors = np.argsort(-w, axis=2).astype(np.uint16)  # any distinct ids, heaviest first
     w = -np.sort(-w, axis=2)
     table = DonorTable.of(np.arange(49), donors, w)
-    got = np.take_along_axis(table.weights(), donor_format.heaviest_first(table.codes), 2)
+    got = np.take_along_axis(donor_format.code_weights(table.codes), donor_format.heaviest_first(table.codes), 2)
     kept = w >= donor_format.FLOOR
     # Each code rounds its weight's log by at most half a step; renormalising moves a gap's weights alike.
     error = np.where(kept, np.log(np.where(kept, got, 1) / np.where(kept, w, 1)), np.nan)

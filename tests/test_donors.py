@@ -8,6 +8,7 @@ import numpy as np
 from rag_hpc.config import load_config
 from rag_hpc.data.panel import SPLIT_TRAIN, SPLIT_VAL
 from rag_hpc.impute import CopyPredictor, impute, load_model_predictor
+from rag_hpc.index import donor_format
 from rag_hpc.index import donors as donors_module
 from rag_hpc.index.build import WindowCache, prebuild
 from rag_hpc.index.donors import DONORS, Queries, build_donors, compute_donors, read_donors, run_queries, typed_columns
@@ -27,7 +28,7 @@ def test_a_training_query_never_copies_itself_or_its_sample_mate(tiny_panel, tmp
     reference = cache.panel.reference_haplotypes()
     donor_samples = reference[table.donors] // 2  # [M + 1, Q, k] panel sample of every donor
     assert not (donor_samples == (queries // 2)[None, :, None]).any()
-    assert np.allclose(table.weights().sum(axis=2), 1, atol=1e-5)
+    assert np.allclose(donor_format.code_weights(table.codes).sum(axis=2), 1, atol=1e-5)
     # Validation queries are not in the reference: nothing to exclude, and their table says so in its key.
     val = np.flatnonzero(cache.panel.haplotype_split() == SPLIT_VAL)
     assert not np.isin(val, reference).any()
@@ -44,7 +45,11 @@ def test_a_window_reads_each_sites_gap_donors(tiny_panel, tmp_path):
         row = np.searchsorted(typed, site, side="right")  # gap after the last typed site at or before it
         order = np.argsort(table.codes[row], axis=1, kind="stable")  # heaviest first
         assert np.array_equal(donors[:, gaps[site - window.start]], np.take_along_axis(table.donors[row], order, 1))
-        assert np.allclose(weights[:, gaps[site - window.start]], np.take_along_axis(table.weights()[row], order, 1), rtol=1e-6)
+        assert np.allclose(
+            weights[:, gaps[site - window.start]],
+            np.take_along_axis(donor_format.code_weights(table.codes)[row], order, 1),
+            rtol=1e-6,
+        )
         assert (np.diff(weights[:, gaps[site - window.start]], axis=1) <= 0).all()
     assert np.array_equal(
         np.flatnonzero(window.observed(typed)) + window.start, typed[(typed >= window.start) & (typed < window.stop)]

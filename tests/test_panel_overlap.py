@@ -15,6 +15,7 @@ from rag_hpc.data.targets import match_targets, panel_overlap
 from rag_hpc.data.vcf import VcfWriter, read_phased_vcf
 from rag_hpc.errors import InputError
 from rag_hpc.impute import CopyPredictor, impute
+from rag_hpc.index import donor_format
 from rag_hpc.index.build import WindowCache
 from rag_hpc.index.donors import read_donors, target_queries
 
@@ -88,7 +89,7 @@ def test_excluded_panel_samples_are_no_donors_and_their_tables_have_their_own_ke
 
         def own_weight(table: object, targets_: object) -> float:
             """Mean copying weight the targets put on excluded reference haplotypes."""
-            return float((table.weights() * np.isin(table.donors, found.exclude)).sum(axis=2).mean())
+            return float((donor_format.code_weights(table.codes) * np.isin(table.donors, found.exclude)).sum(axis=2).mean())
 
         inflated = read_donors(cache, target_queries(plain))
         fair = read_donors(cache, target_queries(found))

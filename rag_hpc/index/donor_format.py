@@ -130,8 +130,8 @@ def pack(donors: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "shape": np.array(donors.shape, np.int64),
         "donor_dtype": np.array(donors.dtype.str),
-        "donors_zst": np.frombuffer(zstd.compress(d.tobytes()), np.uint8),
-        "codes_zst": np.frombuffer(zstd.compress(c.tobytes()), np.uint8),
+        "donors_zst": np.frombuffer(zstd.compress(d), np.uint8),  # the arrays' own buffers, not a bytes copy
+        "codes_zst": np.frombuffer(zstd.compress(c), np.uint8),
     }
 
 
@@ -139,8 +139,8 @@ def unpack(stored: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(donors, codes) [G, Q, k] in slot order from ``pack``'s arrays."""
     g_n, q_n, k = (int(x) for x in stored["shape"])
     zstd = zstandard.ZstdDecompressor()
-    d = np.frombuffer(zstd.decompress(stored["donors_zst"].tobytes()), np.dtype(str(stored["donor_dtype"])))
-    c = np.frombuffer(zstd.decompress(stored["codes_zst"].tobytes()), np.uint8)
+    d = np.frombuffer(zstd.decompress(stored["donors_zst"]), np.dtype(str(stored["donor_dtype"])))
+    c = np.frombuffer(zstd.decompress(stored["codes_zst"]), np.uint8)
     d = np.bitwise_xor.accumulate(d.reshape(q_n, g_n, k), axis=1)
     c = np.cumsum(c.reshape(q_n, g_n, k), axis=1, dtype=np.uint8)
     return np.ascontiguousarray(d.transpose(1, 0, 2)), np.ascontiguousarray(c.transpose(1, 0, 2))

@@ -69,10 +69,6 @@ class DonorTable:
         slots, codes = donor_format.slot_order(donors, donor_format.weight_codes(weights))
         return cls(typed, slots, codes)
 
-    def weights(self) -> np.ndarray:
-        """float32 [M + 1, Q, k]: each donor's weight, summing to 1 per query and gap (slot order)."""
-        return donor_format.code_weights(self.codes)
-
     def window(self, window: Window, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What the model reads for the queries ``rows`` in ``window``: donors and weights [B, G, k] of the
         gaps the window's sites fall in and the gap on each side of them (where the chromosome has one:
