@@ -70,7 +70,7 @@ def write_durable(path: Path, data: bytes) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` via a temporary file in the same directory and a rename."""
     with atomic_file(path) as tmp:
-        write_durable(tmp, data)
+        tmp.write_bytes(data)  # atomic_file fsyncs it before the rename
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 chromosomes and their windows, the run directory and the imputed VCFs' paths.
 
 Both the launcher and ``python -m rag_hpc.status`` read these, and status must start on a login node in a
-blink: nothing here imports torch or submitit (``tests/test_status.py`` checks).
+blink: nothing here imports torch or submitit (``tests/test_launch_local.py`` checks status does not).
 """
 
 from __future__ import annotations
