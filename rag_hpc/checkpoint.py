@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rag_hpc.train")
 
-CHECKPOINT_FORMAT = 1
+# 2: the model's parameters named as rag_hpc.model.layers names them (1: gap_score.0, head.1, ...).
+CHECKPOINT_FORMAT = 2
 _NAME = re.compile(r"^step_(\d{9,})\.pt$")
 
 
@@ -204,8 +205,13 @@ class CheckpointManager:
                     "checkpoint from a run directory only you can write"
                 ) from None
             raise CheckpointError(f"{ckpt.path.name} does not load with weights_only=True: {lines[0]}") from None
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{ckpt.path.name} is not a rag_hpc training checkpoint of format {CHECKPOINT_FORMAT}")
+        if not isinstance(state, dict) or "format" not in state:
+            raise CheckpointError(f"{ckpt.path.name} is not a rag_hpc training checkpoint")
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{ckpt.path.name} is a checkpoint of format {state['format']}; this rag_hpc reads format "
+                f"{CHECKPOINT_FORMAT}: train a new run (--set train.name=NEW) or use the rag_hpc that wrote it"
+            )
         return state
 
     def latest_valid(self) -> CheckpointFile | None:

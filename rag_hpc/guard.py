@@ -13,8 +13,8 @@ suite); bench/guard_bench.py compares predictions with measured peaks.
 
 from __future__ import annotations
 
-# torch and the model are imported only to count the parameters (on the meta device), the panel and cache
-# only to plan a config: `python -m rag_hpc.guard --help` and its argument errors load neither.
+# Neither torch nor submitit: the guard plans on a login node (tests/test_guard.py checks). The panel and
+# the cache are imported only to plan a config, so `--help` and argument errors load no h5py either.
 import argparse
 import json
 import math
@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel
 
 from rag_hpc.cli import command_parser, run_main
@@ -40,6 +41,8 @@ from rag_hpc.config import (
 )
 from rag_hpc.errors import ConfigError
 from rag_hpc.fsutil import human_bytes
+from rag_hpc.index.donor_format import donor_dtype
+from rag_hpc.model.layers import parameter_shapes
 
 if TYPE_CHECKING:
     from rag_hpc.data.panel import Panel
@@ -272,16 +275,10 @@ def plan_for(config: RagConfig, panel: Panel, cached_windows: int, tasks_per_nod
 
 
 def model_shape(plan: Plan) -> tuple[int, int]:
-    """(parameters, parameter tensors) of the model this plan trains, counted from the model itself
-    built on the meta device (no memory), so a change to the model cannot leave the guard behind."""
-    import torch
-
-    from rag_hpc.model.rag import DonorImputer
-
-    with torch.device("meta"):
-        model = DonorImputer(ModelConfig(dims=plan.dims, layers=plan.layers, kernel=plan.kernel, k=plan.k))
-    tensors = list(model.parameters())
-    return sum(p.numel() for p in tensors), len(tensors)
+    """(parameters, parameter tensors) of the model this plan trains, from the table the model is built
+    from (``rag_hpc.model.layers``), so a change to the model cannot leave the guard behind."""
+    shapes = parameter_shapes(ModelConfig(dims=plan.dims, layers=plan.layers, kernel=plan.kernel, k=plan.k)).values()
+    return sum(math.prod(shape) for shape in shapes), len(shapes)
 
 
 def checkpoint_bytes(plan: Plan) -> int:
@@ -290,7 +287,7 @@ def checkpoint_bytes(plan: Plan) -> int:
 
 
 def _donor_itemsize(plan: Plan) -> int:
-    return 2 if plan.reference <= 65536 else 4  # uint16 donors up to 65,536 references, else int32
+    return np.dtype(donor_dtype(plan.reference)).itemsize
 
 
 def donor_table_bytes(plan: Plan, queries: int) -> int:

@@ -12,6 +12,7 @@ from rag_hpc.config import ModelConfig
 from rag_hpc.errors import ConfigError
 from rag_hpc.guard import Budget, Plan, check, donor_table_bytes, donor_table_disk, estimate, model_shape, parse_bytes
 from rag_hpc.model.rag import DonorImputer
+from tests.imports import run_and_list_heavy_imports
 
 PREDECESSOR = Plan(haplotypes=2008, sites=331 * 1030, window_size=1030, dims=192, index="flat-lxd")
 KGP_CHR21 = Plan(haplotypes=5008, sites=150_000)
@@ -140,6 +141,12 @@ def test_cli_exits_nonzero_over_budget_and_prints_the_table():
         [sys.executable, "-m", "rag_hpc.guard", "--haplotypes", "0", "--sites", "10"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --haplotypes must be positive, got 0"
+
+
+def test_the_guard_plans_without_importing_torch_or_submitit():
+    out, heavy = run_and_list_heavy_imports("rag_hpc.guard", "--haplotypes", "5008", "--sites", "150000", "--mem", "64G")
+    assert out.returncode == 0 and "within budget" in out.stdout, out.stdout + out.stderr
+    assert heavy == [], heavy
 
 
 def test_a_genome_plan_adds_its_chromosomes_up_but_sizes_each_task_for_the_largest_chromosome():

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.imports import run_and_list_heavy_imports
 from tests.slurm_helpers import as_flags, cli, launcher, tiny_sets
 
 
@@ -41,15 +40,9 @@ def test_local_launch_prepares_builds_trains_imputes_and_reports(tiny_simulation
     ):
         assert line in status.stdout, status.stdout
     # ... and does it without torch or submitit, which take seconds to import on a busy login node.
-    probe = (
-        "import runpy, sys\n"
-        f"sys.argv = ['status', '--workdir', {str(tmp_path / 'work')!r}]\n"
-        "try:\n    runpy.run_module('rag_hpc.status', run_name='__main__')\nexcept SystemExit as exit:\n    assert not exit.code\n"
-        "print('imported:', sorted(m for m in ('torch', 'submitit') if m in sys.modules))\n"
-    )
-    quiet = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    quiet, heavy = run_and_list_heavy_imports("rag_hpc.status", "--workdir", str(tmp_path / "work"))
     assert quiet.returncode == 0 and "windows cached: 3 / 3" in quiet.stdout, quiet.stderr
-    assert "imported: []" in quiet.stdout, quiet.stdout
+    assert heavy == [], heavy
 
 
 def test_debug_launch_runs_the_job_graph_in_process_and_writes_the_vcf_the_local_pipeline_writes(

@@ -3,9 +3,12 @@ gradients reach every correction."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rag_hpc.config import ModelConfig
+from rag_hpc.model import rag
+from rag_hpc.model.layers import parameter_shapes
 from rag_hpc.model.rag import DonorImputer, donor_sums, imputation_loss
 
 CFG = ModelConfig(dims=16, layers=2, kernel=3, k=4)
@@ -45,14 +48,14 @@ def test_donor_attention_is_a_softmax_per_site_with_the_allele_bias():
     torch.manual_seed(0)
     model = DonorImputer(CFG).eval()
     with torch.no_grad():
-        for layer in (model.gap_score[-1], model.allele_score):
+        for layer in (model.gap_score, model.allele_score):
             layer.weight.normal_(0, 1.0)
         model.allele_score.bias.fill_(0.7)
     reference, donors, weights, gaps, along, query, observed, maf = _inputs()
     p = torch.sigmoid(model(reference, donors, weights, gaps, along, query, observed, maf))
     log_w = torch.log(weights.clamp(min=1e-6))
     rank = (torch.arange(CFG.k) / CFG.k).expand_as(log_w)
-    score = log_w + model.gap_score(torch.stack([log_w / 10, rank], dim=-1)).squeeze(-1)
+    score = log_w + model.gap_score(torch.relu(model.gap_hidden(torch.stack([log_w / 10, rank], dim=-1)))).squeeze(-1)
     log_maf = torch.log10(maf.clamp(min=1e-4)) / 4
     bias = model.allele_score(torch.stack([log_maf, log_maf * log_maf], dim=-1)).squeeze(-1)
     alleles = _donor_alleles(reference, donors, gaps)
@@ -100,7 +103,7 @@ def test_gradients_reach_the_donor_scores_and_the_residual_network():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # The zero-initialised output layers get a gradient at once; the layers before them follow.
-    assert model.gap_score[-1].weight.grad.abs().sum() > 0 and model.head[-1].weight.grad.abs().sum() > 0
+    assert model.gap_score.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
 
 
 def test_loss_is_zero_without_masked_sites_and_positive_with():
@@ -108,3 +111,12 @@ def test_loss_is_zero_without_masked_sites_and_positive_with():
     target = torch.ones(2, 5, dtype=torch.uint8)
     assert imputation_loss(logits, target, torch.zeros(2, 5, dtype=torch.bool)).item() == 0.0
     assert abs(imputation_loss(logits, target, torch.ones(2, 5, dtype=torch.bool)).item() - 0.6931) < 1e-3
+
+
+def test_a_model_whose_parameters_differ_from_its_layer_table_is_refused_at_construction(monkeypatch):
+    """The guard counts checkpoints from ``rag_hpc.model.layers``; a layer the table does not state stops
+    the model, not the run that the guard sized too small."""
+    stated = parameter_shapes(CFG)
+    monkeypatch.setattr(rag, "parameter_shapes", lambda cfg: {n: s for n, s in stated.items() if n != "head.bias"})
+    with pytest.raises(RuntimeError, match=r"\['head.bias'\] differ from rag_hpc.model.layers"):
+        DonorImputer(CFG)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from rag_hpc.checkpoint import CHECKPOINT_FORMAT
 from rag_hpc.data.simulate import simulate_panel
 from rag_hpc.launch import APPTAINER_ENV
 from tests import reliability
@@ -148,7 +149,7 @@ class _RunsCode:
 
 
 def _checkpoint_bytes(marker: Path, as_zip: bool) -> bytes:
-    state = {"format": 1, "model": _RunsCode(marker)}
+    state = {"format": CHECKPOINT_FORMAT, "model": _RunsCode(marker)}
     if not as_zip:
         return pickle.dumps(state)
     buf = io.BytesIO()

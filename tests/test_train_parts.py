@@ -84,7 +84,7 @@ def test_a_batch_that_cannot_be_split_evenly_across_ranks_is_refused():
 
 
 def _state(step: int) -> dict:
-    return {"format": 1, "step": step, "weights": torch.full((3,), float(step)), "rng": rng_state()}
+    return {"format": CHECKPOINT_FORMAT, "step": step, "weights": torch.full((3,), float(step)), "rng": rng_state()}
 
 
 def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
@@ -131,6 +131,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_and_says_so(
     assert f"checkpoint {newest} is unusable" in caplog.text and "falling back to the previous one" in caplog.text
     # Set aside, so that pruning after the next save cannot keep it in place of a good one.
     assert [c.step for c in manager.list()] == [1] and (tmp_path / f"{newest.name}.unusable").exists()
+
+
+def test_a_checkpoint_of_an_older_format_stops_the_resume_and_names_the_fix(tmp_path):
+    """It verifies, so it is not damage: falling back past it (or starting afresh over it) would rewind
+    the run or lose it."""
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.save({**_state(1), "format": CHECKPOINT_FORMAT - 1}, 1)
+    with pytest.raises(CheckpointError, match=f"of format {CHECKPOINT_FORMAT - 1}; .* train a new run"):
+        manager.load_latest()
+    assert [c.step for c in manager.list()] == [1]
 
 
 def test_no_checkpoint_at_all_means_a_fresh_start(tmp_path):

@@ -42,6 +42,11 @@ STEP = math.log(1.0 / FLOOR) / STEPS
 BELOW = np.uint8(255)
 
 
+def donor_dtype(n_reference: int) -> type[np.integer]:
+    """The donor column's type: uint16 up to 65,536 reference haplotypes, else int32."""
+    return np.uint16 if n_reference <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
 def slot_order(donors: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Donors and their weight codes [G, Q, k] with each donor kept in its slot from one gap to the next:
     a donor also among the previous gap's stays where it was there, a new one takes the first slot freed

@@ -129,15 +129,11 @@ def compute_donors(
     if reference_t is None:
         reference_t = typed_columns(cache, typed, reference)
     switch = switch_probabilities(cache.panel.positions[typed], reference.size, cfg.ne)
-    dtypes = (donor_dtype(reference.size), np.float16)
+    dtypes = (donor_format.donor_dtype(reference.size), np.float16)
     found = li_stephens_donors(
         query_t, reference_t, switch, cfg.error, k, cfg.batch, exclude=exclude, threads=cfg.sweep_threads(), dtypes=dtypes
     )
     return DonorTable.of(typed, found.donors, found.weights)
-
-
-def donor_dtype(n_reference: int) -> type[np.integer]:
-    return np.uint16 if n_reference <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
 def own_sample_rows(queries: np.ndarray, reference: np.ndarray) -> np.ndarray:

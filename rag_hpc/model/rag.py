@@ -32,36 +32,46 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rag_hpc.config import ModelConfig
+from rag_hpc.model.layers import Layer, layers, parameter_shapes
 
 # Probabilities are kept inside [EPS, 1 - EPS] before the logit: a copy that every donor agrees on
 # would otherwise be an infinite logit.
 EPS = 1e-4
-SITE_FEATURES = 11
 
 # donor_sums builds CSR matrices; torch warns once per process that its CSR support is 'beta'.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
-def _zero(layer: nn.Module) -> nn.Module:
-    nn.init.zeros_(layer.weight)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-    return layer
+def _build(layer: Layer) -> nn.Module:
+    if layer.width:
+        built: nn.Module = nn.Conv1d(layer.inputs, layer.outputs, layer.width, padding=layer.width // 2, bias=layer.bias)
+    else:
+        built = nn.Linear(layer.inputs, layer.outputs, bias=layer.bias)
+    if layer.zero:
+        for p in built.parameters():
+            nn.init.zeros_(p)
+    return built
 
 
 class DonorImputer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # No bias on the score: a shift common to all donors cancels in the softmax, so its gradient is
-        # rounding noise, which AdamW would turn into steps.
-        self.gap_score = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), _zero(nn.Linear(8, 1, bias=False)))
-        self.allele_score = _zero(nn.Linear(2, 1))
+        table = layers(cfg)
+        self.gap_hidden = _build(table["gap_hidden"])
+        self.gap_score = _build(table["gap_score"])
+        self.allele_score = _build(table["allele_score"])
         # Sites along the last axis throughout ([B, D, L]), so every layer is a contiguous Conv1d.
-        self.inp = nn.Conv1d(SITE_FEATURES, cfg.dims, 1)
-        self.mix = nn.ModuleList(nn.Conv1d(cfg.dims, cfg.dims, cfg.kernel, padding=cfg.kernel // 2) for _ in range(cfg.layers))
-        # ReLU, not GELU: on CPU the activations were a fifth of the imputation's model time.
-        self.head = nn.Sequential(nn.ReLU(), _zero(nn.Conv1d(cfg.dims, 1, 1)))
+        self.inp = _build(table["inp"])
+        self.mix = nn.ModuleList(_build(table[f"mix.{i}"]) for i in range(cfg.layers))
+        self.head = _build(table["head"])
+        held, stated = {name: tuple(p.shape) for name, p in self.named_parameters()}, parameter_shapes(cfg)
+        if held != stated:
+            differ = sorted(n for n in held.keys() | stated.keys() if held.get(n) != stated.get(n))
+            raise RuntimeError(
+                f"DonorImputer's parameters {differ} differ from rag_hpc.model.layers: state every learned "
+                "layer there (the guard counts checkpoints from it)"
+            )
 
     def forward(
         self,
@@ -85,7 +95,7 @@ class DonorImputer(nn.Module):
         w = weights.float()
         log_w = torch.log(w.clamp(min=1e-6))
         rank = (torch.arange(k, device=log_w.device, dtype=torch.float32) / k).expand_as(log_w)  # donors come heaviest first
-        score = log_w + self.gap_score(torch.stack([log_w / 10, rank], dim=-1)).squeeze(-1)  # [B, G, k]
+        score = log_w + self.gap_score(F.relu(self.gap_hidden(torch.stack([log_w / 10, rank], dim=-1)))).squeeze(-1)  # [B, G, k]
         log_maf = torch.log10(maf.float().clamp(min=EPS)) / 4  # [L], in about [-1, 0]
         bias = self.allele_score(torch.stack([log_maf, log_maf * log_maf], dim=-1)).squeeze(-1)  # [L]
         # Per site, attention over the gap's donors with ALT donors' scores raised by bias[l]:
@@ -129,7 +139,8 @@ class DonorImputer(nn.Module):
         drop = self.cfg.dropout if self.training else 0.0
         for conv in self.mix:
             x = x + F.dropout(F.relu(conv(x)), drop, self.training)
-        return logit + self.head(x).squeeze(1)
+        # ReLU, not GELU: on CPU the activations were a fifth of the imputation's model time.
+        return logit + self.head(F.relu(x)).squeeze(1)
 
 
 def donor_sums(values: Tensor, donors: Tensor, reference: Tensor, gaps: Tensor, shifts: tuple[int, ...] = (0,)) -> Tensor:
