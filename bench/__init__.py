@@ -1,4 +1,5 @@
-"""Benchmarks (run as scripts: ``python bench/<name>.py``) and the yardstick they and the tests share.
+"""Benchmarks (run from the repository root as modules: ``python -m bench.<name>``) and the yardstick
+they and the tests share.
 
-A package so that tests, run from the repository root, can ``from bench.yardstick ... import``.
+A package, so benchmarks and tests import ``bench.*`` and ``rag_hpc`` alike, with no path edits.
 """

@@ -1,7 +1,7 @@
 """The accuracy race: our model-free predictors, Minimac4, Beagle 5.4 and our model, dosage r² per panel-MAF bin.
 
-    python bench/accuracy_bench.py [--workdir bench_out/accuracy] [--seed 1] [--budget-min 15] [--out DIR] [--json]
-    python bench/accuracy_bench.py --ref REF.vcf.gz --targets PHASED_ARRAY.vcf.gz --truth TRUTH.vcf.gz [--map PLINK.map]
+    python -m bench.accuracy_bench [--workdir bench_out/accuracy] [--seed 1] [--budget-min 15] [--out DIR] [--json]
+    python -m bench.accuracy_bench --ref REF.vcf.gz --targets PHASED_ARRAY.vcf.gz --truth TRUTH.vcf.gz [--map PLINK.map]
 
 Default data: the simulated kgp-like panel (2,504 samples over 5 Mb, ~52k SNPs) and its 100 held-out targets
 typed at ~1,200 array sites (cached under --workdir). Every method gets the same input: the targets' phased array
@@ -48,10 +48,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line
 from rag_hpc.cli import add_config_args

@@ -1,6 +1,6 @@
 """One model across a genome's chromosomes, or one model per chromosome: which imputes better.
 
-    python bench/genome_bench.py [--preset demo-genome] [--workdir bench_out/genome] [--json]
+    python -m bench.genome_bench [--preset demo-genome] [--workdir bench_out/genome] [--json]
 
 Runs the ``--cluster local`` pipeline on the simulated two-chromosome preset twice over the same data and
 the demo's settings (``rag_hpc.launch.DEMO_OVERRIDES``):
@@ -26,10 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line
 from rag_hpc.config import CHROM

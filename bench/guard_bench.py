@@ -1,6 +1,6 @@
 """Memory guard accuracy: the guard's predicted peak RSS and disk against measured ones.
 
-    python bench/guard_bench.py [--cores 2] [--workdir bench_out/guard] [--json]
+    python -m bench.guard_bench [--cores 2] [--workdir bench_out/guard] [--json]
 
 Each case is one job as the launcher runs it, in a fresh child process (so the peak is that job's own):
 
@@ -44,10 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line
 
@@ -281,7 +277,13 @@ def run_child(spec: dict[str, Any], case_dir: Path, cores: int) -> dict[str, Any
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
     with open(case_dir / "child.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", str(spec_path)], stdout=log, stderr=log, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.guard_bench", "--child", str(spec_path.resolve())],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
     peak = 0
     done = threading.Event()
 

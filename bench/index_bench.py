@@ -1,6 +1,6 @@
 """Retrieval for one window: the predecessor's L×D index vs the compact forms (DESIGN.md §2).
 
-    python bench/index_bench.py [--haplotypes 5008 --sites 511 --dims 192 --queries 64 --k 8 --seed 0] [--json]
+    python -m bench.index_bench [--haplotypes 5008 --sites 511 --dims 192 --queries 64 --k 8 --seed 0] [--json]
 
 One run, one synthetic window with LD-like structure (mosaics of a few founder haplotypes with
 recombination and mutation noise, so near-identical references and exact ties abound as in real
@@ -30,16 +30,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_model
 from bench.mosaic import mosaic_haplotypes

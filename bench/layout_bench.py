@@ -1,6 +1,6 @@
 """The cache's packed layout against the unpacked one, in one run: training steps/s and imputation time.
 
-    python bench/layout_bench.py [--steps 200] [--repeats 2] [--workdir bench_out/layout] [--json]
+    python -m bench.layout_bench [--steps 200] [--repeats 2] [--workdir bench_out/layout] [--json]
 
 Packed is the package's layout: window shards bit-packed along sites (unpacked once per window load) and
 donor tables in ``rag_hpc.index.donor_format``'s stored form (decoded once per read). Unpacked is the same
@@ -26,17 +26,12 @@ import gzip
 import io
 import json
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.accuracy_bench import prepared_panel, simulated_dataset, without_panel_samples
 from bench.common import machine_line

@@ -5,7 +5,7 @@ parts a task computes after its windows (bench/guard_bench.py's index cases run 
 stored size per entry is in rag_hpc/index/donor_format.py). The disk figure is set against the panel's
 information, 1 bit per haplotype and site.
 
-    python bench/prebuild_bench.py [--sites 150000] [--cores 1] [--workdir bench_out/prebuild] [--json]
+    python -m bench.prebuild_bench [--sites 150000] [--cores 1] [--workdir bench_out/prebuild] [--json]
 
 The panel is the simulated kgp-like panel (5,008 haplotypes over 5 Mb, ~52k SNPs) tiled along the
 chromosome to ``--sites`` (chr21 has ~150k biallelic SNPs in 1000 Genomes: ~294 windows of 511).
@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,10 +29,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import psutil
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line
 from rag_hpc.config import load_config

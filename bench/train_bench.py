@@ -1,6 +1,6 @@
 """Training step throughput of the donor imputer on one device, with synthetic panel data.
 
-    python bench/train_bench.py [--dims 8 --layers 1 --kernel 5 --k 64 --batch 32 --seq 511 --steps 50
+    python -m bench.train_bench [--dims 8 --layers 1 --kernel 5 --k 64 --batch 32 --seq 511 --steps 50
                                  --warmup 10 --panel-haps 4508 --device auto] [--json]
 
 One "batch" is what one optimizer step of ``rag_hpc.train`` does for one micro-batch, through the same
@@ -31,16 +31,11 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-# `python bench/<name>.py` puts bench/ first on sys.path, not the repository: this makes `bench.*` importable
-# without installing the benchmarks as a package beside rag_hpc.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine_line
 from bench.index_bench import ld_haplotypes
