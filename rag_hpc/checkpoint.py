@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rag_hpc.errors import CheckpointError, InputError
-from rag_hpc.fsutil import atomic_write, disk_space_for
+from rag_hpc.fsutil import atomic_write, disk_space_for, temporaries
 
 if TYPE_CHECKING:
     import torch
@@ -161,8 +161,8 @@ class CheckpointManager:
         for old in self.list()[: -self.keep]:
             old.sidecar.unlink(missing_ok=True)
             old.path.unlink(missing_ok=True)
-        for stray in self.directory.glob(".step_*.tmp-*"):
-            # Temp files of a writer that died; ours were renamed or removed already.
+        for stray in temporaries(self.directory, "step_*.pt*"):
+            # A writer's that died: ours were renamed or removed already, and one process writes a run's.
             stray.unlink(missing_ok=True)
 
     def verify(self, ckpt: CheckpointFile) -> bytes:

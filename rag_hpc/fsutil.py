@@ -67,26 +67,52 @@ def write_durable(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` via a temporary file in the same directory and a rename."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)  # atomic_file fsyncs it before the rename
+# Temporaries are named <prefix><pid>.<name>: hidden, owned by one process, and ending in the name, so
+# tools that go by the suffix (tabix on *.vcf.gz) treat the temporary as the file it will become.
+TEMPORARY_PREFIX = ".tmp."
+
+
+class AtomicFile:
+    """A temporary file beside ``path`` for a writer whose output outlives one call (``VcfWriter``):
+    ``commit`` fsyncs it and renames it over ``path`` (and fsyncs the directory), so readers see the old
+    file or the whole new one; ``discard`` removes it and leaves ``path`` as it was."""
+
+    def __init__(self, path: Path, pid: int | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f"{TEMPORARY_PREFIX}{os.getpid() if pid is None else pid}.{self.path.name}")
+
+    def commit(self) -> Path:
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def temporaries(directory: Path, name_glob: str = "*") -> list[Path]:
+    """Temporaries of ``name_glob`` files in ``directory``: a writer's that died, or one still writing."""
+    return sorted(directory.glob(f"{TEMPORARY_PREFIX}*.{name_glob}"))
 
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """For a writer that streams (HDF5, CSV): a temporary path beside ``path`` to write; when the block
-    ends it is fsynced and renamed over ``path`` (and the directory fsynced), so readers see the old file
-    or the whole new one; when the block raises it is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``AtomicFile`` for a writer that streams within one block (HDF5, CSV): yields the temporary path,
+    commits it when the block ends and discards it when the block raises."""
+    file = AtomicFile(path)
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        yield file.tmp
+        file.commit()
     finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        file.discard()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_figure(fig: Any, path: Path) -> Path:

@@ -32,6 +32,7 @@ from rag_hpc.cli import add_config_args, command_parser, config_from_args, run_m
 from rag_hpc.config import RagConfig
 from rag_hpc.data.vcf import VcfWriter, check_container, first_contig, same_chromosome
 from rag_hpc.errors import ConfigError, InputError
+from rag_hpc.fsutil import atomic_file, atomic_write
 
 log = logging.getLogger("rag_hpc.phase")
 
@@ -162,7 +163,7 @@ def phase_targets(config: RagConfig, targets_vcf: str | os.PathLike[str], thread
 
 
 def _keep_log(text: str, path: Path) -> Path:
-    path.write_text(text)
+    atomic_write(path, text.encode())
     return path
 
 
@@ -186,8 +187,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("no targets: pass --targets TARGETS.vcf.gz (or set data.targets_vcf)")
     phased = phase_targets(config, targets, args.threads)
     if args.out is not None:
-        shutil.copyfile(phased, args.out)
-        shutil.copyfile(f"{phased}.tbi", f"{args.out}.tbi")
+        for suffix in ("", ".tbi"):  # the VCF first, as VcfWriter publishes
+            with atomic_file(Path(f"{args.out}{suffix}")) as tmp:
+                shutil.copyfile(f"{phased}{suffix}", tmp)
     print(args.out or phased)
     return 0
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from submitit.slurm import slurm
 
+from rag_hpc.fsutil import atomic_write
+
 # Set by the batch script (rag_hpc.launch.slurm._requeue_trap): where a job asks the host to requeue it.
 REQUEUE_ENV = "RAG_HPC_REQUEUE_FILE"
 
@@ -30,4 +32,5 @@ class SlurmJobEnvironment(slurm.SlurmJobEnvironment):
         if not request or shutil.which("scontrol") is not None:
             super()._requeue(countdown)
             return
-        Path(request).write_text(f"{self.job_id} {countdown} {time.time()}\n")
+        # Atomic: a kill mid-write leaves no half request for the trap to read.
+        atomic_write(Path(request), f"{self.job_id} {countdown} {time.time()}\n".encode())

@@ -24,7 +24,7 @@ import pytest
 
 from rag_hpc.checkpoint import CheckpointError, CheckpointFile, CheckpointManager
 from rag_hpc.errors import DiskSpaceError
-from rag_hpc.fsutil import human_bytes
+from rag_hpc.fsutil import TEMPORARY_PREFIX, AtomicFile, human_bytes, temporaries
 from tests import kill_points, reliability
 from tests.train_helpers import ROOT, STEPS_PER_EPOCH, checkpoint_dir, load_checkpoint, max_diff, run_cli, train_cmd, train_env
 
@@ -100,7 +100,7 @@ KILL_POINTS = ("fsync", "rename", "sidecar")
 def _killed_in_write(cmd: list[str], step: int, point: str) -> list[str]:
     name = re.escape(f"step_{step:09d}.pt")
     call, pattern = {
-        "fsync": ("fsync", rf"\.{name}\.tmp-\d+"),
+        "fsync": ("fsync", rf"{re.escape(TEMPORARY_PREFIX)}\d+\.{name}"),
         "rename": ("replace", name),
         "sidecar": ("replace", rf"{name}\.sha256"),
     }[point]
@@ -129,7 +129,7 @@ def _inspect_after_kill(workdir: Path, reference: Path, pid: int, step: int, poi
     ckpt_dir = checkpoint_dir(workdir)
     names = set(os.listdir(ckpt_dir))
     data = f"step_{step:09d}.pt"
-    if f".{data}.tmp-{pid}" in names:
+    if AtomicFile(ckpt_dir / data, pid).tmp.name in names:
         where = "data write"
     elif data in names and f"{data}.sha256" not in names:
         where = "sidecar write"
@@ -184,7 +184,7 @@ def test_sigkill_during_checkpoint_writes_loses_no_completed_checkpoint_and_the_
     final = run_cli(cmd)
     kills[-1].resumed = _resumed_from(kills[-1].newest, final.stderr)
     distance = _distance(reference, load_checkpoint(workdir, TOTAL)) if final.returncode == 0 else math.inf
-    leftovers = [n for n in os.listdir(checkpoint_dir(workdir)) if ".tmp-" in n]
+    leftovers = [p.name for p in temporaries(checkpoint_dir(workdir))]
     reliability.record(
         fault="SIGKILL during checkpoint write",
         trials=len(kills),

@@ -19,7 +19,6 @@ import contextlib
 import gzip
 import logging
 import os
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from rag_hpc.errors import InputError
-from rag_hpc.fsutil import current_umask
+from rag_hpc.fsutil import AtomicFile
 
 if TYPE_CHECKING:
     pass
@@ -657,11 +656,8 @@ class VcfWriter:
         self.contig = contig
         self.n_samples = len(samples)
         self.n_sites = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.vcf.gz", dir=self.path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make the published VCF private
-        self._tmp = Path(tmp)
-        self._fh = BGZFile(str(self._tmp), "wb")
+        self._out, self._index = AtomicFile(self.path), AtomicFile(Path(f"{self.path}.tbi"))
+        self._fh = BGZFile(str(self._out.tmp), "wb")
         length = f",length={contig_length}" if contig_length else ""
         lines = [
             "##fileformat=VCFv4.2",
@@ -723,9 +719,11 @@ class VcfWriter:
         self._closed = True
         try:
             self._fh.close()
-            pysam.tabix_index(str(self._tmp), preset="vcf", force=True, keep_original=True)
-            os.replace(self._tmp, self.path)
-            os.replace(f"{self._tmp}.tbi", f"{self.path}.tbi")
+            pysam.tabix_index(str(self._out.tmp), preset="vcf", force=True, keep_original=True, index=str(self._index.tmp))
+            # The VCF first: in between, an old index is older than the VCF, which htslib warns of; a new
+            # index beside the old VCF would send readers to wrong offsets without a word.
+            self._out.commit()
+            self._index.commit()
         except BaseException:
             self.abort()
             raise
@@ -736,8 +734,8 @@ class VcfWriter:
         self._closed = True
         with contextlib.suppress(Exception):
             self._fh.close()
-        for p in (self._tmp, Path(f"{self._tmp}.tbi")):
-            p.unlink(missing_ok=True)
+        self._out.discard()
+        self._index.discard()
 
     def __enter__(self) -> VcfWriter:
         return self

@@ -28,6 +28,7 @@ import submitit
 
 from rag_hpc.config import CHROM, DataConfig, RagConfig
 from rag_hpc.errors import ClusterError, InputError
+from rag_hpc.fsutil import atomic_write
 from rag_hpc.guard import Budget, Estimate, Plan, check, estimate, genome_plan, plan_for, render
 from rag_hpc.runs import (
     Chromosome,
@@ -185,7 +186,7 @@ def _planning_stand_in(unphased: Path, phased: Path) -> None:
     pysam.tabix_compress(str(text), str(stand_in), force=True)
     text.unlink()
     pysam.tabix_index(str(stand_in), preset="vcf", force=True)
-    stand_in.with_name(phased.parent.name + _REQUEST).write_text(json.dumps({"targets": str(unphased.absolute())}))
+    atomic_write(stand_in.with_name(phased.parent.name + _REQUEST), json.dumps({"targets": str(unphased.absolute())}).encode())
 
 
 def phase_requests(config: RagConfig) -> list[tuple[str | None, RagConfig, Path]]:
