@@ -1,11 +1,13 @@
-"""Training's parts on their own: batch order, checkpoint files, LR schedule, validation metrics."""
+"""Training's parts on their own: batch order, checkpoint files, stop requests, LR schedule, validation metrics."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import math
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from rag_hpc.errors import ConfigError
 from rag_hpc.evaluate import dosage_r2
 from rag_hpc.train.metrics import MetricsSink, ValAccumulator, maf_bin
 from rag_hpc.train.sampler import WindowBatchSampler
+from rag_hpc.train.stop import request_checkpoint, stop_on_signals, stop_reason, take_request
 from rag_hpc.train.trainer import TrainState, warmup_cosine
 
 TRAIN_HAPS = np.array([h for h in range(100) if h // 2 % 5 != 0])  # every 5th sample held out: 80 haplotypes
@@ -145,6 +148,35 @@ def test_a_checkpoint_of_an_older_format_stops_the_resume_and_names_the_fix(tmp_
 
 def test_no_checkpoint_at_all_means_a_fresh_start(tmp_path):
     assert CheckpointManager(tmp_path / "none").load_latest() is None
+
+
+# -- stop requests ---------------------------------------------------------------------------------
+
+
+def test_a_signal_asks_for_a_checkpoint_and_a_stop_and_the_handler_it_replaced_runs_only_when_passed_on():
+    seen: list[int] = []
+    before = signal.signal(signal.SIGUSR2, lambda sig, frame: seen.append(sig))  # submitit's requeue, say
+    try:
+        with stop_on_signals((signal.SIGUSR2,)) as pass_on:
+            assert take_request() == (False, False)
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert take_request() == (True, True) and stop_reason() == "SIGUSR2"
+            # The checkpoint request is consumed, the stop stays; the replaced handler has not run.
+            assert take_request() == (False, True) and seen == []
+            pass_on()  # the checkpoint is on disk
+            assert seen == [signal.SIGUSR2]
+        assert take_request() == (False, False), "a request must not outlive the training it was for"
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert seen == [signal.SIGUSR2] * 2 and take_request() == (False, False)  # its own handler is back
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_checkpoint_request_without_stop_is_taken_once_and_training_goes_on():
+    with stop_on_signals(()):
+        request_checkpoint(stop=False, reason="a launcher")
+        assert take_request() == (True, False)
+        assert take_request() == (False, False)
 
 
 # -- schedule ----------------------------------------------------------------------------------------

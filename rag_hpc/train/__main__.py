@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rag_hpc.train.trainer import TrainingInterrupted, train
+    from rag_hpc.train import TrainingInterrupted, train
 
     if args.max_steps is not None:
         if args.max_steps < 1:

@@ -21,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +39,7 @@ from rag_hpc.checkpoint import CHECKPOINT_FORMAT, CheckpointFile, CheckpointMana
 from rag_hpc.config import RagConfig, TrainConfig
 from rag_hpc.data.windows import Window
 from rag_hpc.errors import CheckpointError, ConfigError
+from rag_hpc.fsutil import atomic_write
 from rag_hpc.index.build import WindowCache
 from rag_hpc.index.donors import DonorTable, read_donors, run_queries
 from rag_hpc.locks import RunInUseError, one_writer
@@ -50,10 +49,9 @@ from rag_hpc.rng import RNG_NAME, Stream, uniforms
 from rag_hpc.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown, wrap_model
 from rag_hpc.train.metrics import MetricsSink, ValAccumulator
 from rag_hpc.train.sampler import MicroBatch, WindowBatchSampler
+from rag_hpc.train.stop import DEFAULT_SIGNALS, TrainingInterrupted, stop_on_signals, stop_reason, take_request
 
 log = logging.getLogger("rag_hpc.train")
-
-DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 # Config fields a resumed run may change: where things go, how often they are reported, when to
 # stop. Anything else changes the trajectory, so resuming under it would be a different run.
@@ -77,54 +75,6 @@ _FREE_ON_RESUME = {
     "train.min_step_seconds",
     "donors.batch",
 }
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped early on request (signal or ``request_checkpoint``) after writing a checkpoint.
-
-    Rerunning ``train`` with the same config resumes from it at the next batch.
-    """
-
-    def __init__(self, checkpoint: Path, step: int, reason: str):
-        super().__init__(f"training interrupted by {reason} at step {step}; checkpoint {checkpoint}")
-        self.checkpoint = checkpoint
-        self.step = step
-        self.reason = reason
-
-
-# ------------------------------------------------------------------------------------------------
-# requests from signal handlers and launchers
-
-
-class _Requests:
-    """Plain attributes, not threading primitives: set from signal handlers, where taking a lock the
-    interrupted main thread may hold would deadlock."""
-
-    checkpoint: ClassVar[bool] = False
-    stop: ClassVar[bool] = False
-    reason: ClassVar[str] = ""
-    signals: ClassVar[list[int]] = []  # replaced, never mutated: a handler may run mid-update
-
-    @classmethod
-    def clear(cls) -> None:
-        cls.checkpoint, cls.stop, cls.reason, cls.signals = False, False, "", []
-
-
-def request_checkpoint(stop: bool = True, reason: str = "request_checkpoint()") -> None:
-    """Ask the running ``train`` to write a checkpoint at its next step boundary.
-
-    Safe from a signal handler or another thread, on any rank: the ranks agree on the request at the
-    next step and rank 0 writes once. With ``stop`` (the default: preemption, time limit) ``train``
-    then raises ``TrainingInterrupted``; without it training continues after the checkpoint.
-    """
-    _Requests.checkpoint = True
-    _Requests.stop = _Requests.stop or stop
-    _Requests.reason = _Requests.reason or reason
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    _Requests.signals = [*_Requests.signals, signum]
-    request_checkpoint(stop=True, reason=signal.Signals(signum).name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,7 +406,7 @@ class Trainer:
         self.net = wrap_model(self.model, env)
 
         if env.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
             self.metrics = MetricsSink(
                 self.run_dir, self.progress.step, self.steps_per_epoch, self.cfg.tensorboard, self.resumed_from is not None
             )
@@ -638,9 +588,8 @@ class Trainer:
 
     def _agree(self, share: Tensor) -> tuple[float, bool, bool]:
         """Step loss summed over ranks, and whether any rank wants a checkpoint / a stop."""
-        # Consumed here, not after the save: a request that arrives during the save is for the next boundary.
-        wanted, _Requests.checkpoint = _Requests.checkpoint, False
-        flags = torch.tensor([share.item(), float(wanted), float(_Requests.stop)], dtype=torch.float64, device=self.device)
+        wanted, stop = take_request()
+        flags = torch.tensor([share.item(), float(wanted), float(stop)], dtype=torch.float64, device=self.device)
         all_reduce_sum(flags, self.env)
         loss, ckpt, stop = flags.tolist()
         return loss, ckpt > 0 or stop > 0, stop > 0
@@ -764,7 +713,7 @@ class Trainer:
         self.progress.end_epoch()
 
     def _stop(self, path: Path) -> None:
-        reason = _Requests.reason or "a request on another rank"
+        reason = stop_reason() or "a request on another rank"
         log.warning("stopping at step %d on %s; rerun the same command to resume from %s", self.progress.step, reason, path)
         raise TrainingInterrupted(path, self.progress.step, reason)
 
@@ -779,23 +728,6 @@ class Trainer:
         self._writer.close()
 
 
-@contextlib.contextmanager
-def _signal_handlers(signals: tuple[int, ...]) -> Iterator[dict[int, Any]]:
-    """Route ``signals`` to ``request_checkpoint`` for the duration; yields the handlers they replaced."""
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-        log.info("train() runs outside the main thread: no signal handlers; use request_checkpoint()")
-        yield previous
-        return
-    for sig in signals:
-        previous[sig] = signal.signal(sig, _on_signal)
-    try:
-        yield previous
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def train(config: RagConfig, signals: tuple[int, ...] = DEFAULT_SIGNALS) -> Path:
     """Train (or resume from the newest valid checkpoint in the run dir) and return the final checkpoint's path.
 
@@ -807,25 +739,19 @@ def train(config: RagConfig, signals: tuple[int, ...] = DEFAULT_SIGNALS) -> Path
     """
     env = init_distributed(config.train.device)
     try:
-        with _signal_handlers(signals) as previous:
+        with stop_on_signals(signals) as pass_on:
             trainer = Trainer(config, env)
             try:
                 return trainer.run()
             except TrainingInterrupted:
-                received = list(_Requests.signals)
                 trainer.close()
                 trainer = None  # type: ignore[assignment]
-                for sig in dict.fromkeys(received):
-                    handler = previous.get(sig)
-                    if callable(handler):
-                        signal.signal(sig, handler)
-                        handler(sig, None)
+                pass_on()
                 raise
             finally:
                 if trainer is not None:
                     trainer.close()
     finally:
-        _Requests.clear()
         shutdown(env)
 
 
