@@ -24,15 +24,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from rag_hpc.errors import InputError
 from rag_hpc.fsutil import AtomicFile
-
-if TYPE_CHECKING:
-    pass
 
 # The 28-byte empty block every bgzip writer appends; its absence means the file was cut short.
 BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
@@ -648,7 +645,7 @@ class VcfWriter:
         source: str = "rag_hpc",
         extra_header: Sequence[str] = (),
     ):
-        from pysam import BGZFile
+        import pysam
 
         self.path = Path(path)
         if not self.path.name.endswith(".vcf.gz"):
@@ -656,19 +653,18 @@ class VcfWriter:
         self.contig = contig
         self.n_samples = len(samples)
         self.n_sites = 0
+        # The header through htslib (pysam), which checks every line and refuses a repeated sample; it
+        # brings ##fileformat and the PASS filter.
+        header = pysam.VariantHeader()
+        header.add_line(f"##source={source}")
+        header.contigs.add(contig, length=contig_length)
+        header.add_line('##FORMAT=<ID=GT,Number=1,Type=String,Description="Phased genotype">')
+        for line in extra_header:
+            header.add_line(line)
+        header.add_samples(list(samples))
         self._out, self._index = AtomicFile(self.path), AtomicFile(Path(f"{self.path}.tbi"))
-        self._fh = BGZFile(str(self._out.tmp), "wb")
-        length = f",length={contig_length}" if contig_length else ""
-        lines = [
-            "##fileformat=VCFv4.2",
-            f"##source={source}",
-            f"##contig=<ID={contig}{length}>",
-            '##FILTER=<ID=PASS,Description="All filters passed">',
-            '##FORMAT=<ID=GT,Number=1,Type=String,Description="Phased genotype">',
-            *extra_header,
-            "\t".join(["#CHROM", "POS", "ID", "REF", "ALT", "QUAL", "FILTER", "INFO", "FORMAT", *samples]),
-        ]
-        self._fh.write(("\n".join(lines) + "\n").encode())
+        self._fh = pysam.BGZFile(str(self._out.tmp), "wb")
+        self._fh.write(str(header).encode())
         self._last_pos = 0
         self._closed = False
 
