@@ -468,7 +468,7 @@ def estimate(plan: Plan) -> Estimate:
             + max(max(tables) + donor_decode_bytes(plan, math.ceil(max(plan.queries) / plan.donor_parts)), 2 * ckpt)
         )
         # A window's tensors: alleles (uint8) of every haplotype, the reference rows again (float32, what
-        # the donor sums multiply); mix_windows of them stay loaded (_WindowLoader).
+        # the donor sums multiply); mix_windows of them stay loaded (WindowLoader).
         window = H * L + 4 * R * L
         if plan.train_on_gpu:
             # Weights, optimizer state and windows live on the GPU; the host stages one shard (its

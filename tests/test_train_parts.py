@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from rag_hpc.checkpoint import CHECKPOINT_FORMAT, CheckpointError, CheckpointFile, CheckpointManager, rng_state, set_rng_state
+from rag_hpc.config import load_config
 from rag_hpc.errors import ConfigError
 from rag_hpc.evaluate import dosage_r2
+from rag_hpc.index.build import WindowCache
 from rag_hpc.train.metrics import MetricsSink, ValAccumulator, maf_bin
 from rag_hpc.train.sampler import WindowBatchSampler
 from rag_hpc.train.stop import request_checkpoint, stop_on_signals, stop_reason, take_request
-from rag_hpc.train.trainer import TrainState, warmup_cosine
+from rag_hpc.train.trainer import ChromosomeData, TrainState, WindowLoader, warmup_cosine
 
 TRAIN_HAPS = np.array([h for h in range(100) if h // 2 % 5 != 0])  # every 5th sample held out: 80 haplotypes
 
@@ -148,6 +150,32 @@ def test_a_checkpoint_of_an_older_format_stops_the_resume_and_names_the_fix(tmp_
 
 def test_no_checkpoint_at_all_means_a_fresh_start(tmp_path):
     assert CheckpointManager(tmp_path / "none").load_latest() is None
+
+
+# -- window loader ---------------------------------------------------------------------------------
+
+
+def test_the_window_loader_reads_each_window_once_and_holds_only_the_newest_it_was_asked_for(tiny_panel, tmp_path):
+    cache = WindowCache(
+        load_config(overrides=[f"data.panel_h5={tiny_panel}", f"paths.cache_dir={tmp_path}", "windows.window_size=100"])
+    )
+    typed = np.arange(0, cache.panel.n_sites, 7)
+    reference = cache.panel.reference_haplotypes()
+    reads: list[int] = []
+    shard = cache.shard
+    cache.shard = lambda w: reads.append(w) or shard(w)  # type: ignore[method-assign]
+    loader = WindowLoader([ChromosomeData(cache, typed)], [(0, w) for w in range(3)], reference, torch.device("cpu"), capacity=2)
+    first = loader(0)
+    assert loader(0) is first and reads == [0]
+    loader(1), loader(0), loader(2)  # 1 is now the least recently asked for: it goes
+    assert reads == [0, 1, 2] and loader(0) is first
+    loader(1)
+    assert reads == [0, 1, 2, 1]
+    window = cache.windows[1]
+    data = loader(1)
+    assert torch.equal(data.alleles, torch.from_numpy(cache.panel.haplotypes(window.start, window.stop)))
+    assert torch.equal(data.reference, data.alleles[torch.from_numpy(reference)].float())
+    assert torch.equal(data.observed, torch.from_numpy(window.observed(typed)))
 
 
 # -- stop requests ---------------------------------------------------------------------------------

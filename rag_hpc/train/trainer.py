@@ -192,7 +192,7 @@ class TrainState:
 
 
 @dataclass
-class _Chromosome:
+class ChromosomeData:
     """What training reads of one chromosome: its window cache, the run's typed sites on it and the donor
     tables of the training and validation queries there."""
 
@@ -202,13 +202,13 @@ class _Chromosome:
     val_donors: DonorTable | None = None
 
 
-class _WindowLoader:
+class WindowLoader:
     """Shards of the windows in flight, on the device; loaded (checksum-verified) once each. Windows are
     numbered over the run's chromosomes in order (``Trainer.where``)."""
 
     def __init__(
         self,
-        chromosomes: list[_Chromosome],
+        chromosomes: list[ChromosomeData],
         where: list[tuple[int, int]],
         reference_ids: np.ndarray,
         device: torch.device,
@@ -318,7 +318,7 @@ class Trainer:
             raise RunInUseError(refused)
         self._logs = _LogSetup(self.run_dir, env)
         self.metrics: MetricsSink | None = None  # rank 0's
-        self.chromosomes: list[_Chromosome] = []
+        self.chromosomes: list[ChromosomeData] = []
         try:
             self._setup(config, env)
         except BaseException:
@@ -335,7 +335,7 @@ class Trainer:
         queries = []
         for _, one in config.genome():
             cache = WindowCache(one)
-            self.chromosomes.append(_Chromosome(cache, np.empty(0, np.int64)))
+            self.chromosomes.append(ChromosomeData(cache, np.empty(0, np.int64)))
             queries.append(run_queries(cache))
         self.queries = queries[0]
         self.train_ids, self.val_ids = self.queries["training"].ids, self.queries["validation"].ids
@@ -402,7 +402,7 @@ class Trainer:
             time.perf_counter() - t0,
             "the target VCF's sites" if self.chromosomes[0].cache.targets() is not None else "simulated array",
         )
-        self.loader = _WindowLoader(self.chromosomes, self.where, reference, self.device, capacity=self.sampler.mix_windows)
+        self.loader = WindowLoader(self.chromosomes, self.where, reference, self.device, capacity=self.sampler.mix_windows)
         self.net = wrap_model(self.model, env)
 
         if env.is_main:
